@@ -1,0 +1,109 @@
+"""The S-stage flow-matching objective (SPEC §4). One stage is exactly SiT/REPA flow matching."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dfm.paths import PATH_TYPES, velocity_target
+from dfm.pyramid import LaplacianPyramid
+from dfm.stages import STAGE_SAMPLING, default_stage_weights, sample_stages, validate_stage_weights
+from dfm.timesteps import WEIGHTINGS, sample_logit_normal, sample_timesteps
+
+
+def projection_loss(zs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """REPA alignment loss: mean over encoders, tokens and samples of ``-cos(z, target)``.
+
+    ``zs[i]`` and ``targets[i]`` are (B, T, D_i).
+    """
+    if len(zs) != len(targets):
+        raise ValueError(f"got {len(zs)} projector outputs for {len(targets)} encoder features; "
+                         "the model's z_dims must match the encoders")
+    total = 0.0
+    for z, target in zip(zs, targets):
+        if z.shape != target.shape:
+            raise ValueError(f"projector output {tuple(z.shape)} does not match encoder features "
+                             f"{tuple(target.shape)}")
+        cos = (F.normalize(z.float(), dim=-1) * F.normalize(target.float(), dim=-1)).sum(-1)
+        total = total + (-cos).mean()
+    return total / len(zs)
+
+
+class FlowMatchingObjective:
+    """Training loss of DFM with S stages; with S = 1 it is the plain flow-matching loss.
+
+    Per step: decompose ``x`` into a pyramid; draw the trained stage ``k``; give stages
+    ``j < k`` low-noise times ``sigmoid(N(loc, scale))``, stage ``k`` the ``weighting``
+    distribution, stages ``j > k`` ``t = 1`` with their input zeroed and loss masked; sum the
+    per-stage mean-squared errors over active stages and average over the batch.
+    """
+
+    def __init__(self, num_stages: int, stage_weights: Optional[Sequence[float]] = None,
+                 stage_sampling: str = "per_batch", weighting: str = "uniform",
+                 path_type: str = "linear", earlier_stage_loc: float = -2.0,
+                 earlier_stage_scale: float = 1.0, proj_coeff: float = 0.0):
+        if stage_sampling not in STAGE_SAMPLING:
+            raise ValueError(f"stage_sampling must be one of {STAGE_SAMPLING}, got {stage_sampling!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if path_type not in PATH_TYPES:
+            raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
+        if earlier_stage_scale <= 0:
+            raise ValueError(f"earlier_stage_scale must be > 0, got {earlier_stage_scale}")
+        self.pyramid = LaplacianPyramid(num_stages)
+        self.num_stages = num_stages
+        weights = default_stage_weights(num_stages) if stage_weights is None else stage_weights
+        self.stage_weights = validate_stage_weights(weights, num_stages)
+        self.stage_sampling = stage_sampling
+        self.weighting = weighting
+        self.path_type = path_type
+        self.earlier_stage_loc = float(earlier_stage_loc)
+        self.earlier_stage_scale = float(earlier_stage_scale)
+        self.proj_coeff = float(proj_coeff)
+
+    def sample_times(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
+        """Draw ``(t, active)``: t (B, S) float32, active (B, S) bool (stage j active iff j <= k)."""
+        S = self.num_stages
+        weights = torch.tensor(self.stage_weights, dtype=torch.float32, device=device)
+        k = sample_stages(batch_size, weights, self.stage_sampling, generator)
+        t_main = sample_timesteps(batch_size, self.weighting, self.path_type, device, generator)
+        t_early = sample_logit_normal((batch_size, S), self.earlier_stage_loc,
+                                      self.earlier_stage_scale, device, generator)
+        index = torch.arange(S, device=device)[None, :]
+        k = k[:, None]
+        t = torch.where(index < k, t_early, torch.where(index == k, t_main[:, None], torch.ones_like(t_early)))
+        return t, index <= k
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor,
+                 encoder_features: Optional[Sequence[torch.Tensor]] = None,
+                 generator: Optional[torch.Generator] = None) -> dict:
+        """Loss for a batch ``x`` (B, C, H, W) of scaled latents or pixels with labels ``y`` (B,).
+
+        Returns ``{"loss": scalar to backpropagate, "stage_losses": (S,) mean loss of each stage
+        over the samples where it is active (0 where none), "proj_loss": scalar}``.
+        Random draws come from ``generator`` (on its device) or the global RNG on ``x``'s device.
+        """
+        B = x.shape[0]
+        draw_device = generator.device if generator is not None else x.device
+        levels = self.pyramid.decompose(x)
+        t, active = self.sample_times(B, draw_device, generator)
+        t, active = t.to(x.device), active.to(x.device)
+        inputs, targets = [], []
+        for s, level in enumerate(levels):
+            eps = torch.randn(level.shape, device=draw_device, generator=generator).to(x.device, level.dtype)
+            x_t, v = velocity_target(level, eps, t[:, s].to(level.dtype), self.path_type)
+            inputs.append(x_t)
+            targets.append(v)
+        want_features = encoder_features is not None and self.proj_coeff > 0
+        out = model(inputs, t, y, active, return_features=want_features)
+        predictions, zs = out if want_features else (out, None)
+        dtype = torch.promote_types(targets[0].dtype, torch.float32)  # bf16 outputs: loss in fp32
+        per_stage = torch.stack([((p.to(dtype) - v.to(dtype)) ** 2).mean(dim=(1, 2, 3))
+                                 for p, v in zip(predictions, targets)], dim=1)
+        mask = active.float()
+        loss = (per_stage * mask).sum(dim=1).mean()
+        stage_losses = (per_stage * mask).sum(dim=0) / mask.sum(dim=0).clamp_min(1.0)
+        proj = projection_loss(zs, encoder_features) if want_features else loss.new_zeros(())
+        return {"loss": loss + self.proj_coeff * proj, "stage_losses": stage_losses.detach(),
+                "proj_loss": proj.detach(), "denoising_loss": loss.detach()}

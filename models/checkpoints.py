@@ -1,0 +1,147 @@
+"""Loading our checkpoints and the published SiT / REPA / DFM-SiT ones (SPEC §3)."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Dict, Optional
+
+import torch
+
+from models.registry import SIZES, create_model, parse_name
+
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+_HEADS_BY_HIDDEN = {cfg["hidden_size"]: cfg["num_heads"] for cfg in SIZES.values()}
+_SIZE_BY_DEPTH_HIDDEN = {(cfg["depth"], cfg["hidden_size"]): size for size, cfg in SIZES.items()}
+
+
+def read_checkpoint(path: str) -> dict:
+    """``torch.load`` on CPU with a clear error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        pass
+    try:  # our training checkpoints also hold numpy RNG states
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"cannot read checkpoint {path}: {error} (truncated or not a PyTorch file?)") from error
+
+
+def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The model weights in a checkpoint: ``ema`` (if preferred and present), ``model``,
+    ``state_dict``, or the dict itself; ``module.`` / ``_orig_mod.`` prefixes removed."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
+    order = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
+    state = next((checkpoint[k] for k in order if isinstance(checkpoint.get(k), dict)), checkpoint)
+    clean = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"checkpoint entry {key!r} is not a tensor: not a model state dict")
+        for prefix in _STRIP_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        clean[key] = value
+    return clean
+
+
+def infer_arch(state: Dict[str, torch.Tensor]) -> dict:
+    """Guess the architecture (``create_model`` arguments) from a state dict's keys and shapes.
+
+    Official SiT checkpoints (8-channel ``learn_sigma`` heads) are recognised and marked with
+    ``official_sit=True``.
+    """
+    if "pos_embed" not in state:
+        raise ValueError("state dict has no 'pos_embed': not a SiT/DiT-family checkpoint")
+    tokens, hidden = state["pos_embed"].shape[-2:]
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    multistage = "x_embedder.embedders.0.proj.weight" in state
+    if multistage:
+        stages = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"x_embedder\.embedders\.(\d+)\.", k)))
+        conv = state[f"x_embedder.embedders.{stages - 1}.proj.weight"]
+        head = state[f"final_layer.projections.{stages - 1}.linear.weight"]
+    else:
+        stages = 1
+        conv = state["x_embedder.proj.weight"]
+        head = state["final_layer.linear.weight"]
+    patch, in_channels = conv.shape[-1], conv.shape[1]
+    grid = math.isqrt(tokens)
+    arch = dict(input_size=grid * patch, in_channels=in_channels,
+                num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
+                depth=depth, hidden_size=hidden, num_heads=_HEADS_BY_HIDDEN.get(hidden, max(1, hidden // 64)),
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                qk_norm="blocks.0.attn.q_norm.weight" in state)
+    n_proj = len({m.group(1) for k in state if (m := re.match(r"projectors\.(\d+)\.", k))})
+    if n_proj:
+        arch["z_dims"] = [state[f"projectors.{i}.4.weight"].shape[0] for i in range(n_proj)]
+        arch["projector_dim"] = state["projectors.0.0.weight"].shape[0]
+    official = not multistage and head.shape[0] == patch * patch * 2 * in_channels
+    size = _SIZE_BY_DEPTH_HIDDEN.get((depth, hidden), "S")
+    name = f"{'DFM-' if multistage else ''}SiT-{size}/{patch}"
+    if multistage:
+        arch["stages"] = stages
+    return {"name": name, **arch, "official_sit": official}
+
+
+def convert_official_sit(state: Dict[str, torch.Tensor], patch_size: int, channels: int = 4) -> dict:
+    """Official SiT (``learn_sigma``) heads: keep rows ``k * 2C + c`` (k < p*p, c < C)."""
+    state = dict(state)
+    rows = torch.tensor([k * 2 * channels + c for k in range(patch_size * patch_size) for c in range(channels)])
+    state["final_layer.linear.weight"] = state["final_layer.linear.weight"][rows]
+    state["final_layer.linear.bias"] = state["final_layer.linear.bias"][rows]
+    return state
+
+
+def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Optional[str] = None) -> None:
+    """Load weights, raising one ValueError that names missing/unexpected/mis-shaped keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        def short(keys):
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = [f"checkpoint does not match {model.arch.get('name', 'the model')}"]
+        if missing:
+            parts.append(f"missing keys: {short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {short(unexpected)}")
+        if shapes:
+            parts.append("shape mismatches: " + short(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
+        if looks_like:
+            parts.append(f"the checkpoint looks like {looks_like}")
+        raise ValueError("; ".join(parts))
+    model.load_state_dict(state)
+
+
+def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = True, **overrides):
+    """A ready model (eval mode) from a checkpoint file.
+
+    Handles our training checkpoints (rebuilt from their stored ``arch``), REPA checkpoints,
+    reference DFM-SiT checkpoints (``{"model"|"ema": ...}`` dicts or plain state dicts) and
+    official SiT checkpoints (8-channel head rows dropped, evaluated at ``1 - t`` and negated).
+    ``name``/``overrides`` force an architecture; otherwise it is inferred from the weights.
+    """
+    checkpoint = read_checkpoint(path)
+    state = extract_state_dict(checkpoint, prefer_ema)
+    guess = infer_arch(state)
+    looks_like = guess["name"] + (f" with {guess['stages']} stages" if "stages" in guess else "")
+    if isinstance(checkpoint.get("arch"), dict) and name is None:
+        arch = dict(checkpoint["arch"])
+        arch.update(overrides)
+    else:
+        arch = {k: v for k, v in guess.items() if k != "official_sit"}
+        if name is not None:
+            arch["name"] = name
+            if not parse_name(name)[0]:
+                arch.pop("stages", None)
+        arch.update(overrides)
+    if guess["official_sit"] and not arch.get("time_flip"):
+        state = convert_official_sit(state, int(arch["name"].rsplit("/", 1)[1]), guess["in_channels"])
+        arch["time_flip"] = True
+    model = create_model(**arch)
+    load_state_dict_strict(model, state, looks_like)
+    return model.eval()

@@ -1,0 +1,146 @@
+"""SiT and DFM-SiT (SPEC §3): one transformer backbone, per-stage interfaces for DFM.
+
+A SiT is the one-stage case: its forward takes the same pyramid-shaped arguments, so the
+objective and the samplers never ask which kind of model they hold.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, SiTBlock, StageFinalLayers,
+                           StagePatchEmbedders, StageTimestepEmbedders, TimestepEmbedder,
+                           build_projector, sincos_pos_embed_2d, unpatchify)
+
+
+class SiT(nn.Module):
+    """Class-conditional flow transformer.
+
+    ``multistage=False`` builds a plain SiT (one patch embedder, timestep embedder and head,
+    with the SiT/REPA key names); ``multistage=True`` builds DFM-SiT with ``stages`` copies of
+    each interface (the reference implementation's key names).
+    """
+
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 num_classes: int = 1000, class_dropout_prob: float = 0.1, stages: int = 1,
+                 multistage: bool = False, qk_norm: bool = False, z_dims: Sequence[int] = (),
+                 encoder_depth: int = 8, projector_dim: int = 2048, time_flip: bool = False):
+        super().__init__()
+        if not multistage and stages != 1:
+            raise ValueError(f"a plain SiT has exactly 1 stage, got stages={stages}; use a DFM-SiT model")
+        if stages < 1:
+            raise ValueError(f"stages must be >= 1, got {stages}")
+        factor = 2 ** (stages - 1)
+        if input_size % patch_size != 0:
+            raise ValueError(f"input_size {input_size} is not divisible by the patch size {patch_size}")
+        if input_size % factor != 0:
+            raise ValueError(f"stages={stages} needs input_size divisible by 2^(stages-1) = {factor}, "
+                             f"got input_size={input_size}")
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+        self.num_stages = stages
+        self.multistage = multistage
+        self.encoder_depth = encoder_depth
+        self.time_flip = time_flip
+        self.grid = input_size // patch_size
+        self.stage_sizes = [input_size // 2 ** (stages - 1 - s) for s in range(stages)]
+        self.arch: dict = {}  # filled in by models.create_model
+
+        if multistage:
+            patch_sizes = [patch_size / 2 ** (stages - 1 - s) for s in range(stages)]
+            self.x_embedder = StagePatchEmbedders(patch_sizes, in_channels, hidden_size)
+            self.t_embedder = StageTimestepEmbedders(stages, hidden_size)
+            self.final_layer = StageFinalLayers(patch_sizes, hidden_size, in_channels)
+        else:
+            self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+            self.t_embedder = TimestepEmbedder(hidden_size)
+            self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
+        self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in z_dims])
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        """Xavier Linears, zero biases, N(0, 0.02) label table and timestep MLPs, adaLN-Zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, self.grid)).float()[None])
+        for module in self.modules():
+            if isinstance(module, PatchEmbed):
+                weight = module.proj.weight.data
+                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+                nn.init.zeros_(module.proj.bias)
+            elif isinstance(module, TimestepEmbedder):
+                nn.init.normal_(module.mlp[0].weight, std=0.02)
+                nn.init.normal_(module.mlp[2].weight, std=0.02)
+            elif isinstance(module, (SiTBlock, FinalLayer)):
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
+            if isinstance(module, FinalLayer):
+                nn.init.zeros_(module.linear.weight)
+                nn.init.zeros_(module.linear.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, xs: Union[torch.Tensor, Sequence[torch.Tensor]], t: torch.Tensor, y: torch.Tensor,
+                active: Optional[torch.Tensor] = None, return_features: bool = False):
+        """Velocities for every stage.
+
+        xs: list of S tensors (B, C, H_s, W_s), stage 0 coarsest (a plain tensor when S = 1,
+            which then returns a plain tensor); t: (B, S) or (B,) raw times in [0, 1];
+            y: (B,) labels (``num_classes`` = null); active: None, (S,) or (B, S) bool.
+        Returns the list of S velocities, and with ``return_features`` also the list of REPA
+        projector outputs (B, T, z_dim).
+        """
+        single = torch.is_tensor(xs)
+        if single:
+            xs = [xs]
+        S = self.num_stages
+        if len(xs) != S:
+            raise ValueError(f"model has {S} stages but got {len(xs)} inputs")
+        B = xs[0].shape[0]
+        t = t.reshape(B, S) if t.dim() == 1 else t
+        if active is None:
+            active = torch.ones(B, S, dtype=torch.bool, device=xs[0].device)
+        elif active.dim() == 1:
+            active = active[None].expand(B, S)
+        t = torch.where(active, t, torch.ones_like(t))  # inactive stages sit at pure noise
+        if self.time_flip:  # official SiT checkpoints: t = 0 is noise, velocity points to data
+            t = 1 - t
+        gate = active.to(xs[0].dtype)
+        xs = [x * gate[:, s].view(B, 1, 1, 1) for s, x in enumerate(xs)]
+
+        if self.multistage:
+            tokens = self.x_embedder(xs)
+            c = self.t_embedder(t)
+        else:
+            tokens = self.x_embedder(xs[0])
+            c = self.t_embedder(t[:, 0])
+        x = tokens + self.pos_embed
+        c = c + self.y_embedder(y)
+        zs: List[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)
+            if return_features and i + 1 == self.encoder_depth:
+                zs = [projector(x) for projector in self.projectors]
+        if self.multistage:
+            outputs = self.final_layer(x, c, self.in_channels, self.grid)
+        else:
+            outputs = [unpatchify(self.final_layer(x, c), self.patch_size, self.in_channels, self.grid)]
+        if self.time_flip:
+            outputs = [-o for o in outputs]
+        result = outputs[0] if single else outputs
+        return (result, zs) if return_features else result

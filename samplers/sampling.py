@@ -1,0 +1,150 @@
+"""Euler / Heun ODE and Euler–Maruyama SDE sampling over a (multistage) schedule (SPEC §5).
+
+One loop serves SiT (one stage) and DFM (S stages): every step moves the active stages from
+their current time to the next; inactive stages keep their initial noise at ``t = 1``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from dfm.paths import score_from_velocity
+from dfm.pyramid import LaplacianPyramid
+from samplers.schedules import multistage_schedule, sde_schedule
+
+METHODS = ("euler", "heun", "sde")
+
+
+def _per_stage(value, num_stages: int, name: str) -> List[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * num_stages
+    value = [float(v) for v in value]
+    if len(value) != num_stages:
+        raise ValueError(f"{name} must be a number or a list with one entry per stage ({num_stages}), got {value}")
+    return value
+
+
+class GuidedVelocity:
+    """Model velocity with classifier-free guidance inside per-stage windows.
+
+    Where any active stage is inside its window ``[low_s, high_s]`` the batch is doubled with
+    the null label; guided stages get ``v_u + w (v_c - v_u)``, the others the conditional
+    velocity.
+    """
+
+    def __init__(self, model, y: torch.Tensor, cfg_scale: float, low: List[float], high: List[float]):
+        self.model = model
+        self.y = y
+        self.cfg_scale = float(cfg_scale)
+        self.low, self.high = low, high
+        self.dtype = next(model.parameters()).dtype
+        self.y_null = torch.full_like(y, model.num_classes)
+
+    def guided_stages(self, t: torch.Tensor) -> List[bool]:
+        if self.cfg_scale == 1.0:
+            return [False] * len(self.low)
+        return [lo <= float(ts) <= hi for ts, lo, hi in zip(t, self.low, self.high)]
+
+    def __call__(self, xs: List[torch.Tensor], t: torch.Tensor, active: torch.Tensor) -> List[torch.Tensor]:
+        """xs: float64 states; t: (S,) float64 times; active: (S,) bool -> float64 velocities."""
+        B = xs[0].shape[0]
+        guided = [g and bool(a) for g, a in zip(self.guided_stages(t), active)]
+        inputs = [x.to(self.dtype) for x in xs]
+        y = self.y
+        if any(guided):
+            inputs = [torch.cat([x, x]) for x in inputs]
+            y = torch.cat([self.y, self.y_null])
+        n = inputs[0].shape[0]
+        t_in = t.to(device=inputs[0].device, dtype=self.dtype)[None].expand(n, -1)
+        out = self.model(inputs, t_in, y, active.to(inputs[0].device))
+        velocities = []
+        for s, v in enumerate(out):
+            v = v.to(torch.float64)
+            if any(guided):
+                v_cond, v_uncond = v[:B], v[B:]
+                v = v_uncond + self.cfg_scale * (v_cond - v_uncond) if guided[s] else v_cond
+            velocities.append(v)
+        return velocities
+
+
+def _randn_like(x: torch.Tensor, generator: Union[None, torch.Generator, Sequence[torch.Generator]]):
+    if generator is None or isinstance(generator, torch.Generator):
+        g_device = generator.device if generator is not None else x.device
+        return torch.randn(x.shape, generator=generator, device=g_device, dtype=torch.float32).to(x)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                        for g in generator]).to(x)
+
+
+@torch.no_grad()
+def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_per_scale: Sequence[int],
+           thresholds: Sequence[float] = (), method: str = "euler", cfg_scale: float = 1.0,
+           guidance_low=0.0, guidance_high=1.0, path_type: str = "linear",
+           generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+           return_previews: bool = False):
+    """Integrate from noise (t = 1) to data (t = 0).
+
+    noise: list of S tensors (B, C, H_s, W_s), each stage's N(0, I) at its resolution
+    (coarsest first); y: (B,) labels. ``method``: ``euler`` (NFE = N), ``heun`` (corrects every
+    step but the last, NFE = 2N - 1) or ``sde`` (Euler–Maruyama with ``w(t) = 2t``, last step
+    deterministic, NFE = N; its noise comes from ``generator``: one generator or one per sample).
+    ``guidance_low``/``guidance_high`` are numbers or per-stage lists.
+    Returns the list of S final per-stage tensors (float32); with ``return_previews`` also
+    ``previews``: previews[i] recomposes stages 0..i at the end of stage i's chunk.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    S = len(noise)
+    if S != model.num_stages:
+        raise ValueError(f"model has {model.num_stages} stages but {S} noise tensors were given")
+    if len(list(num_steps_per_scale)) != S:
+        raise ValueError(f"num_steps_per_scale must have one entry per stage ({S}), got {list(num_steps_per_scale)}")
+    if method == "sde":
+        times, active = sde_schedule(num_steps_per_scale, thresholds)
+    else:
+        times, active = multistage_schedule(num_steps_per_scale, thresholds)
+    velocity = GuidedVelocity(model, y, cfg_scale, _per_stage(guidance_low, S, "guidance_low"),
+                              _per_stage(guidance_high, S, "guidance_high"))
+    chunk_ends = {}
+    start = 0
+    for i, n in enumerate(num_steps_per_scale):
+        start += int(n) - (1 if method == "sde" and i == S - 1 else 0)
+        chunk_ends[start] = i
+    xs = [z.to(torch.float64) for z in noise]
+    previews = []
+    N = active.shape[0]
+    for step in range(N):
+        t_cur, t_next, on = times[step], times[step + 1], active[step]
+        v = velocity(xs, t_cur, on)
+        if method == "sde" and step < N - 1:
+            new = []
+            for s, (x, vs) in enumerate(zip(xs, v)):
+                if not on[s]:
+                    new.append(x)
+                    continue
+                dt = t_next[s] - t_cur[s]
+                w = 2 * t_cur[s]
+                drift = vs - 0.5 * w * score_from_velocity(vs, x, t_cur[s], path_type)
+                new.append(x + drift * dt + torch.sqrt(w * dt.abs()) * _randn_like(x, generator))
+            xs_next = new
+        elif method == "sde":  # last step: deterministic drift to t = 0
+            xs_next = []
+            for s, (x, vs) in enumerate(zip(xs, v)):
+                drift = vs - t_cur[s] * score_from_velocity(vs, x, t_cur[s], path_type)
+                xs_next.append(x + drift * (t_next[s] - t_cur[s]) if on[s] else x)
+        else:
+            xs_next = [x + (t_next[s] - t_cur[s]) * vs if on[s] else x for s, (x, vs) in enumerate(zip(xs, v))]
+            if method == "heun" and step < N - 1:
+                v2 = velocity(xs_next, t_next, on)
+                xs_next = [x + (t_next[s] - t_cur[s]) * 0.5 * (a + b) if on[s] else x
+                           for s, (x, a, b) in enumerate(zip(xs, v, v2))]
+        xs = xs_next
+        if return_previews and (step + 1) in chunk_ends and chunk_ends[step + 1] < S - 1:
+            i = chunk_ends[step + 1]
+            previews.append(LaplacianPyramid(i + 1).recompose(xs[:i + 1]).float())
+    final = [x.float() for x in xs]
+    if return_previews:
+        return final, previews + [LaplacianPyramid(S).recompose(final)]
+    return final

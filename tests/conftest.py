@@ -1,0 +1,36 @@
+"""Shared test settings: offline, no wandb, few threads, tiny models."""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_model(name="DFM-SiT-S/2", **overrides):
+    """A small randomly initialised model for tests (16 tokens of width 64)."""
+    from models import create_model
+    config = dict(depth=2, hidden_size=64, num_heads=4, input_size=8, in_channels=4, num_classes=10)
+    config.update(overrides)
+    return create_model(name, **config)
+
+
+def randomize_(model, std=0.05, seed=0):
+    """Give every zero-initialised weight random values so outputs are not trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture
+def make_tiny_model():
+    return tiny_model
