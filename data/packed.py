@@ -1,0 +1,139 @@
+"""Packed latents: a few large memory-mappable arrays instead of one file per image.
+
+    index.json          {"format": "dfm-packed-latents", "version": 1, "num_items": N,
+                         "item_shape": [8, h, w], "dtype": "float32", "shard_size": S,
+                         "shards": [{"file": "shard-00000.npy", "start": 0, "count": n}, ...],
+                         "num_classes": K, "classes": [...], "files": "files.json", ...}
+    labels.npy          int64 (N,)
+    files.json          ["00000/img00000000.png", ...]: the source image of each item
+    shard-XXXXX.npy     float32 (count, 8, h, w), item `start + j` is row j
+
+Shards are ordinary .npy files (np.load(..., mmap_mode="r") reads them without copying).
+index.json is written last: a folder without it is an unfinished encode, not a dataset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMAT_NAME = "dfm-packed-latents"
+INDEX_NAME = "index.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.npy"
+
+
+def shard_ranges(num_items: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(start, count), ...] covering range(num_items) in shards of `shard_size` items."""
+    if shard_size <= 0:
+        raise ValueError(f"shard size must be positive, got {shard_size}")
+    return [(start, min(shard_size, num_items - start)) for start in range(0, num_items, shard_size)]
+
+
+def is_packed(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, INDEX_NAME))
+
+
+class ShardWriter:
+    """Fill one shard row by row in a temporary .npy, then publish it atomically with `close()`."""
+
+    def __init__(self, folder: str, shard: int, count: int, item_shape, dtype=np.float32):
+        self.path = os.path.join(folder, shard_name(shard))
+        self._tmp = os.path.join(folder, f".tmp-{os.getpid()}-{shard_name(shard)}")
+        self._array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=dtype, shape=(count, *item_shape))
+        self._written = np.zeros(count, dtype=bool)
+
+    def write(self, rows: np.ndarray, offsets) -> None:
+        self._array[np.asarray(offsets)] = rows
+        self._written[np.asarray(offsets)] = True
+
+    def close(self) -> None:
+        if not self._written.all():
+            raise RuntimeError(f"{self.path}: {int((~self._written).sum())} rows were never written")
+        self._array.flush()
+        del self._array
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self._array = None
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+
+def shard_is_complete(folder: str, shard: int, count: int, item_shape=None) -> bool:
+    """True when the shard file exists with `count` rows (and `item_shape` items, if given)."""
+    path = os.path.join(folder, shard_name(shard))
+    if not os.path.isfile(path):
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    if item_shape is not None:
+        return arr.shape == (count, *item_shape)
+    return arr.ndim == 4 and arr.shape[0] == count
+
+
+class PackedLatentDataset(Dataset):
+    """Packed moments; item = (float32 (8, h, w) = mean || std, label). Shards are memory-mapped
+    lazily in each process (DataLoader workers included) and never pickled."""
+
+    kind = "latents"
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        index_path = os.path.join(self.path, INDEX_NAME)
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{self.path!r} has no {INDEX_NAME}: not a packed latent dataset "
+                             "(or its encode did not finish)") from None
+        if index.get("format") != FORMAT_NAME:
+            raise ValueError(f"{index_path!r} is not a {FORMAT_NAME} index")
+        self.index = index
+        self.labels = np.load(os.path.join(self.path, "labels.npy"))
+        self.classes = index.get("classes")
+        self.num_classes = int(index["num_classes"])
+        self.item_shape = tuple(index["item_shape"])
+        self._shards = index["shards"]
+        self._starts = [s["start"] for s in self._shards]
+        self._arrays: dict[int, np.ndarray] = {}
+        if len(self.labels) != index["num_items"] or index["num_items"] == 0:
+            raise ValueError(f"{self.path!r}: labels.npy has {len(self.labels)} entries, "
+                             f"index.json says {index['num_items']}")
+
+    def _array(self, shard: int) -> np.ndarray:
+        arr = self._arrays.get(shard)
+        if arr is None:
+            arr = np.load(os.path.join(self.path, self._shards[shard]["file"]), mmap_mode="r")
+            self._arrays[shard] = arr
+        return arr
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        shard = bisect.bisect_right(self._starts, i) - 1
+        row = np.array(self._array(shard)[i - self._starts[shard]], dtype=np.float32)
+        return torch.from_numpy(row), int(self.labels[i])
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return (f"PackedLatentDataset({self.path!r}, {len(self)} items, shape {self.item_shape}, "
+                f"{self.num_classes} classes)")

@@ -1,0 +1,118 @@
+"""Listing a raw ImageNet-style source: a folder or ZIP of class sub-folders.
+
+Labels are the indices of the sorted top-level folder names (torchvision ImageFolder order).
+Unlike ImageFolder, an empty class folder keeps its label index (so labels stay stable) and
+is reported instead of raising. Files are found recursively inside each class folder and
+sorted by their path. Only files with an image extension are candidates; everything else is
+listed as skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .storage import ZipReader
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+@dataclass
+class SourceListing:
+    """What a raw source holds. `items` are (relative path, label); `skipped` (path, reason)."""
+
+    classes: list[str]
+    items: list[tuple[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    empty_classes: list[str] = field(default_factory=list)
+
+
+class RawSource:
+    """A folder or ZIP of class sub-folders; `read(relpath)` returns a file's bytes."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(
+                f"--source {self.path!r} does not exist; expected a folder or .zip of class sub-folders "
+                "(e.g. ILSVRC/Data/CLS-LOC/train)"
+            )
+        self.is_zip = os.path.isfile(self.path)
+        if self.is_zip and not self.path.lower().endswith(".zip"):
+            raise ValueError(f"--source {self.path!r} is a file but not a .zip; "
+                             "expected a folder or .zip of class sub-folders")
+        self._zip = ZipReader(self.path) if self.is_zip else None
+
+    def read(self, relpath: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(relpath)
+        with open(os.path.join(self.path, relpath), "rb") as f:
+            return f.read()
+
+    def list(self) -> SourceListing:
+        if self._zip is not None:
+            files, dirs = self._zip_entries()
+        else:
+            files, dirs = self._folder_entries()
+        classes = sorted(d for d in dirs if not _is_hidden(d))
+        if not classes:
+            raise ValueError(
+                f"--source {self.path!r} holds no class sub-folders; expected one folder per class "
+                "with the images inside (ImageNet train layout)"
+            )
+        label_of = {name: i for i, name in enumerate(classes)}
+        per_class: dict[str, list[str]] = {name: [] for name in classes}
+        skipped = []
+        for rel in sorted(files):
+            top, _, rest = rel.partition("/")
+            if not rest:
+                skipped.append((rel, "not inside a class folder"))
+            elif top not in label_of:
+                skipped.append((rel, "inside a hidden folder"))
+            elif not is_image_name(rel):
+                skipped.append((rel, f"not an image file (extension {os.path.splitext(rel)[1] or 'none'!r})"))
+            else:
+                per_class[top].append(rel)
+        items = [(rel, label_of[name]) for name in classes for rel in per_class[name]]
+        empty = [name for name in classes if not per_class[name]]
+        return SourceListing(classes=classes, items=items, skipped=skipped, empty_classes=empty)
+
+    def _folder_entries(self) -> tuple[list[str], set[str]]:
+        files, dirs = [], set()
+        with os.scandir(self.path) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=True):
+                    dirs.add(entry.name)
+                elif entry.is_file(follow_symlinks=True):
+                    files.append(entry.name)
+        for top in sorted(dirs):
+            if _is_hidden(top):
+                continue
+            for root, subdirs, names in os.walk(os.path.join(self.path, top), followlinks=True):
+                subdirs[:] = [d for d in subdirs if not _is_hidden(d)]
+                rel_root = os.path.relpath(root, self.path).replace(os.sep, "/")
+                files.extend(f"{rel_root}/{n}" for n in names)
+        return files, dirs
+
+    def _zip_entries(self) -> tuple[list[str], set[str]]:
+        files, dirs = [], set()
+        for info in self._zip.infolist():
+            name = info.filename
+            if "/" in name.rstrip("/"):
+                dirs.add(name.split("/", 1)[0])
+            if info.is_dir():
+                dirs.add(name.rstrip("/").split("/", 1)[0])
+                continue
+            parts = name.split("/")
+            if any(_is_hidden(p) for p in parts[:-1]):
+                continue
+            files.append(name)
+        return files, dirs

@@ -1,0 +1,121 @@
+"""data.open_dataset on hand-written files of every documented format, and its errors."""
+
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def _write_per_image_latents(root, moments, labels, with_classes=False):
+    entries = []
+    for i, (m, lab) in enumerate(zip(moments, labels)):
+        rel = f"{i // 1000:05d}/img-mean-std-{i:08d}.npy"
+        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+        np.save(os.path.join(root, rel), m)
+        entries.append([rel, lab])
+    meta = {"labels": entries}
+    if with_classes:
+        meta["classes"] = [f"c{k}" for k in range(10)]
+    with open(os.path.join(root, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def _write_packed(root, moments, labels, shard_size):
+    os.makedirs(root)
+    shards = []
+    for s, start in enumerate(range(0, len(moments), shard_size)):
+        chunk = moments[start:start + shard_size]
+        np.save(os.path.join(root, f"shard-{s:05d}.npy"), chunk)
+        shards.append({"file": f"shard-{s:05d}.npy", "start": start, "count": len(chunk)})
+    np.save(os.path.join(root, "labels.npy"), np.asarray(labels, dtype=np.int64))
+    with open(os.path.join(root, "index.json"), "w") as f:
+        json.dump({"format": "dfm-packed-latents", "version": 1, "num_items": len(moments),
+                   "item_shape": list(moments.shape[1:]), "dtype": "float32", "shard_size": shard_size,
+                   "shards": shards, "num_classes": 7}, f)
+
+
+@pytest.fixture
+def moments():
+    return np.random.default_rng(0).standard_normal((5, 8, 2, 2)).astype(np.float32)
+
+
+def test_per_image_latents_folder_and_zip(tmp_path, moments):
+    labels = [3, 1, 4, 1, 5]
+    root = str(tmp_path / "lat")
+    _write_per_image_latents(root, moments, labels)
+    ds = data.open_dataset(root)
+    assert ds.kind == "latents" and len(ds) == 5 and ds.item_shape == (8, 2, 2)
+    assert ds.num_classes == 6  # no class list: max label + 1
+    for i in range(5):
+        x, y = ds[i]
+        assert x.dtype == torch.float32 and y == labels[i]
+        np.testing.assert_array_equal(x.numpy(), moments[i])
+
+    zpath = str(tmp_path / "lat.zip")
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                zf.write(full, os.path.relpath(full, root))
+    zds = data.open_dataset(zpath)
+    assert zds.kind == "latents" and len(zds) == 5
+    np.testing.assert_array_equal(zds[4][0].numpy(), moments[4])
+    assert len(pickle.dumps(zds)) < 10_000  # no open ZIP handle travels to DataLoader workers
+
+
+def test_packed(tmp_path, moments):
+    root = str(tmp_path / "packed")
+    labels = [0, 1, 2, 3, 6]
+    _write_packed(root, moments, labels, shard_size=3)
+    ds = data.open_dataset(root)
+    assert isinstance(ds, data.PackedLatentDataset)
+    assert ds.kind == "latents" and len(ds) == 5 and ds.item_shape == (8, 2, 2) and ds.num_classes == 7
+    for i in range(-1, 5):
+        np.testing.assert_array_equal(ds[i][0].numpy(), moments[i])
+        assert ds[i][1] == labels[i]
+    with pytest.raises(IndexError):
+        ds[5]
+    assert len(pickle.dumps(ds)) < 10_000  # memory maps are reopened per process, never pickled
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    x = torch.cat([b[0] for b in loader])
+    np.testing.assert_array_equal(x.numpy(), moments)
+
+
+def test_parent_folder_prefers_latents(tmp_path, moments):
+    from PIL import Image
+
+    _write_per_image_latents(str(tmp_path / "vae-sd"), moments, [0] * 5, with_classes=True)
+    os.makedirs(tmp_path / "images" / "00000")
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(tmp_path / "images" / "00000" / "img00000000.png")
+    with open(tmp_path / "images" / "dataset.json", "w") as f:
+        json.dump({"labels": [["00000/img00000000.png", 0]]}, f)
+    ds = data.open_dataset(str(tmp_path))
+    assert ds.kind == "latents" and ds.num_classes == 10
+    img = data.open_dataset(str(tmp_path), kind="images")
+    assert img.kind == "images" and img.item_shape == (3, 16, 16)
+    assert img[0][0].dtype == torch.uint8 and img[0][0][:, 0, 0].tolist() == [10, 20, 30]
+    with pytest.raises(ValueError, match="holds latents, but images were expected"):
+        data.open_dataset(str(tmp_path / "vae-sd"), kind="images")
+
+
+def test_errors_name_the_path(tmp_path):
+    missing = str(tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="nothing-here.*does not exist"):
+        data.open_dataset(missing)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="empty.*not a dataset"):
+        data.open_dataset(str(tmp_path / "empty"))
+    os.makedirs(tmp_path / "nolabels")
+    with open(tmp_path / "nolabels" / "dataset.json", "w") as f:
+        json.dump({"labels": []}, f)
+    with pytest.raises(ValueError, match="empty"):
+        data.open_dataset(str(tmp_path / "nolabels"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a .zip"):
+        data.open_dataset(str(tmp_path / "file.txt"))
