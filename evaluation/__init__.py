@@ -1,0 +1,21 @@
+"""ADM-suite evaluation in PyTorch: FID, sFID, IS, precision/recall and FDD (SPEC §7).
+
+Command line: ``python -m evaluation.evaluate REF.npz SAMPLES.npz`` (see docs/EVALUATION.md).
+Submodules: ``npz`` (reading/validating batches), ``metrics`` (the formulas), ``inception``
+(Inception-v3 2015 features), ``fdd`` (DINOv2 features), ``evaluate`` (the pipeline and CLI;
+``evaluation.evaluate.evaluate(ref, samples, ...)`` returns the metrics as a dict).
+"""
+from .metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
+from .npz import EvaluationError, InputError, NpzImageBatch, read_reference_statistics
+
+__all__ = [
+    "EvaluationError",
+    "InputError",
+    "NpzImageBatch",
+    "feature_statistics",
+    "frechet_distance",
+    "inception_score",
+    "manifold_radii",
+    "precision_recall",
+    "read_reference_statistics",
+]

@@ -1,0 +1,147 @@
+"""FDD: Fréchet distance in DINOv2 feature space (Stein et al. 2023, "Exposing flaws of
+generative model evaluation metrics"; reported by the DFM and ELIT papers).
+
+Features follow that paper's reference code (dgm-eval): DINOv2 ViT-L/14 from
+``torch.hub('facebookresearch/dinov2', 'dinov2_vitl14')``, each image resized to 224x224
+with PIL bicubic, scaled to [0, 1], normalised with the ImageNet mean/std, and the
+feature is the final-norm CLS token (``x_norm_clstoken``, 1024-d). Here the network is
+timm's ``vit_large_patch14_dinov2.lvd142m`` (the same weights), with its 37x37 position
+embedding interpolated to 16x16 the way the torch.hub model does it at run time
+(bicubic, ``scale_factor = (16 + 0.1) / 37``, no antialias), so the two produce the same
+features up to float32 rounding.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .inception import WeightsError, host_reachable, strict_fp32
+
+DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"
+DINOV2_IMAGE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HUB_INTERPOLATE_OFFSET = 0.1
+
+
+def resolve_dinov2_weights(model_name: str = DEFAULT_DINOV2_MODEL, weights_path: Optional[str] = None) -> str:
+    """A local weights file: ``weights_path``, the Hugging Face cache, or a download.
+
+    Fails fast (no retry loop) when the file is not cached and the Hub is unreachable.
+    """
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise WeightsError(f"--dinov2-weights {weights_path}: no such file")
+        return weights_path
+    import huggingface_hub
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    repo_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo_id:
+        raise WeightsError(f"--dinov2-model {model_name}: timm knows no pretrained weights for it; pass --dinov2-weights")
+    filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        return cached
+    how_to = (f"download https://huggingface.co/{repo_id}/resolve/main/{filename} (timm format) or Meta's "
+              f"dinov2_vitl14_pretrain.pth and pass --dinov2-weights PATH")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+    if offline or not host_reachable(huggingface_hub.constants.ENDPOINT):
+        raise WeightsError(f"the DINOv2 weights ({repo_id}) are not cached and the Hugging Face Hub is "
+                           f"unreachable{' (HF_HUB_OFFLINE is set)' if offline else ''}; {how_to}")
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, filename, etag_timeout=10)
+    except Exception as exc:
+        raise WeightsError(f"downloading the DINOv2 weights failed ({exc}); {how_to}") from None
+
+
+def interpolate_pos_embed_like_hub(pos_embed: torch.Tensor, grid: int,
+                                   offset: float = HUB_INTERPOLATE_OFFSET) -> torch.Tensor:
+    """Resize a ViT position embedding ``(1, P + M*M, D)`` to ``(1, P + grid*grid, D)``.
+
+    ``P`` (0 or 1) prefix entries are kept. Same arithmetic as DINOv2's
+    ``interpolate_pos_encoding``: bicubic, ``scale_factor = (grid + offset) / M``, which
+    places the source samples slightly differently from ``size=grid``.
+    """
+    tokens = pos_embed.shape[1]
+    side = math.isqrt(tokens)
+    prefix = 0 if side * side == tokens else 1
+    side = math.isqrt(tokens - prefix)
+    if side * side != tokens - prefix:
+        raise ValueError(f"position embedding with {tokens} tokens is not a square grid")
+    if side == grid:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patch = pos_embed[:, prefix:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = (grid + offset) / side
+    patch = F.interpolate(patch, scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    if patch.shape[-2:] != (grid, grid):
+        raise ValueError(f"interpolated grid {tuple(patch.shape[-2:])} != ({grid}, {grid})")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :prefix], patch], dim=1)
+
+
+def load_dinov2(model_name: str = DEFAULT_DINOV2_MODEL, weights_path: Optional[str] = None,
+                device: str | torch.device = "cpu", image_size: int = DINOV2_IMAGE_SIZE) -> torch.nn.Module:
+    """timm DINOv2 ViT built for ``image_size`` inputs with pretrained weights, in eval mode.
+
+    ``weights_path`` may be timm's ``model.safetensors`` or Meta's ``dinov2_vit*14_pretrain.pth``
+    (converted by timm's checkpoint filter). Without it, the Hugging Face cache or Hub is used.
+    """
+    import timm
+    from timm.models import load_state_dict
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    path = resolve_dinov2_weights(model_name, weights_path)
+    try:
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size)
+    except Exception as exc:
+        raise WeightsError(f"--dinov2-model {model_name}: cannot build it with timm ({exc})") from None
+    try:
+        state = load_state_dict(path, weights_only=True)
+        if "pos_embed" in state:
+            grid = image_size // model.patch_embed.patch_size[0]
+            state["pos_embed"] = interpolate_pos_embed_like_hub(state["pos_embed"], grid)
+        model.load_state_dict(checkpoint_filter_fn(state, model))
+    except Exception as exc:
+        raise WeightsError(f"{path}: not loadable as {model_name} weights ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _resize_one(image: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
+def preprocess_for_dinov2(images: np.ndarray, size: int = DINOV2_IMAGE_SIZE, workers: int = 4) -> torch.Tensor:
+    """uint8 ``(B, H, W, 3)`` -> float32 ``(B, 3, size, size)``: PIL bicubic, /255, ImageNet mean/std."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL while resizing
+        resized = np.stack(list(pool.map(lambda im: _resize_one(im, size), images)))
+    x = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class DinoV2FeatureExtractor:
+    """``extractor(images)`` -> final-norm CLS token ``(B, D)`` float32 of uint8 NHWC images."""
+
+    def __init__(self, model: torch.nn.Module, image_size: int = DINOV2_IMAGE_SIZE):
+        self.model = model
+        self.image_size = image_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = preprocess_for_dinov2(images, self.image_size).to(self.device)
+        with strict_fp32():
+            tokens = self.model.forward_features(x)
+        return tokens[:, 0].float().cpu().numpy()

@@ -1,0 +1,187 @@
+"""Reading and validating ADM-style ``.npz`` image batches (SPEC §7).
+
+A batch holds ``arr_0``: uint8 ``(N, H, W, 3)`` (NHWC, values 0..255). ADM reference batches
+(``VIRTUAL_imagenet256_labeled.npz``) also hold precomputed Inception statistics: ``mu``,
+``sigma`` (pool_3, 2048-d) and ``mu_s``, ``sigma_s`` (spatial, 2023-d).
+
+``arr_0`` is read in batches straight from the zip member, so a 50k x 256 x 256 x 3 batch
+(9.8 GB) never has to sit in memory at once. Every problem a user can cause ends in one
+:class:`InputError` (a ``ValueError``) that names the file and says what to change.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+POOL_DIM = 2048
+SPATIAL_DIM = 17 * 17 * 7
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+class EvaluationError(Exception):
+    """Base class of the errors the CLI reports as one line, without a traceback."""
+
+
+class InputError(EvaluationError, ValueError):
+    """A problem with a user-provided input file or option."""
+
+
+@dataclass(frozen=True)
+class ImageBatchInfo:
+    """What the header of ``arr_0`` says, checked."""
+
+    path: str
+    shape: Tuple[int, int, int, int]  # (N, H, W, 3)
+
+    @property
+    def num_images(self) -> int:
+        return self.shape[0]
+
+    @property
+    def resolution(self) -> Tuple[int, int]:
+        return self.shape[1], self.shape[2]
+
+
+def _open_zip(path: str) -> zipfile.ZipFile:
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        return zipfile.ZipFile(path, "r")
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputError(
+            f"{path}: not a readable .npz archive ({exc}); save the images with "
+            f"np.savez(path, arr_0=images)") from None
+
+
+def _read_header(fp, path: str, key: str):
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:  # 2.0 and 3.0 share the 4-byte header length
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    except ValueError as exc:
+        raise InputError(f"{path}: '{key}' is not a valid .npy array ({exc})") from None
+    return tuple(int(s) for s in shape), bool(fortran), dtype
+
+
+def validate_image_shape(shape: Tuple[int, ...], dtype: np.dtype, path: str) -> None:
+    """Raise an :class:`InputError` unless ``arr_0`` is uint8 ``(N, H, W, 3)``."""
+    expected = "expected arr_0 as uint8 [N, H, W, 3] (NHWC, values 0..255)"
+    if len(shape) != 4:
+        raise InputError(f"{path}: arr_0 has shape {tuple(shape)} (rank {len(shape)}); {expected}")
+    n, h, w, c = shape
+    if c != 3:
+        if shape[1] == 3:
+            hint = "it looks channel-first (NCHW); transpose with images.transpose(0, 2, 3, 1)"
+        elif c in (1, 4):
+            hint = "grayscale/RGBA images must be converted to RGB"
+        else:
+            hint = "the last axis must hold the 3 RGB channels"
+        raise InputError(f"{path}: arr_0 has shape {tuple(shape)} with {c} channels; {expected}; {hint}")
+    if dtype != np.uint8:
+        raise InputError(
+            f"{path}: arr_0 has dtype {dtype}; {expected}; convert floats in [-1, 1] with "
+            f"np.clip(np.round(127.5 * x + 127.5), 0, 255).astype(np.uint8)")
+    if n < 1 or h < 1 or w < 1:
+        raise InputError(f"{path}: arr_0 has shape {tuple(shape)} and holds no image; {expected}")
+
+
+class NpzImageBatch:
+    """Streaming reader of ``arr_0`` in an ADM ``.npz`` file.
+
+    ``NpzImageBatch(path)`` checks the file and the header of ``arr_0`` at once (no pixel is
+    read); :meth:`iter_batches` then yields uint8 ``(B, H, W, 3)`` arrays in file order.
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        with _open_zip(self.path) as zf:
+            names = zf.namelist()
+            if "arr_0.npy" not in names:
+                keys = sorted(n[:-4] for n in names if n.endswith(".npy"))
+                raise InputError(
+                    f"{self.path}: no 'arr_0' array (found {keys or 'no arrays'}); expected an ADM "
+                    f"batch written with np.savez(path, arr_0=images) where images is uint8 [N, H, W, 3]")
+            with zf.open("arr_0.npy") as fp:
+                shape, self._fortran, dtype = _read_header(fp, self.path, "arr_0")
+        validate_image_shape(shape, dtype, self.path)
+        self.info = ImageBatchInfo(self.path, shape)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.info.num_images
+
+    def iter_batches(self, batch_size: int, limit: Optional[int] = None) -> Iterator[np.ndarray]:
+        """Yield uint8 ``(B, H, W, 3)`` batches of the first ``limit`` images (all if None)."""
+        if batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {batch_size}")
+        total = len(self) if limit is None else min(int(limit), len(self))
+        _, h, w, c = self.info.shape
+        image_bytes = h * w * c
+        with zipfile.ZipFile(self.path, "r") as zf:
+            if self._fortran:  # rare; column-major data cannot be streamed row by row
+                with zf.open("arr_0.npy") as fp:
+                    arr = np.lib.format.read_array(fp)
+                for start in range(0, total, batch_size):
+                    yield np.ascontiguousarray(arr[start:min(start + batch_size, total)])
+                return
+            with zf.open("arr_0.npy") as fp:
+                _read_header(fp, self.path, "arr_0")
+                for start in range(0, total, batch_size):
+                    count = min(batch_size, total - start)
+                    data = _read_exactly(fp, count * image_bytes, self.path)
+                    yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(count, h, w, c)
+
+
+def _read_exactly(fp, size: int, path: str) -> bytes:
+    chunks, remaining = [], size
+    while remaining > 0:
+        chunk = fp.read(remaining)
+        if not chunk:
+            raise InputError(f"{path}: arr_0 is truncated (the file ended early); regenerate it")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_reference_statistics(path: str) -> Optional[Dict[str, np.ndarray]]:
+    """The stored ``mu, sigma, mu_s, sigma_s`` of an ADM reference batch, or None.
+
+    ADM uses the stored statistics whenever ``mu`` is present; a file with only some of the
+    four keys, or with the wrong dimensions, is an error rather than a silent fallback.
+    """
+    with _open_zip(str(path)) as zf:
+        present = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    if "mu" not in present:
+        return None
+    missing = [k for k in STAT_KEYS if k not in present]
+    if missing:
+        raise InputError(f"{path}: has stored 'mu' but lacks {missing}; an ADM reference batch stores "
+                         f"all of {list(STAT_KEYS)} (or none, then they are computed from arr_0)")
+    with np.load(str(path)) as data:
+        stats = {k: np.asarray(data[k], dtype=np.float64) for k in STAT_KEYS}
+    for key, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
+        sigma_key = key.replace("mu", "sigma")
+        if stats[key].shape != (dim,) or stats[sigma_key].shape != (dim, dim):
+            raise InputError(
+                f"{path}: stored {key}/{sigma_key} have shapes {stats[key].shape}/{stats[sigma_key].shape}, "
+                f"expected ({dim},)/({dim}, {dim}) (Inception pool_3 = 2048, mixed_6/conv[..., :7] = 2023)")
+    return stats
+
+
+def check_same_resolution(reference: ImageBatchInfo, samples: ImageBatchInfo, allow_mismatch: bool = False) -> None:
+    """Raise an :class:`InputError` when the two batches hold images of different sizes.
+
+    Inception resizes everything to 299x299, so a mismatch would silently compare, say,
+    512-px samples with a 256-px reference; ``allow_mismatch`` is the explicit opt-in.
+    """
+    if reference.resolution != samples.resolution and not allow_mismatch:
+        (rh, rw), (sh, sw) = reference.resolution, samples.resolution
+        raise InputError(
+            f"reference batch {reference.path} is {rh}x{rw} but samples {samples.path} are {sh}x{sw}; "
+            f"use the reference batch of the samples' resolution (e.g. VIRTUAL_imagenet{sh}_labeled.npz), "
+            f"or pass --allow-resolution-mismatch to compare anyway")
