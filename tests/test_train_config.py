@@ -1,0 +1,102 @@
+"""Config loading and validation: precedence, and one clear error per bad input."""
+import os
+
+import pytest
+
+from training.config import ConfigError, parse_config
+from training.loop import check_batch_split
+from utils.config import save_config
+
+
+BASE = ["data_dir=/nonexistent-ok-for-parsing"]
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: SiT-B/2\nlr: 2.0e-4\nbatch_size: 128\npreview: {cfg_scale: 4.0}\n")
+    cfg = parse_config(["--config", str(path), "--batch-size", "64", "--data-dir=/d", "preview.method=heun"])
+    assert cfg.model == "SiT-B/2" and cfg.stages == 1 and cfg.stage_weights == [1.0]
+    assert cfg.lr == pytest.approx(2e-4)            # from YAML
+    assert cfg.batch_size == 64 and cfg.data_dir == "/d"  # overrides beat YAML
+    assert cfg.preview.cfg_scale == 4.0 and cfg.preview.method == "heun"
+    assert cfg.weight_decay == 0.0 and cfg.ema_decay == 0.9999  # defaults (SPEC §6)
+    assert cfg.preview.num_steps_per_scale == [50] and cfg.preview.thresholds == []
+    dfm_cfg = parse_config(BASE + ["model=DFM-SiT-XL/2"])
+    assert dfm_cfg.stages == 2 and dfm_cfg.stage_weights == [0.9, 0.1]
+    assert dfm_cfg.preview.num_steps_per_scale == [40, 10] and dfm_cfg.preview.thresholds == [0.1]
+    assert dfm_cfg.exp_name == "dfm-sit-xl-2-256-lognormal"
+
+
+def test_save_config_roundtrip(tmp_path):
+    cfg = parse_config(BASE + ["model=DFM-SiT-B/2", "stages=3", "resolution=512"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = parse_config(["--config", str(tmp_path / "c.yaml")])
+    assert again == cfg
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["lrr=1e-4"], ["lrr", "Did you mean: lr"]),
+    (["preview.cfg_scal=2"], ["preview.cfg_scal", "preview.cfg_scale"]),
+    (["lr=fast"], ["'lr'"]),
+    (["stage_weights=[0.5,0.4]"], ["stage_weights", "sum to 1"]),
+    (["stage_weights=[0.5,0.3,0.2]"], ["stage_weights", "one entry per stage"]),
+    (["model=SiT-XL/2", "stages=2"], ["stages", "plain SiT"]),
+    (["model=DFM-SiT-XL/3"], ["model", "unknown name"]),
+    (["weighting=cosmic"], ["weighting", "uniform"]),
+    (["prediction=eps"], ["prediction"]),
+    (["model=DFM-SiT-XL/8", "resolution=96"], ["patch size 8", "12"]),
+    (["model=DFM-SiT-XL/2", "stages=4", "resolution=32"], ["stages=4", "divisible"]),
+    (["proj_coeff=0.5"], ["proj_coeff", "DINOv2"]),
+    (["model_overrides={input_size: 8}"], ["model_overrides.input_size", "resolution"]),
+    (["preview.thresholds=[0.1,0.2]", "stages=3", "model=DFM-SiT-B/2"], ["thresholds", "decreasing"]),
+    (["batch_size=10", "gradient_accumulation_steps=4"], ["batch_size", "gradient_accumulation_steps"]),
+    (["resume=/no/such/file.pt"], ["resume", "does not exist"]),
+    (["not-an-assignment"], ["Cannot parse"]),
+])
+def test_config_errors_name_the_key(argv, words):
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE + argv)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_missing_data_dir_and_yaml_unknown_key(tmp_path):
+    with pytest.raises(ConfigError, match="data_dir is not set"):
+        parse_config([])
+    path = tmp_path / "bad.yaml"
+    path.write_text("modle: SiT-B/2\n")
+    with pytest.raises(ConfigError, match=r"Unknown config key 'modle' in config file .*Did you mean: model"):
+        parse_config(BASE + ["--config", str(path)])
+    with pytest.raises(ConfigError, match="Config file not found"):
+        parse_config(BASE + ["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_batch_split_across_processes():
+    cfg = parse_config(BASE + ["batch_size=256", "gradient_accumulation_steps=2"])
+    assert check_batch_split(cfg, 8) == 16
+    with pytest.raises(ConfigError, match="cannot be split evenly over 3 processes"):
+        check_batch_split(cfg, 3)
+
+
+def test_every_shipped_config_validates():
+    folder = os.path.join(os.path.dirname(__file__), "..", "experiments", "train")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".yaml"))
+    assert "demo_cpu.yaml" in names and len(names) >= 9
+    seen = {}
+    for name in names:
+        cfg = parse_config(["--config", os.path.join(folder, name), "data_dir=/x"])
+        seen[name] = cfg
+    # The baseline uses the same timestep weighting as DFM (SPEC §4).
+    for name, cfg in seen.items():
+        if name.startswith("sit_"):
+            twin = seen[name.replace("sit_", "dfm_sit_", 1)]
+            assert cfg.weighting == twin.weighting and cfg.model == twin.model.replace("DFM-", "")
+            assert cfg.batch_size == twin.batch_size == 256 and cfg.lr == twin.lr
+
+
+def test_text_keys_keep_their_text_and_flags():
+    cfg = parse_config(BASE + ["mixed_precision=no", "exp_name=null", "--compile", "resume=null", "vae=none"])
+    assert cfg.mixed_precision == "no"          # YAML would read a bare `no` as False
+    assert cfg.exp_name == "dfm-sit-xl-2-256px-lognormal"  # null -> derived name (pixel space)
+    assert cfg.compile is True and cfg.resume == "none" and cfg.vae == "none"

@@ -1,0 +1,39 @@
+"""Shared pieces of the training tests: a tiny pixel-space dataset and config."""
+import json
+import os
+
+import torch
+
+from training.config import parse_config
+
+TINY_MODEL = ["model=DFM-SiT-S/4", "model_overrides={depth: 2, hidden_size: 64, num_heads: 4}"]
+
+
+def tiny_argv(data_dir, output_dir, **overrides):
+    """argv for a 16-px, 2-class, tiny DFM-SiT run (a few ms per step)."""
+    argv = TINY_MODEL + [
+        f"data_dir={data_dir}", f"output_dir={output_dir}", "vae=none", "resolution=16", "num_classes=2",
+        "batch_size=8", "num_workers=0", "mixed_precision=no", "lr=1e-3", "ema_decay=0.9",
+        "max_train_steps=4", "checkpointing_steps=2", "log_every=1", "sampling_steps=0", "report_to=none",
+        "resume=auto", "preview.num_samples=0", "preview.num_steps_per_scale=[2,2]", "seed=3", "cpu_threads=1",
+    ]
+    argv += [f"{k}={v}" for k, v in overrides.items()]
+    return argv
+
+
+def tiny_config(data_dir, output_dir, **overrides):
+    return parse_config(tiny_argv(data_dir, output_dir, **overrides))
+
+
+def read_losses(exp_dir):
+    """{step: loss} from metrics.jsonl (the last record of a step wins, as after a resume)."""
+    losses = {}
+    with open(os.path.join(exp_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            losses[rec["step"]] = rec["loss"]
+    return losses
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,43 @@
+r"""Train SiT / DFM-SiT (SPEC §4, §6).
+
+    python train.py --config experiments/train/demo_cpu.yaml                  # CPU demo
+    accelerate launch --multi_gpu --num_processes 8 train.py \
+        --config experiments/train/dfm_sit_xl_2_256.yaml --data-dir DIR     # 8 GPUs
+    python train.py --help                                                  # every key
+
+Configuration: defaults <- --config YAML <- `key=value` / `--key value` overrides.
+See docs/TRAINING.md.
+"""
+
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from training.config import ConfigError, config_docs, parse_config
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print("Config keys (default):")
+        print(config_docs())
+        return 0
+    rank = int(os.environ.get("RANK", "0"))
+    from training.loop import NonFiniteLossError, train
+
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Training configuration: the `TrainConfig` defaults and their validation.
+
+Defaults are the REPA / DFM recipe of SPEC §6 (AdamW 1e-4, batch 256, EMA 0.9999, bf16,
+400K steps, checkpoints every 50K). A run is `defaults <- --config YAML <- overrides`
+(`utils.config.load_config`); `resolve_config` fills the model-dependent defaults (stages,
+stage weights, preview schedule, experiment name) and checks every key once, before any data
+or GPU work, raising `ConfigError` with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
+
+from utils.config import config_to_dict, load_config
+
+MODEL_NAME = re.compile(r"^(DFM-)?SiT-(S|B|L|XL)/(2|4|8)$")
+# Architecture keys a config may override (tiny demo / test models). Shapes that follow from
+# the data (input_size, in_channels, num_classes) and keys with their own config entry are not
+# allowed here.
+MODEL_OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "mlp_ratio")
+VAE_NONE = ("none", "", None)
+# ImageNet classes shown in previews when num_classes == 1000 (REPA / DiT favourites):
+# golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
+IMAGENET_PREVIEW_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+class ConfigError(ValueError):
+    """A problem the user can fix in the config or the data; the message says what to change."""
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class PreviewConfig:
+    num_samples: int = field(default=16, metadata=_help("images in each preview grid (0 = no previews)"))
+    num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
+        "sampler steps per stage; null = [50] for S=1, [40,10] for S=2, [40]+[10]*(S-1) for S>=3"))
+    thresholds: Optional[List[float]] = field(default=None, metadata=_help(
+        "stage hand-over times tau_0 > ... (length S-1); null = [0.1] for S=2, 0.1/2^i for S>=3"))
+    method: str = field(default="euler", metadata=_help("euler | heun | sde"))
+    cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
+    guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
+    guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
+    labels: Optional[List[int]] = field(default=None, metadata=_help(
+        "class labels of the preview samples (cycled); null = one class per grid row (8 fixed ImageNet "
+        "classes for 1000 classes, else 0, 1, 2, ...)"))
+    nrow: Optional[int] = field(default=None, metadata=_help("images per grid row; null = about sqrt(num_samples)"))
+    show_stages: bool = field(default=False, metadata=_help(
+        "also save the coarse-stage previews (end of each sampler chunk) beside the final images"))
+    seed: int = field(default=0, metadata=_help("seed of the fixed preview noise"))
+    upscale: int = field(default=1, metadata=_help("enlarge the saved grids by this factor (nearest), for tiny images"))
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model: str = field(default="DFM-SiT-XL/2", metadata=_help("SiT-{S,B,L,XL}/{2,4,8} or DFM-SiT-..."))
+    stages: Optional[int] = field(default=None, metadata=_help(
+        "pyramid stages S; null = 2 for DFM-SiT, 1 for SiT (SiT must be 1)"))
+    qk_norm: bool = field(default=False, metadata=_help("RMS/LayerNorm on queries and keys"))
+    encoder_depth: Optional[int] = field(default=None, metadata=_help(
+        "block after which the REPA projector reads tokens; null = model default"))
+    proj_coeff: float = field(default=0.0, metadata=_help(
+        "REPA alignment loss weight; only 0 is supported (no DINOv2 features in this trainer)"))
+    model_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
+        f"architecture overrides for small models, keys {list(MODEL_OVERRIDE_KEYS)}"))
+    # --- objective ---
+    stage_weights: Optional[List[float]] = field(default=None, metadata=_help(
+        "probability of training each stage (length S, sums to 1); null = [1] / [0.9,0.1] / "
+        "[0.9, 0.1/(S-1), ...]"))
+    stage_sampling: str = field(default="per_batch", metadata=_help("per_batch (reference) | per_sample"))
+    earlier_stage_loc: float = field(default=-2.0, metadata=_help("earlier stages: t = sigmoid(N(loc, scale))"))
+    earlier_stage_scale: float = field(default=1.0, metadata=_help("see earlier_stage_loc"))
+    weighting: str = field(default="lognormal", metadata=_help("timestep distribution: uniform | lognormal"))
+    path_type: str = field(default="linear", metadata=_help("linear | cosine"))
+    prediction: str = field(default="v", metadata=_help("model output; only v (velocity)"))
+    cfg_prob: float = field(default=0.1, metadata=_help("label dropout probability (for CFG)"))
+    # --- data ---
+    data_dir: Optional[str] = field(default=None, metadata=_help(
+        "dataset folder or ZIP (dataset_tools.py convert/encode output)"))
+    vae: str = field(default="ft-ema", metadata=_help(
+        "VAE for latent runs (ft-ema, ft-mse, hub name or local folder); none = pixel space"))
+    resolution: int = field(default=256, metadata=_help("image resolution in pixels"))
+    num_classes: int = field(default=1000, metadata=_help("number of classes (null label = num_classes)"))
+    make_demo_data: bool = field(default=False, metadata=_help(
+        "write the synthetic demo dataset into data_dir first if it holds none"))
+    demo_images_per_class: int = field(default=200, metadata=_help("size of the demo dataset per class"))
+    batch_size: int = field(default=256, metadata=_help(
+        "global batch (all processes x gradient_accumulation_steps)"))
+    num_workers: int = field(default=4, metadata=_help("data loader workers per process"))
+    # --- optimisation ---
+    mixed_precision: str = field(default="bf16", metadata=_help("bf16 | fp16 | no"))
+    allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on Ampere+ GPUs"))
+    lr: float = field(default=1e-4, metadata=_help("AdamW learning rate (constant)"))
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
+    cpu_threads: Optional[int] = field(default=None, metadata=_help(
+        "torch CPU threads per process; null = torch's default (the CPU demo uses 1: spinning "
+        "OpenMP threads are very slow on a busy machine)"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the model"))
+    ema_decay: float = field(default=0.9999, metadata=_help("EMA decay, updated every optimizer step"))
+    seed: int = field(default=0, metadata=_help("global seed (model init, data order, noise)"))
+    # --- schedule ---
+    max_train_steps: int = field(default=400_000, metadata=_help("optimizer steps"))
+    checkpointing_steps: int = field(default=50_000, metadata=_help("save a checkpoint every N steps (and at the end)"))
+    checkpoints_total_limit: Optional[int] = field(default=None, metadata=_help(
+        "keep only the newest K checkpoints; null = keep all"))
+    sampling_steps: int = field(default=10_000, metadata=_help("preview grid every N steps (and at start/end); 0 = start/end only"))
+    log_every: int = field(default=100, metadata=_help("log averaged metrics every N steps (host sync only then)"))
+    # --- output / logging ---
+    output_dir: str = field(default="exps", metadata=_help("parent folder of experiment folders"))
+    exp_name: Optional[str] = field(default=None, metadata=_help(
+        "experiment folder name; null = derived from model, resolution and weighting"))
+    report_to: str = field(default="none", metadata=_help("none | wandb | tensorboard"))
+    wandb_project: str = field(default="dfm-sit", metadata=_help("wandb project"))
+    wandb_mode: Optional[str] = field(default=None, metadata=_help(
+        "online | offline | disabled; null = $WANDB_MODE or online"))
+    resume: Optional[str] = field(default="auto", metadata=_help(
+        "auto (newest complete checkpoint in the experiment, if any) | none | path to a checkpoint"))
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+
+
+def config_docs() -> str:
+    from utils.config import config_help
+
+    return config_help(TrainConfig)
+
+
+def parse_config(argv) -> "OmegaConf":
+    """argv -> resolved, validated DictConfig (ConfigError on any problem)."""
+    try:
+        cfg = load_config(TrainConfig, argv)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return resolve_config(cfg)
+
+
+def default_preview_schedule(num_stages: int) -> tuple[list, list]:
+    if num_stages == 1:
+        return [50], []
+    if num_stages == 2:
+        return [40, 10], [0.1]
+    return [40] + [10] * (num_stages - 1), [0.1 / 2**i for i in range(num_stages - 1)]
+
+
+def default_exp_name(cfg) -> str:
+    name = cfg.model.replace("/", "-").lower()
+    space = "px" if is_pixel_space(cfg) else ""
+    return f"{name}-{cfg.resolution}{space}-{cfg.weighting}"
+
+
+def is_pixel_space(cfg) -> bool:
+    return str(cfg.vae).lower() in ("none", "")
+
+
+def resolve_config(cfg) -> "OmegaConf":
+    """Fill model-dependent defaults and validate; returns a new DictConfig.
+
+    Raises ConfigError naming the offending key.
+    """
+    cfg = OmegaConf.create(config_to_dict(cfg))  # plain (untyped) copy we may edit freely
+    match = MODEL_NAME.match(cfg.model)
+    if not match:
+        raise ConfigError(f"model: unknown name {cfg.model!r}; expected SiT-{{S,B,L,XL}}/{{2,4,8}} "
+                          "or DFM-SiT-{S,B,L,XL}/{2,4,8}, e.g. DFM-SiT-XL/2")
+    is_dfm = match.group(1) is not None
+    patch = int(match.group(3))
+    if cfg.stages is None:
+        cfg.stages = 2 if is_dfm else 1
+    if not is_dfm and cfg.stages != 1:
+        raise ConfigError(f"stages: {cfg.model} is a plain SiT (1 stage), got stages={cfg.stages}; "
+                          "use a DFM-SiT-* model for a multi-stage pyramid")
+    if cfg.stages < 1:
+        raise ConfigError(f"stages must be >= 1, got {cfg.stages}")
+    S = cfg.stages
+
+    import dfm
+
+    if cfg.stage_weights is None:
+        cfg.stage_weights = dfm.default_stage_weights(S)
+    try:
+        cfg.stage_weights = dfm.validate_stage_weights(list(cfg.stage_weights), S)
+    except ValueError as e:
+        raise ConfigError(f"stage_weights: {e}") from None
+    _choice(cfg, "stage_sampling", dfm.STAGE_SAMPLING)
+    _choice(cfg, "weighting", dfm.WEIGHTINGS)
+    _choice(cfg, "path_type", dfm.PATH_TYPES)
+    _choice(cfg, "prediction", ("v",))
+    if str(cfg.mixed_precision) in ("False", "false"):  # YAML reads a bare `no` as false
+        cfg.mixed_precision = "no"
+    _choice(cfg, "mixed_precision", ("bf16", "fp16", "no"))
+    _choice(cfg, "report_to", ("none", "wandb", "tensorboard"))
+    if cfg.wandb_mode is not None:
+        _choice(cfg, "wandb_mode", ("online", "offline", "disabled"))
+    if cfg.earlier_stage_scale <= 0:
+        raise ConfigError(f"earlier_stage_scale must be > 0, got {cfg.earlier_stage_scale}")
+    if not 0.0 <= cfg.cfg_prob < 1.0:
+        raise ConfigError(f"cfg_prob must be in [0, 1), got {cfg.cfg_prob}")
+    if cfg.proj_coeff != 0:
+        raise ConfigError(
+            "proj_coeff: the REPA alignment loss needs DINOv2 features of the raw images, which this "
+            "trainer does not compute; set proj_coeff=0 (the DFM/SiT comparison of SPEC §6 uses none)")
+    for key in cfg.model_overrides:
+        if key not in MODEL_OVERRIDE_KEYS:
+            hint = {"input_size": "resolution", "in_channels": "vae", "num_classes": "num_classes",
+                    "qk_norm": "qk_norm", "stages": "stages", "class_dropout_prob": "cfg_prob",
+                    "encoder_depth": "encoder_depth"}.get(key)
+            raise ConfigError(
+                f"model_overrides.{key} is not allowed"
+                + (f"; set the top-level key '{hint}' instead" if hint else "")
+                + f". Allowed: {list(MODEL_OVERRIDE_KEYS)}")
+
+    # --- shapes ---
+    pixel = is_pixel_space(cfg)
+    if pixel:
+        cfg.vae = "none"
+    if cfg.resolution <= 0:
+        raise ConfigError(f"resolution must be positive, got {cfg.resolution}")
+    if not pixel and cfg.resolution % 8:
+        raise ConfigError(f"resolution {cfg.resolution} must be a multiple of 8 for a latent run (VAE x8)")
+    size = cfg.resolution if pixel else cfg.resolution // 8
+    coarsest = size // 2 ** (S - 1)
+    if size % 2 ** (S - 1) or coarsest < 1:
+        raise ConfigError(f"stages={S} needs the {'image' if pixel else 'latent'} size {size} to be "
+                          f"divisible by 2^(S-1) = {2 ** (S - 1)}")
+    if size % patch:
+        raise ConfigError(f"model {cfg.model}: patch size {patch} does not divide the "
+                          f"{'image' if pixel else 'latent'} size {size} (resolution {cfg.resolution})")
+    if cfg.num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {cfg.num_classes}")
+
+    # --- optimisation / schedule ---
+    for key in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                "log_every", "demo_images_per_class"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ("num_workers", "sampling_steps"):
+        if cfg[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+        raise ConfigError(f"cpu_threads must be >= 1 or null, got {cfg.cpu_threads}")
+    if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
+        raise ConfigError(f"checkpoints_total_limit must be >= 1 or null, got {cfg.checkpoints_total_limit}")
+    if cfg.batch_size % cfg.gradient_accumulation_steps:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by gradient_accumulation_steps "
+                          f"{cfg.gradient_accumulation_steps}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ConfigError(f"betas must be two numbers in [0, 1), got {list(cfg.betas)}")
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        raise ConfigError(f"lr must be a positive number, got {cfg.lr}")
+    if cfg.weight_decay < 0 or cfg.adam_eps <= 0 or cfg.max_grad_norm < 0:
+        raise ConfigError("weight_decay and max_grad_norm must be >= 0 and adam_eps > 0")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+
+    # --- preview ---
+    p = cfg.preview
+    if p.num_samples < 0:
+        raise ConfigError(f"preview.num_samples must be >= 0, got {p.num_samples}")
+    steps, thresholds = default_preview_schedule(S)
+    if p.num_steps_per_scale is None:
+        p.num_steps_per_scale = steps
+        if p.thresholds is None:
+            p.thresholds = thresholds
+    if p.thresholds is None:
+        p.thresholds = thresholds
+    p.num_steps_per_scale = [int(n) for n in p.num_steps_per_scale]
+    p.thresholds = [float(x) for x in p.thresholds]
+    if len(p.num_steps_per_scale) != S or any(n < 1 for n in p.num_steps_per_scale):
+        raise ConfigError(f"preview.num_steps_per_scale needs {S} positive entries (one per stage), "
+                          f"got {list(p.num_steps_per_scale)}")
+    if len(p.thresholds) != S - 1:
+        raise ConfigError(f"preview.thresholds needs {S - 1} entries for {S} stages, got {list(p.thresholds)}")
+    if any(not 0 < x < 1 for x in p.thresholds) or any(
+            a <= b for a, b in zip(p.thresholds, p.thresholds[1:])):
+        raise ConfigError(f"preview.thresholds must be strictly decreasing inside (0, 1), got {list(p.thresholds)}")
+    _choice(p, "method", ("euler", "heun", "sde"), prefix="preview.")
+    if p.labels is not None:
+        bad = [label for label in p.labels if not 0 <= label <= cfg.num_classes]
+        if bad or not len(p.labels):
+            raise ConfigError(f"preview.labels must be non-empty class indices in [0, {cfg.num_classes}] "
+                              f"({cfg.num_classes} = unconditional), got {list(p.labels)}")
+    if p.upscale < 1:
+        raise ConfigError(f"preview.upscale must be >= 1, got {p.upscale}")
+    if p.nrow is not None and p.nrow < 1:
+        raise ConfigError(f"preview.nrow must be >= 1, got {p.nrow}")
+
+    # --- output ---
+    if cfg.exp_name is None or cfg.exp_name == "":
+        cfg.exp_name = default_exp_name(cfg)
+    if os.sep in cfg.exp_name or cfg.exp_name in (".", ".."):
+        raise ConfigError(f"exp_name must be a plain folder name, got {cfg.exp_name!r}")
+    resume = "none" if cfg.resume is None else str(cfg.resume)
+    if resume.lower() in ("none", "null", "false", "no", ""):
+        cfg.resume = "none"
+    elif resume.lower() == "auto":
+        cfg.resume = "auto"
+    elif not os.path.isfile(resume):
+        raise ConfigError(f"resume: checkpoint file {resume!r} does not exist "
+                          "(use resume=auto, resume=none or an existing .pt file)")
+    if cfg.data_dir is None or str(cfg.data_dir) == "":
+        raise ConfigError("data_dir is not set: pass --data-dir DIR (a folder or ZIP written by "
+                          "dataset_tools.py convert/encode)")
+    return cfg
+
+
+def _choice(node, key, allowed, prefix=""):
+    value = node[key]
+    if value not in allowed:
+        raise ConfigError(f"{prefix}{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def model_kwargs(cfg, in_channels: int, input_size: int) -> dict:
+    """Keyword arguments for `models.create_model(cfg.model, **kwargs)`."""
+    kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=cfg.num_classes,
+                  class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm)
+    if cfg.model.startswith("DFM-"):
+        kwargs["stages"] = cfg.stages
+    if cfg.encoder_depth is not None:
+        kwargs["encoder_depth"] = cfg.encoder_depth
+    kwargs.update(dict(cfg.model_overrides))
+    return kwargs

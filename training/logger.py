@@ -1,0 +1,175 @@
+"""Run logging: a log file + console (rank 0), and optionally wandb or tensorboard.
+
+A tracker that cannot start (wandb without an API key or network, tensorboard not installed)
+never stops training: it prints a warning and the run continues with the log file only
+(wandb online without an API key falls back to offline mode, so the metrics are still kept
+locally and can be uploaded later with `wandb sync`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import sys
+import time
+from typing import Optional
+from urllib.parse import urlparse
+
+import numpy as np
+
+
+def _warn(log: logging.Logger, msg: str) -> None:
+    log.warning(msg)
+
+
+def wandb_api_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class _TqdmHandler(logging.Handler):
+    """Console output that does not break an active tqdm bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_file_logger(exp_dir: Optional[str], is_main: bool, name: str = "train") -> logging.Logger:
+    """Logger writing to `<exp_dir>/log.txt` and stdout on the main process; silent elsewhere."""
+    log = logging.getLogger(f"dfm.{name}")
+    log.handlers.clear()
+    log.propagate = False
+    if not is_main:
+        log.addHandler(logging.NullHandler())
+        log.setLevel(logging.WARNING)
+        return log
+    log.setLevel(logging.INFO)
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    console = _TqdmHandler()
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if exp_dir is not None:
+        os.makedirs(exp_dir, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    return log
+
+
+class RunLogger:
+    """Metrics and images to the log file and the chosen tracker (main process only)."""
+
+    def __init__(self, exp_dir: str, log: logging.Logger, report_to: str = "none", is_main: bool = True,
+                 config: Optional[dict] = None, project: str = "dfm-sit", run_name: Optional[str] = None,
+                 wandb_mode: Optional[str] = None):
+        self.exp_dir = exp_dir
+        self.log = log
+        self.is_main = is_main
+        self.kind = "none"
+        self._wandb = None
+        self._tb = None
+        self._metrics_file = None
+        if not is_main:
+            return
+        self._metrics_file = open(os.path.join(exp_dir, "metrics.jsonl"), "a")
+        if report_to == "wandb":
+            self._start_wandb(config, project, run_name, wandb_mode)
+        elif report_to == "tensorboard":
+            self._start_tensorboard()
+
+    def _start_wandb(self, config, project, run_name, mode):
+        try:
+            import wandb
+        except ImportError:
+            _warn(self.log, "report_to=wandb but wandb is not installed (pip install wandb); "
+                            "logging to the log file only")
+            return
+        mode = mode or os.environ.get("WANDB_MODE") or "online"
+        if mode == "disabled":
+            self.log.info("wandb disabled (wandb_mode=disabled)")
+            return
+        if mode == "online" and not wandb_api_key_available():
+            _warn(self.log, "wandb: no API key found (run `wandb login` or set WANDB_API_KEY); logging "
+                            "offline instead: upload later with `wandb sync " + os.path.join(self.exp_dir, "wandb") + "`")
+            mode = "offline"
+        id_file = os.path.join(self.exp_dir, "wandb_run_id.txt")
+        run_id = open(id_file).read().strip() if os.path.isfile(id_file) else None
+        try:
+            run = wandb.init(project=project, name=run_name, dir=self.exp_dir, config=config, mode=mode,
+                             id=run_id, resume="allow")
+        except Exception as e:  # network, auth, anything: never stop training for the tracker
+            _warn(self.log, f"wandb failed to start ({type(e).__name__}: {e}); logging to the log file only")
+            return
+        try:
+            with open(id_file, "w") as f:
+                f.write(run.id)
+        except Exception:
+            pass
+        self._wandb = run
+        self.kind = "wandb"
+        self.log.info(f"wandb run {run.id} ({mode})")
+
+    def _start_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except (ImportError, ModuleNotFoundError):
+            _warn(self.log, "report_to=tensorboard but the tensorboard package is not installed "
+                            "(pip install tensorboard); logging to the log file only")
+            return
+        self._tb = SummaryWriter(os.path.join(self.exp_dir, "tensorboard"))
+        self.kind = "tensorboard"
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.is_main:
+            return
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self._metrics_file.flush()
+        try:
+            if self._wandb is not None:
+                self._wandb.log(metrics, step=step)
+            elif self._tb is not None:
+                for k, v in metrics.items():
+                    self._tb.add_scalar(k, v, step)
+        except Exception as e:
+            _warn(self.log, f"{self.kind} logging failed ({type(e).__name__}: {e}); continuing without it")
+            self._wandb = self._tb = None
+
+    def log_image(self, name: str, image: np.ndarray, step: int, caption: str = "") -> None:
+        """`image`: (H, W, 3) uint8."""
+        if not self.is_main:
+            return
+        try:
+            if self._wandb is not None:
+                import wandb
+
+                self._wandb.log({name: wandb.Image(image, caption=caption)}, step=step)
+            elif self._tb is not None:
+                self._tb.add_image(name, image, step, dataformats="HWC")
+        except Exception as e:
+            _warn(self.log, f"{self.kind} image logging failed ({type(e).__name__}: {e}); continuing without it")
+
+    def close(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        try:
+            if self._wandb is not None:
+                self._wandb.finish()
+            if self._tb is not None:
+                self._tb.close()
+        except Exception as e:
+            _warn(self.log, f"closing {self.kind} failed: {e}")
+        self._wandb = self._tb = None

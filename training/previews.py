@@ -1,0 +1,150 @@
+"""Preview grids during training: fixed noise and labels -> EMA model -> sampler -> PNG.
+
+The noise and labels are drawn once (from `preview.seed`), so grids of different steps are
+directly comparable. Row `r` of the grid shows class `labels[r]` unless explicit per-sample
+`preview.labels` are given. Sampling runs inside `torch.random.fork_rng`, so previews never
+change the training random streams (exact resume does not depend on them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from training.config import IMAGENET_PREVIEW_CLASSES
+
+
+def grid_nrow(num_samples: int, nrow: Optional[int]) -> int:
+    return nrow or max(1, math.ceil(math.sqrt(num_samples)))
+
+
+def preview_labels(num_samples: int, num_classes: int, nrow: int, labels: Optional[List[int]] = None) -> list:
+    """Explicit `labels` are cycled over the samples; otherwise row r shows one class."""
+    if labels:
+        return [int(labels[i % len(labels)]) for i in range(num_samples)]
+    classes = IMAGENET_PREVIEW_CLASSES if num_classes == 1000 else list(range(num_classes))
+    return [int(classes[(i // nrow) % len(classes)]) for i in range(num_samples)]
+
+
+def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 0) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) uint8 grid."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    img = Image.fromarray(image)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+class PreviewMaker:
+    """Samples a fixed preview batch from a model and writes PNG grids to `out_dir`."""
+
+    def __init__(self, preview_cfg, *, num_classes: int, in_channels: int, stage_sizes: List[int],
+                 path_type: str, out_dir: str, device, vae=None, autocast_dtype=None, batch_size: int = 64):
+        self.cfg = preview_cfg
+        self.out_dir = out_dir
+        self.device = torch.device(device)
+        self.vae = vae
+        self.path_type = path_type
+        self.autocast_dtype = autocast_dtype
+        self.batch_size = batch_size
+        n = int(preview_cfg.num_samples)
+        self.nrow = grid_nrow(n, preview_cfg.nrow)
+        self.labels = torch.tensor(
+            preview_labels(n, num_classes, self.nrow, list(preview_cfg.labels) if preview_cfg.labels else None),
+            dtype=torch.long)
+        g = torch.Generator().manual_seed(int(preview_cfg.seed))
+        self.noise = [torch.randn(n, in_channels, s, s, generator=g) for s in stage_sizes]
+        self.sde_seed = int(preview_cfg.seed) + 1
+
+    def _decode(self, x: torch.Tensor) -> np.ndarray:
+        """(B, C, h, w) latents or pixels -> (B, H, W, 3) uint8."""
+        import data.vae as dvae
+
+        if self.vae is None:
+            return dvae.to_uint8(x.clamp(-1, 1)).cpu().numpy()
+        return dvae.decode_to_uint8(self.vae, x).cpu().numpy()
+
+    def _autocast(self):
+        if self.autocast_dtype is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def sample(self, model) -> tuple[np.ndarray, list]:
+        """Returns (final images (N, H, W, 3) uint8, per coarse stage images or [])."""
+        import samplers
+
+        was_training = model.training
+        model.eval()
+        finals, stages = [], []
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for lo in range(0, len(self.labels), self.batch_size):
+                hi = min(lo + self.batch_size, len(self.labels))
+                noise = [z[lo:hi].to(self.device) for z in self.noise]
+                y = self.labels[lo:hi].to(self.device)
+                gen = torch.Generator(device=self.device).manual_seed(self.sde_seed + lo)
+                with self._autocast():
+                    out = samplers.sample(
+                        model, noise, y, num_steps_per_scale=list(self.cfg.num_steps_per_scale),
+                        thresholds=list(self.cfg.thresholds), method=self.cfg.method,
+                        cfg_scale=float(self.cfg.cfg_scale), guidance_low=float(self.cfg.guidance_low),
+                        guidance_high=float(self.cfg.guidance_high), path_type=self.path_type,
+                        generator=gen, return_previews=True)
+                final, previews = out
+                from dfm import LaplacianPyramid
+
+                full = LaplacianPyramid(len(final)).recompose(final)
+                images = self._decode(full)
+                finals.append(images)
+                if self.cfg.show_stages:
+                    H = images.shape[1]
+                    coarse = []
+                    for p in previews[:-1]:
+                        img = torch.from_numpy(self._decode(p)).permute(0, 3, 1, 2)
+                        img = F.interpolate(img.float(), size=(H, H), mode="nearest").to(torch.uint8)
+                        coarse.append(img.permute(0, 2, 3, 1).numpy())
+                    stages.append(coarse)
+        model.train(was_training)
+        final = np.concatenate(finals)
+        per_stage = [np.concatenate([b[i] for b in stages]) for i in range(len(stages[0]))] if stages and stages[0] else []
+        return final, per_stage
+
+    def __call__(self, model, step: int) -> dict:
+        """Sample, save `<out_dir>/<step:07d>.png` (and `_stages.png`); returns {name: (grid, path)}."""
+        final, per_stage = self.sample(model)
+        grid = make_grid(final, self.nrow)
+        path = os.path.join(self.out_dir, f"{step:07d}.png")
+        save_png(grid, path, self.cfg.upscale)
+        out = {"samples": (grid, path)}
+        if per_stage:
+            grids = [make_grid(imgs, self.nrow) for imgs in per_stage] + [grid]
+            gap = np.full((grid.shape[0], 8, 3), 255, dtype=np.uint8)
+            parts = []
+            for g in grids:
+                parts += [g, gap]
+            side = np.concatenate(parts[:-1], axis=1)
+            spath = os.path.join(self.out_dir, f"{step:07d}_stages.png")
+            save_png(side, spath, self.cfg.upscale)
+            out["samples_stages"] = (side, spath)
+        return out
