@@ -1,0 +1,220 @@
+"""GenerateConfig: every option of generate.py, its checks, and the values derived from the checkpoint.
+
+Order of precedence: these defaults <- `--config FILE.yaml` <- command-line overrides
+(`key=value`, `--key value`), merged by `utils.config.load_config`. Keys left at `null`
+are filled from the checkpoint (see `resolve_config`); the fully resolved config is saved as
+`{sample_dir}/{run_name}/config.yaml` and can be passed back with `--config` to reproduce a run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from .labels import LABEL_MODES
+
+METHODS = ("euler", "heun", "sde")
+PRECISIONS = ("fp32", "tf32", "bf16")
+PATH_TYPES = ("linear", "cosine")
+DEFAULT_VAE = "ft-ema"
+
+# Keys that change the pixels of sample i; a run folder refuses to mix images made with
+# different values of these (num_samples matters only for balanced labels, see below).
+SAMPLE_KEYS = ("model", "stages", "num_classes", "seed", "labels", "method", "num_steps_per_scale",
+               "thresholds", "cfg_scale", "guidance_low", "guidance_high", "path_type", "vae",
+               "resolution", "precision", "use_ema")
+
+
+class GenerationError(Exception):
+    """A problem the user can fix (bad option, wrong checkpoint, ...); printed without a traceback."""
+
+
+def _help(text: str, default: Any = None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class GenerateConfig:
+    ckpt: Optional[str] = _help("checkpoint to sample from (ours, REPA or official SiT); required")
+    model: Optional[str] = _help("architecture name, e.g. SiT-XL/2; needed only for published "
+                                 "checkpoints that store no architecture")
+    stages: Optional[int] = _help("number of DFM stages (null: from the checkpoint)")
+    num_samples: int = _help("number of images to generate", 50_000)
+    per_proc_batch_size: int = _help("images per forward batch in each process", 64)
+    seed: int = _help("global seed; sample i depends only on (seed, i)", 0)
+    labels: str = _help("class labels: random (i.i.d. per sample) or balanced (N/num_classes each)",
+                        "random")
+    num_classes: Optional[int] = _help("number of classes (null: from the model)")
+    method: str = _help("sampler: euler | heun (ODE) or sde (Euler-Maruyama)", "euler")
+    num_steps_per_scale: Optional[List[int]] = _help(
+        "steps of each stage's chunk, e.g. [40, 10]; SiT: [N] (null: [50] for SiT, [40, 10] for S=2, "
+        "[40] + [10] * (S-1) beyond)")
+    thresholds: Optional[List[float]] = _help(
+        "DFM stage thresholds in t, decreasing, S-1 values (null: [] for SiT, [0.1] for S=2, "
+        "0.1 / 2^i beyond)")
+    cfg_scale: float = _help("classifier-free guidance scale (1 = no guidance)", 1.0)
+    guidance_low: float = _help("CFG is applied where guidance_low <= t <= guidance_high", 0.0)
+    guidance_high: float = _help("upper end of the guidance interval (t, 1 = noise)", 1.0)
+    path_type: Optional[str] = _help("linear | cosine (null: from the checkpoint, else linear)")
+    vae: Optional[str] = _help("ft-ema | ft-mse | a local folder | none for pixel models "
+                               "(null: from the checkpoint, else ft-ema)")
+    resolution: Optional[int] = _help("image size in pixels (null: from the checkpoint / model)")
+    precision: str = _help("fp32 | tf32 | bf16 (model forward; the VAE decodes in fp32)", "tf32")
+    use_ema: bool = _help("sample with the EMA weights (false: the raw training weights)", True)
+    sample_dir: str = _help("output folder", "results")
+    run_name: Optional[str] = _help("sub-folder / .npz name (null: derived from ckpt + settings)")
+    save_png: bool = _help("keep the PNG folder (false: delete it once the .npz is written)", True)
+    save_npz: bool = _help("write {sample_dir}/{run_name}.npz for the ADM evaluation suite", True)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks that need no checkpoint; raise GenerationError naming the key."""
+    def fail(key, msg):
+        raise GenerationError(f"config key '{key}': {msg}")
+
+    if not cfg.ckpt:
+        fail("ckpt", "no checkpoint given; pass --ckpt PATH (or ckpt=PATH)")
+    if cfg.num_samples < 1:
+        fail("num_samples", f"must be >= 1, got {cfg.num_samples}")
+    if cfg.per_proc_batch_size < 1:
+        fail("per_proc_batch_size", f"must be >= 1, got {cfg.per_proc_batch_size}")
+    if cfg.labels not in LABEL_MODES:
+        fail("labels", f"must be one of {LABEL_MODES}, got {cfg.labels!r}")
+    if cfg.method not in METHODS:
+        fail("method", f"must be one of {METHODS}, got {cfg.method!r}")
+    if cfg.precision not in PRECISIONS:
+        fail("precision", f"must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.path_type is not None and cfg.path_type not in PATH_TYPES:
+        fail("path_type", f"must be one of {PATH_TYPES}, got {cfg.path_type!r}")
+    if cfg.stages is not None and cfg.stages < 1:
+        fail("stages", f"must be >= 1, got {cfg.stages}")
+    if cfg.num_classes is not None and cfg.num_classes < 1:
+        fail("num_classes", f"must be >= 1, got {cfg.num_classes}")
+    if not (math.isfinite(cfg.cfg_scale) and cfg.cfg_scale >= 0):
+        fail("cfg_scale", f"must be a finite number >= 0, got {cfg.cfg_scale}")
+    if not 0.0 <= cfg.guidance_low <= cfg.guidance_high <= 1.0:
+        fail("guidance_low/guidance_high",
+             f"need 0 <= guidance_low <= guidance_high <= 1, got {cfg.guidance_low}, {cfg.guidance_high}")
+    if cfg.num_steps_per_scale is not None:
+        steps = list(cfg.num_steps_per_scale)
+        if not steps or any(n < 1 for n in steps):
+            fail("num_steps_per_scale", f"needs one positive step count per stage, got {steps}")
+    if cfg.thresholds is not None:
+        tau = list(cfg.thresholds)
+        if any(not 0.0 < x < 1.0 for x in tau) or any(a <= b for a, b in zip(tau, tau[1:])):
+            fail("thresholds", f"must be strictly decreasing values in (0, 1), got {tau}")
+    if not cfg.save_png and not cfg.save_npz:
+        fail("save_png/save_npz", "both are false, nothing would be kept")
+    if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", "..")):
+        fail("run_name", f"must be a plain folder name, got {cfg.run_name!r}")
+    if cfg.resolution is not None and cfg.resolution < 1:
+        fail("resolution", f"must be >= 1, got {cfg.resolution}")
+
+
+def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_classes: int,
+                   input_size: int, ckpt_config: dict | None) -> DictConfig:
+    """Fill every null key from the model / checkpoint config and check it against the model.
+
+    arch_name, num_stages, num_classes, input_size: of the loaded model. ckpt_config: the
+    training config stored in our checkpoints (None for published ones).
+    """
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    ckpt_config = ckpt_config or {}
+    S = num_stages
+
+    def fail(key, msg):
+        raise GenerationError(f"config key '{key}': {msg}")
+
+    out.model = out.model or arch_name
+    if out.stages is not None and out.stages != S:
+        fail("stages", f"{out.stages} given, but the checkpoint's model has {S} stage(s)")
+    out.stages = S
+    if out.num_classes is not None and out.num_classes != num_classes:
+        fail("num_classes", f"{out.num_classes} given, but the checkpoint's model has {num_classes} classes")
+    out.num_classes = num_classes
+
+    # Null sampler settings: the schedule the training previews use (SPEC section 5 for S <= 2).
+    from training.config import default_preview_schedule
+    default_steps, default_thresholds = default_preview_schedule(S)
+    if out.num_steps_per_scale is None:
+        out.num_steps_per_scale = default_steps
+    if len(out.num_steps_per_scale) != S:
+        fail("num_steps_per_scale", f"needs {S} value(s) (one per stage), got {list(out.num_steps_per_scale)}")
+    if out.thresholds is None:
+        out.thresholds = default_thresholds
+    if len(out.thresholds) != S - 1:
+        fail("thresholds", f"needs {S - 1} value(s) for a {S}-stage model, got {list(out.thresholds)}")
+
+    if out.path_type is None:
+        out.path_type = ckpt_config.get("path_type") or "linear"
+    if out.path_type not in PATH_TYPES:
+        fail("path_type", f"must be one of {PATH_TYPES}, got {out.path_type!r}")
+    if out.vae is None:
+        if "vae" in ckpt_config:  # training writes "none" (or an empty value) for pixel space
+            stored = ckpt_config["vae"]
+            out.vae = "none" if stored is None or str(stored).lower() in ("", "none") else str(stored)
+        else:
+            out.vae = DEFAULT_VAE
+    out.vae = "none" if str(out.vae).lower() == "none" else str(out.vae)
+    pixel_space = out.vae == "none"
+    expected = input_size if pixel_space else input_size * 8
+    if out.resolution is not None and out.resolution != expected:
+        fail("resolution", f"{out.resolution} given, but the model makes {expected}px images "
+                           f"({'pixel space' if pixel_space else f'latent {input_size}x{input_size}, VAE x8'})")
+    out.resolution = expected
+    if out.run_name is None:
+        out.run_name = default_run_name(out)
+    return out
+
+
+def _checkpoint_tag(ckpt: str) -> str:
+    """exps/sit-b-2-256px/checkpoints/0400000.pt -> sit-b-2-256px-0400000."""
+    path = os.path.normpath(os.path.expanduser(ckpt))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    parent = os.path.basename(os.path.dirname(path))
+    if parent == "checkpoints":
+        stem = f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}-{stem}"
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", stem).strip("_") or "ckpt"
+
+
+def _num(x: float) -> str:
+    return f"{float(x):g}"
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    """Folder name from the checkpoint and every setting that changes the images."""
+    parts = [_checkpoint_tag(cfg.ckpt), f"{cfg.method}{'+'.join(str(n) for n in cfg.num_steps_per_scale)}"]
+    if cfg.thresholds:
+        parts.append("th" + "+".join(_num(x) for x in cfg.thresholds))
+    parts.append(f"cfg{_num(cfg.cfg_scale)}")
+    if cfg.cfg_scale != 1.0 and (cfg.guidance_low, cfg.guidance_high) != (0.0, 1.0):
+        parts.append(f"g{_num(cfg.guidance_low)}-{_num(cfg.guidance_high)}")
+    if cfg.path_type != "linear":
+        parts.append(cfg.path_type)
+    if cfg.vae != "none":
+        short = cfg.vae.replace("stabilityai/sd-vae-", "")
+        vae = short if short in ("ft-ema", "ft-mse", "ema", "mse") else "vae-" + _checkpoint_tag(cfg.vae)
+        parts.append(vae)
+    parts += [cfg.labels, f"seed{cfg.seed}", f"n{cfg.num_samples}", cfg.precision]
+    if not cfg.use_ema:
+        parts.append("noema")
+    return "-".join(parts)
+
+
+def mismatched_keys(saved: dict, current: DictConfig) -> list[str]:
+    """Image-affecting keys on which a run folder's saved config.yaml and this run disagree."""
+    keys = list(SAMPLE_KEYS) + (["num_samples"] if current.labels == "balanced" else [])
+    cur = OmegaConf.to_container(current, resolve=True)
+    diff = [f"{k}: {saved.get(k)!r} (folder) vs {cur.get(k)!r} (now)"
+            for k in keys if saved.get(k) != cur.get(k)]
+    old_ckpt, new_ckpt = str(saved.get("ckpt")), str(cur.get("ckpt"))
+    if old_ckpt != new_ckpt and os.path.realpath(old_ckpt) != os.path.realpath(new_ckpt):
+        diff.insert(0, f"ckpt: {old_ckpt!r} (folder) vs {new_ckpt!r} (now)")
+    return diff

@@ -1,0 +1,205 @@
+"""Sampling run: shard the sample indices over processes, generate the missing ones, write
+PNGs atomically, then assemble the .npz in index order on rank 0.
+
+Guarantees
+- Sample i's label, starting noise and SDE noise depend only on (seed, i) (and N for balanced
+  labels), never on the number of processes or the batch size.
+- Resumable: an existing, fully decodable `{i:06d}.png` is kept; only missing or broken ones
+  are generated again. Partial writes never carry a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import GenerationError, mismatched_keys, resolve_config, validate_config
+from .distributed import DistContext, setup_distributed
+from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_temporaries,
+                     write_npz_from_pngs, write_png_atomic)
+from .labels import class_labels
+from .model_loading import load_sampling_model
+from .noise import initial_noise, sde_generators
+
+
+def _log(ctx: DistContext, *msg) -> None:
+    if ctx.is_main:
+        print(*msg, flush=True)
+
+
+def set_precision(precision: str) -> None:
+    """TF32 matmuls and convolutions only for precision=tf32 (fp32 means strict fp32)."""
+    tf32 = precision == "tf32"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Decoder:
+    """Final full-resolution model output (B, C, H, W) -> uint8 images (B, H, W, 3) on the CPU."""
+
+    def __init__(self, vae_name: str, channels: int, device: torch.device):
+        """channels: the model's output channels, checked against the VAE latent (or RGB)."""
+        from data import vae as vae_lib
+
+        self.lib = vae_lib
+        self.vae = None
+        if vae_name == "none":
+            if channels != 3:
+                raise GenerationError(f"config key 'vae': none (pixel space) needs a 3-channel model, "
+                                      f"but this one makes {channels}-channel latents; name the VAE")
+            return
+        try:
+            self.vae = vae_lib.load_vae(vae_name, device=device)
+        except (RuntimeError, FileNotFoundError, OSError) as error:
+            raise GenerationError(f"config key 'vae': {error}") from None
+        latent = getattr(self.vae.config, "latent_channels", channels)
+        if latent != channels:
+            raise GenerationError(f"config key 'vae': {vae_name} has {latent}-channel latents but the model "
+                                  f"makes {channels} channels (vae: none for a pixel-space model)")
+
+    # The fp32 VAE decoder needs hundreds of MB of activations per 256 px image (4x at 512 px):
+    # decode in chunks so large per-process batches fit.
+    chunk = 16
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        x = x.float()
+        if self.vae is None:
+            return self.lib.to_uint8(x).cpu().numpy()
+        return np.concatenate([self.lib.decode_to_uint8(self.vae, part).cpu().numpy()
+                               for part in x.split(self.chunk)])
+
+
+def find_missing(run_dir: Path, num_samples: int, size: int, ctx: DistContext) -> list[int]:
+    """Indices without a complete PNG; the check is split over the ranks and the result shared."""
+    mine = [i for i in range(ctx.rank, num_samples, ctx.world_size)
+            if not is_complete_png(png_path(run_dir, i), size)]
+    return sorted(i for part in ctx.all_gather_object(mine) for i in part)
+
+
+def generate_batch(model, cfg: DictConfig, indices: list[int], labels: torch.Tensor, stage_shapes,
+                   decoder: Decoder, pyramid, device: torch.device) -> np.ndarray:
+    """uint8 images (B, H, W, 3) of the given sample indices."""
+    import samplers
+
+    noise = [n.to(device) for n in initial_noise(cfg.seed, indices, stage_shapes)]
+    y = labels[indices].to(device)
+    generator = sde_generators(cfg.seed, indices) if cfg.method == "sde" else None
+    with torch.no_grad(), _autocast(cfg.precision, device):
+        final = samplers.sample(
+            model, noise, y, num_steps_per_scale=list(cfg.num_steps_per_scale),
+            thresholds=list(cfg.thresholds), method=cfg.method, cfg_scale=cfg.cfg_scale,
+            guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
+            path_type=cfg.path_type, generator=generator)
+    with torch.no_grad():
+        x = pyramid.recompose([f.float() for f in final])
+        return decoder(x)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Generate the samples described by `cfg` (a GenerateConfig DictConfig); returns a summary:
+    run_dir, npz (or None), generated (new images, all ranks), seconds, images_per_second."""
+    validate_config(cfg)
+    ctx = setup_distributed()
+    try:
+        return _run(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(cfg: DictConfig, ctx: DistContext) -> dict:
+    from dfm import LaplacianPyramid
+    from utils.config import save_config
+
+    set_precision(cfg.precision)
+    model, train_config = load_sampling_model(cfg.ckpt, cfg.model, cfg.use_ema, ctx.device)
+    cfg = resolve_config(cfg, arch_name=model.arch.get("name", cfg.model), num_stages=model.num_stages,
+                         num_classes=model.num_classes, input_size=model.input_size,
+                         ckpt_config=train_config)
+    N, size = cfg.num_samples, cfg.resolution
+    run_dir = Path(cfg.sample_dir) / cfg.run_name
+    npz_path = Path(cfg.sample_dir) / f"{cfg.run_name}.npz"
+    summary = {"run_dir": str(run_dir), "npz": str(npz_path) if cfg.save_npz else None,
+               "generated": 0, "seconds": 0.0, "images_per_second": 0.0}
+
+    saved_config = run_dir / "config.yaml"
+    if saved_config.is_file():
+        diff = mismatched_keys(OmegaConf.to_container(OmegaConf.load(saved_config)), cfg)
+        if diff:
+            raise GenerationError(
+                f"{run_dir} holds samples made with other settings ({'; '.join(diff)}); "
+                "choose another run_name or sample_dir, or delete that folder")
+    if cfg.save_npz and npz_is_complete(npz_path, (N, size, size, 3)) and saved_config.is_file():
+        _log(ctx, f"{npz_path} is already complete; nothing to do")
+        return summary
+    decoder = Decoder(cfg.vae, model.in_channels, ctx.device)  # before writing anything
+    ctx.barrier()  # every rank has read config.yaml before rank 0 rewrites it
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)
+        for tmp in npz_path.parent.glob(f".tmp-*-{npz_path.name}"):  # from a killed .npz write
+            tmp.unlink(missing_ok=True)
+        save_config(cfg, saved_config)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model {cfg.model} ({n_params:,} parameters, {cfg.stages} stage(s)), "
+              f"{'EMA' if cfg.use_ema else 'raw'} weights from {cfg.ckpt}", flush=True)
+        print(f"sampler {cfg.method} steps {list(cfg.num_steps_per_scale)} thresholds "
+              f"{list(cfg.thresholds)} cfg {cfg.cfg_scale} [{cfg.guidance_low}, {cfg.guidance_high}]; "
+              f"{N} images {size}px -> {run_dir}", flush=True)
+    ctx.barrier()
+
+    model.eval()
+    pyramid = LaplacianPyramid(model.num_stages)
+    stage_shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
+    labels = class_labels(N, cfg.num_classes, cfg.seed, cfg.labels)
+
+    missing = find_missing(run_dir, N, size, ctx)
+    # Deal the missing indices round-robin so ranks finish together even after a partial run.
+    mine = missing[ctx.rank::ctx.world_size]
+    _log(ctx, f"{N - len(missing)} of {N} images already present; generating {len(missing)} "
+              f"on {ctx.world_size} process(es)")
+
+    ctx.barrier()
+    start = time.perf_counter()
+    batch = cfg.per_proc_batch_size
+    from tqdm import tqdm
+    with tqdm(total=len(mine), unit="img", disable=not ctx.is_main, dynamic_ncols=True,
+              file=sys.stdout, desc="sampling (rank 0)") as bar:
+        for b in range(math.ceil(len(mine) / batch)):
+            indices = mine[b * batch:(b + 1) * batch]
+            images = generate_batch(model, cfg, indices, labels, stage_shapes, decoder, pyramid, ctx.device)
+            for index, image in zip(indices, images):
+                write_png_atomic(png_path(run_dir, index), image)
+            bar.update(len(indices))
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    ctx.barrier()
+    seconds = time.perf_counter() - start
+    generated = ctx.sum_int(len(mine))
+    summary.update(generated=generated, seconds=seconds,
+                   images_per_second=generated / seconds if generated and seconds > 0 else 0.0)
+    if generated:
+        _log(ctx, f"generated {generated} images in {seconds:.1f}s: "
+                  f"{summary['images_per_second']:.2f} images/s ({ctx.world_size} process(es))")
+
+    if ctx.is_main:
+        if cfg.save_npz:
+            write_npz_from_pngs(npz_path, run_dir, N, size, labels=labels.numpy())
+            print(f"wrote {npz_path} (arr_0 uint8 {[N, size, size, 3]}, arr_1 labels)", flush=True)
+        if not cfg.save_png:
+            for i in range(N):
+                png_path(run_dir, i).unlink(missing_ok=True)
+    return summary

@@ -1,0 +1,162 @@
+"""Pure pieces of generation/: labels, per-sample noise, config checks, PNG / .npz files."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from generation.config import GenerateConfig, GenerationError, default_run_name, resolve_config, validate_config
+from generation.images import (is_complete_png, npz_is_complete, png_path, write_npz_from_pngs,
+                               write_png_atomic)
+from generation.labels import class_labels
+from generation.noise import derive_seed, initial_noise, sde_generators
+
+
+def test_balanced_labels_exact_counts_and_seeded():
+    labels = class_labels(1000, 10, seed=3, mode="balanced")
+    assert labels.dtype == torch.long and labels.shape == (1000,)
+    assert torch.bincount(labels, minlength=10).tolist() == [100] * 10
+    assert torch.equal(labels, class_labels(1000, 10, seed=3, mode="balanced"))
+    assert not torch.equal(labels, class_labels(1000, 10, seed=4, mode="balanced"))
+    assert not torch.equal(labels, torch.arange(1000) % 10)  # shuffled
+
+
+def test_balanced_labels_warn_when_not_divisible():
+    with pytest.warns(UserWarning, match="not a multiple"):
+        counts = torch.bincount(class_labels(25, 10, seed=0, mode="balanced"), minlength=10)
+    assert counts.max() - counts.min() == 1 and counts.sum() == 25
+
+
+def test_random_labels_depend_only_on_seed_and_index():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        short, long = class_labels(50, 7, 1, "random"), class_labels(300, 7, 1, "random")
+    assert torch.equal(short, long[:50])
+    assert set(long.tolist()) == set(range(7))
+    assert not torch.equal(long, class_labels(300, 7, 2, "random"))
+    with pytest.raises(ValueError, match="labels"):
+        class_labels(10, 7, 1, "uniform")
+
+
+def test_noise_rows_independent_of_batch():
+    shapes = [(3, 4, 4), (3, 8, 8)]
+    batch = initial_noise(5, [0, 3, 9, 2], shapes)
+    assert [tuple(x.shape) for x in batch] == [(4, 3, 4, 4), (4, 3, 8, 8)]
+    assert all(x.dtype == torch.float32 for x in batch)
+    single = initial_noise(5, [9], shapes)
+    for s in range(2):
+        assert torch.equal(batch[s][2], single[s][0])
+    assert not torch.equal(batch[0][0], batch[0][1])
+    assert not torch.equal(initial_noise(6, [9], shapes)[0], single[0])
+    # SDE noise is its own stream, and per sample.
+    g1, g2 = sde_generators(5, [9, 9])
+    assert torch.equal(torch.randn(5, generator=g1), torch.randn(5, generator=g2))
+    sde_first = torch.randn(3, 4, 4, generator=sde_generators(5, [9])[0])
+    assert not torch.equal(sde_first, single[0][0])
+    assert derive_seed(0, 1, "noise") != derive_seed(1, 0, "noise") != derive_seed(0, 1, "sde")
+
+
+def _cfg(**kw):
+    cfg = OmegaConf.structured(GenerateConfig)
+    cfg.ckpt = "exps/dfm-b/checkpoints/0400000.pt"
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("method", "dpm", "method"), ("labels", "even", "labels"), ("precision", "fp16", "precision"),
+    ("num_samples", 0, "num_samples"), ("per_proc_batch_size", 0, "per_proc_batch_size"),
+    ("guidance_low", 1.5, "guidance_low"), ("thresholds", [0.1, 0.3], "thresholds"),
+    ("num_steps_per_scale", [40, 0], "num_steps_per_scale"), ("ckpt", None, "ckpt"),
+    ("save_npz", False, "save_png/save_npz"), ("run_name", "a/b", "run_name")])
+def test_validate_names_the_bad_key(key, value, match):
+    cfg = _cfg(save_png=False) if key == "save_npz" else _cfg()
+    cfg[key] = value
+    with pytest.raises(GenerationError, match=match):
+        validate_config(cfg)
+
+
+def test_resolve_fills_defaults_and_checks_model():
+    info = dict(arch_name="DFM-SiT-B/2", num_stages=2, num_classes=1000, input_size=32)
+    cfg = resolve_config(_cfg(), ckpt_config={"vae": "stabilityai/sd-vae-ft-mse", "path_type": "linear"}, **info)
+    assert list(cfg.num_steps_per_scale) == [40, 10] and list(cfg.thresholds) == [0.1]
+    assert cfg.resolution == 256 and cfg.vae == "stabilityai/sd-vae-ft-mse" and cfg.stages == 2
+    assert cfg.run_name == "dfm-b-0400000-euler40+10-th0.1-cfg1-ft-mse-random-seed0-n50000-tf32"
+    sit = resolve_config(_cfg(), ckpt_config=None, arch_name="SiT-XL/2", num_stages=1, num_classes=1000,
+                         input_size=64)
+    assert list(sit.num_steps_per_scale) == [50] and list(sit.thresholds) == [] and sit.resolution == 512
+    assert sit.vae == "ft-ema"
+    for bad, match in [({"num_steps_per_scale": [50]}, "num_steps_per_scale"), ({"stages": 3}, "stages"),
+                       ({"thresholds": [0.2, 0.1]}, "thresholds"), ({"resolution": 512}, "resolution"),
+                       ({"num_classes": 10}, "num_classes")]:
+        with pytest.raises(GenerationError, match=match):
+            resolve_config(_cfg(**bad), ckpt_config=None, **info)
+    pixel = resolve_config(_cfg(vae="none", cfg_scale=1.8, guidance_high=0.7), ckpt_config=None, **info)
+    assert pixel.resolution == 32 and "cfg1.8-g0-0.7" in default_run_name(pixel)
+
+
+def test_png_check_and_npz_stream(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 6, 6, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        write_png_atomic(png_path(tmp_path, i), image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in range(5)]
+    assert all(is_complete_png(png_path(tmp_path, i), 6) for i in range(5))
+    assert not is_complete_png(png_path(tmp_path, 0), 8)  # wrong size
+    data = png_path(tmp_path, 1).read_bytes()
+    png_path(tmp_path, 1).write_bytes(data[: len(data) // 2])  # truncated
+    assert not is_complete_png(png_path(tmp_path, 1), 6)
+    assert not is_complete_png(png_path(tmp_path, 9), 6)  # missing
+    write_png_atomic(png_path(tmp_path, 1), images[1])
+    npz = tmp_path / "s.npz"
+    write_npz_from_pngs(npz, tmp_path, 5, 6, labels=np.arange(5))
+    with np.load(npz) as f:
+        assert f["arr_0"].dtype == np.uint8 and np.array_equal(f["arr_0"], images)
+        assert np.array_equal(f["arr_1"], np.arange(5))
+    assert npz_is_complete(npz, (5, 6, 6, 3)) and not npz_is_complete(npz, (4, 6, 6, 3))
+    assert not npz_is_complete(tmp_path / "none.npz", (5, 6, 6, 3))
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "generation").glob("*.yaml")), ids=lambda p: p.name)
+def test_generation_configs_load_and_resolve(path):
+    from utils.config import load_config
+    cfg = load_config(GenerateConfig, ["--config", str(path), "--ckpt", "x.pt"])
+    validate_config(cfg)
+    dfm = path.name.startswith("dfm")
+    size = 64 if "_512" in path.name else 32
+    resolved = resolve_config(cfg, arch_name=cfg.model, num_stages=2 if dfm else 1, num_classes=1000,
+                              input_size=size, ckpt_config={"vae": "ft-ema"})
+    assert resolved.resolution == size * 8 and resolved.num_samples == 50_000
+    if dfm:
+        assert list(resolved.num_steps_per_scale) == [40, 10] and list(resolved.thresholds) == [0.1]
+    with pytest.raises(GenerationError, match="resolution"):  # a config refuses the other resolution
+        resolve_config(cfg, arch_name=cfg.model, num_stages=2 if dfm else 1, num_classes=1000,
+                       input_size=96, ckpt_config=None)
+
+
+def test_evaluation_script_stops_with_clear_messages(tmp_path):
+    import subprocess
+    script = ROOT / "experiments" / "evaluation" / "eval_dfm_sit_b_256.sh"
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"x")
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"x")
+
+    def stderr(**env):
+        base = {"PATH": __import__("os").environ["PATH"], "HOME": str(tmp_path)}
+        proc = subprocess.run(["bash", str(script)], env={**base, **env}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2
+        return proc.stderr
+
+    assert "checkpoint not found" in stderr()
+    assert "REF_BATCH is not set" in stderr(CKPT=str(ckpt))
+    assert "reference batch not found" in stderr(CKPT=str(ckpt), REF_BATCH="nope.npz")
+    assert "INCEPTION_WEIGHTS is not set" in stderr(CKPT=str(ckpt), REF_BATCH=str(ref))
+    assert "Inception weights not found" in stderr(CKPT=str(ckpt), REF_BATCH=str(ref), INCEPTION_WEIGHTS="w.pth")
