@@ -1,0 +1,1 @@
+"""Benchmarks: training and sampling throughput, MFU, peak memory, data-loader throughput."""

@@ -1,0 +1,246 @@
+"""Throughput benchmark: training img/s, MFU, peak memory, sampling img/s, loader items/s.
+
+    python -m bench.benchmark --out docs/perf/h200.json            # on a GPU machine
+    python -m bench.benchmark --cpu-smoke                          # tiny models, CI smoke test
+
+The training step is the one `train.py` runs: the S-stage objective under autocast, backward,
+gradient clipping, AdamW (fused on CUDA) and the foreach EMA, on random latents at 256 px.
+Variants switch one optimisation at a time so that the table doubles as an ablation.
+No timing here is ever asserted by a test.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dfm  # noqa: E402
+import models  # noqa: E402
+import samplers  # noqa: E402
+from bench.flops import forward_flops_per_image  # noqa: E402
+from training.ema import EMA, create_ema  # noqa: E402
+
+DEFAULT_TRAIN = [("SiT-B/2", 64), ("DFM-SiT-B/2", 64), ("SiT-XL/2", 32), ("DFM-SiT-XL/2", 32)]
+TRAIN_VARIANTS = {  # name -> (autocast dtype or None, compile)
+    "fp32-tf32": (None, False),
+    "bf16": (torch.bfloat16, False),
+    "bf16+compile": (torch.bfloat16, True),
+}
+SAMPLE_VARIANTS = {"fp32-tf32": (None, False), "bf16": (torch.bfloat16, False), "bf16+compile": (torch.bfloat16, True)}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(name: str, device, tiny: bool, **extra):
+    kwargs = dict(depth=2, hidden_size=64, num_heads=4, input_size=8) if tiny else {}
+    kwargs.update(extra)
+    return models.create_model(name, **kwargs).to(device)
+
+
+def maybe_compile(model, compile_blocks: bool):
+    """Regional compilation: each transformer block is compiled (one graph, reused 12-28 times)."""
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup: int, tiny: bool) -> Dict:
+    dtype, compile_blocks = TRAIN_VARIANTS[variant]
+    torch.manual_seed(0)
+    model = maybe_compile(build_model(name, device, tiny).train(), compile_blocks)
+    ema = EMA(model, create_ema(model), 0.9999)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                                  eps=1e-8, fused=device.type == "cuda")
+    weighting = "lognormal"
+    objective = dfm.FlowMatchingObjective(model.num_stages, weighting=weighting)
+    size = model.input_size
+    x = torch.randn(batch, model.in_channels, size, size, device=device)
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
+    def step():
+        with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            loss = objective(model, x, y)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    result = {"model": name, "batch": batch, "variant": variant, "images_per_sec": batch * steps / elapsed,
+              "step_ms": 1000 * elapsed / steps, "final_loss": float(loss.detach())}
+    flops = 3 * forward_flops_per_image(model)
+    result["train_gflop_per_image"] = flops / 1e9
+    result["achieved_tflops"] = result["images_per_sec"] * flops / 1e12
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, thresholds, tiny: bool,
+                 repeats: int) -> Dict:
+    dtype, compile_blocks = SAMPLE_VARIANTS[variant]
+    torch.manual_seed(0)
+    model = build_model(name, device, tiny).eval()
+    with torch.no_grad():  # random, non-zero weights so that outputs are not trivially zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    maybe_compile(model, compile_blocks)
+    g = torch.Generator().manual_seed(1)
+    noise = [torch.randn(batch, model.in_channels, s, s, generator=g).to(device) for s in model.stage_sizes]
+    y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def run():
+        with autocast:
+            out = samplers.sample(model, noise, y, num_steps_per_scale=steps_per_scale, thresholds=thresholds)
+        return dfm.LaplacianPyramid(model.num_stages).recompose(out)
+
+    run()  # warm-up (and compilation)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        latent = run()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return {"model": name, "batch": batch, "variant": variant, "nfe": sum(steps_per_scale),
+            "images_per_sec": batch * repeats / elapsed, "latent": latent.float().cpu()}
+
+
+def write_synthetic_packed(folder: str, num_items: int, size: int, shard_size: int = 10000) -> None:
+    """Random posterior moments in the packed-latents format of `data.packed` (SPEC §7 sizes)."""
+    import numpy as np
+
+    from data.packed import FORMAT_NAME, INDEX_NAME, shard_name, shard_ranges
+
+    rng = np.random.default_rng(0)
+    shards = []
+    for s, (start, count) in enumerate(shard_ranges(num_items, shard_size)):
+        np.save(os.path.join(folder, shard_name(s)), rng.standard_normal((count, 8, size, size), dtype=np.float32))
+        shards.append({"file": shard_name(s), "start": start, "count": count})
+    np.save(os.path.join(folder, "labels.npy"), np.arange(num_items, dtype=np.int64) % 1000)
+    index = {"format": FORMAT_NAME, "version": 1, "num_items": num_items, "item_shape": [8, size, size],
+             "dtype": "float32", "shard_size": shard_size, "shards": shards, "num_classes": 1000, "classes": None}
+    with open(os.path.join(folder, INDEX_NAME), "w") as f:
+        json.dump(index, f)
+
+
+def bench_loader(num_items: int, workers: List[int], batch: int, tiny: bool) -> List[Dict]:
+    """Items/s of the packed-latents reader through a DataLoader, per worker count."""
+    import data
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_packed(tmp, num_items, 4 if tiny else 32)
+        dataset = data.open_dataset(tmp)
+        for w in workers:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=w,
+                                                 drop_last=True)
+            start = time.perf_counter()
+            n = 0
+            for x, _ in loader:
+                n += x.shape[0]
+            elapsed = time.perf_counter() - start
+            results.append({"workers": w, "items_per_sec": n / elapsed,
+                            "items_per_sec_per_core": n / elapsed / max(1, w)})
+    return results
+
+
+def environment(device) -> Dict:
+    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def main(argv=None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, few steps (CI)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=790.0,
+                        help="dense bf16 matrix rate of the GPU for MFU (H200/H100 SXM measured ~790)")
+    parser.add_argument("--train-variants", default=",".join(TRAIN_VARIANTS))
+    parser.add_argument("--sample-variants", default=",".join(SAMPLE_VARIANTS))
+    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--loader-items", type=int, default=20000)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    tiny = args.cpu_smoke
+    device = torch.device("cpu" if tiny else args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    train_models = [("SiT-S/2", 4), ("DFM-SiT-S/2", 4)] if tiny else DEFAULT_TRAIN
+    steps, warmup = (2, 1) if tiny else (args.steps, args.warmup)
+    train_variants = ["fp32-tf32"] if tiny else args.train_variants.split(",")
+    results = {"environment": environment(device), "train": [], "sample": [], "loader": []}
+
+    for name, batch in train_models:
+        for variant in train_variants:
+            r = bench_train(name, batch, variant, device, steps, warmup, tiny)
+            r["mfu"] = r["achieved_tflops"] / args.peak_tflops if device.type == "cuda" else None
+            results["train"].append(r)
+            print(json.dumps(r), flush=True)
+
+    sample_name = "DFM-SiT-S/2" if tiny else "DFM-SiT-XL/2"
+    sample_batch = 2 if tiny else args.sample_batch
+    schedule = ([4, 2], [0.1]) if tiny else ([40, 10], [0.1])
+    reference = None
+    sample_variants = ["fp32-tf32", "bf16"] if tiny else args.sample_variants.split(",")
+    for variant in sample_variants:
+        r = bench_sample(sample_name, sample_batch, variant, device, *schedule, tiny, repeats=1 if tiny else 3)
+        latent = r.pop("latent")
+        if reference is None:
+            reference = latent
+        error = (latent - reference).abs()
+        peak = reference.abs().max().item()
+        mse = (error ** 2).mean().item()
+        r["max_abs_error_vs_fp32"] = error.max().item()
+        r["latent_psnr_vs_fp32_db"] = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+        results["sample"].append(r)
+        print(json.dumps(r), flush=True)
+
+    workers = [0] if tiny else [0, 1, 2, 4]
+    results["loader"] = bench_loader(256 if tiny else args.loader_items, workers, 16 if tiny else 256, tiny)
+    print(json.dumps(results["loader"]), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return results
+
+
+if __name__ == "__main__":
+    main()
