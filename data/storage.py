@@ -9,24 +9,17 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from utils.atomic import atomic_write
+
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write `data` to `path` so that `path` is either absent or complete."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str, obj, indent: int | None = 1) -> None:
@@ -107,19 +100,10 @@ def zip_folder(folder: str, zip_path: str, skip=("conversion_report.json",)) -> 
             rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
             if not name.startswith(".tmp-") and rel not in skip:
                 names.append(rel)
-    out_dir = os.path.dirname(os.path.abspath(zip_path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".zip", dir=out_dir)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for rel in sorted(names):
-                # A fixed timestamp keeps the archive byte-identical across reruns.
-                info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
-                with open(os.path.join(folder, rel), "rb") as f:
-                    zf.writestr(info, f.read())
-        os.replace(tmp, zip_path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    with atomic_write(zip_path, "wb") as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        for rel in sorted(names):
+            # A fixed timestamp keeps the archive byte-identical across reruns.
+            info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            with open(os.path.join(folder, rel), "rb") as f:
+                zf.writestr(info, f.read())

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from utils.atomic import atomic_write
 
 from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
@@ -131,18 +131,9 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
 
 def write_json_atomic(obj: Dict[str, object], path: str) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +10,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-TMP_PREFIX = ".tmp-"
+from utils.atomic import TMP_PREFIX, atomic_write
+
 
 
 def png_path(run_dir: Path, index: int) -> Path:
@@ -21,15 +21,9 @@ def png_path(run_dir: Path, index: int) -> Path:
 def write_png_atomic(path: Path, image: np.ndarray) -> None:
     """image: (H, W, 3) uint8. Written to a temporary name, then renamed, so a file with the
     final name is always complete (a killed run leaves only `.tmp-*` files, which resume ignores)."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
+    with atomic_write(path, "wb") as f:
         # compress_level=1: lossless like any level, several times faster to write than the default.
-        Image.fromarray(image, mode="RGB").save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        Image.fromarray(image, mode="RGB").save(f, format="PNG", compress_level=1)
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -78,26 +72,20 @@ def write_npz_from_pngs(npz_path: Path, run_dir: Path, num_samples: int, size: i
     streamed image by image (memory stays flat at 50K x 512^2) into a temporary file, then
     renamed; it is a plain uncompressed zip that `np.load` reads.
     """
-    npz_path = Path(npz_path)
-    tmp = npz_path.with_name(f"{TMP_PREFIX}{os.getpid()}-{npz_path.name}")
     shape = (num_samples, size, size, 3)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": shape}
     chunk = 256
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f, ThreadPoolExecutor(num_threads) as pool:
-                np.lib.format.write_array_header_1_0(f, header)
-                for start in range(0, num_samples, chunk):
-                    paths = [png_path(run_dir, i) for i in range(start, min(start + chunk, num_samples))]
-                    for path, image in zip(paths, pool.map(read_png, paths)):
-                        if image.shape != shape[1:]:
-                            raise ValueError(f"{path} has shape {image.shape}, expected {shape[1:]}")
-                        f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
-            if labels is not None:
-                with zf.open("arr_1.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
-        os.replace(tmp, npz_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(npz_path, "wb") as out, \
+            zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f, ThreadPoolExecutor(num_threads) as pool:
+            np.lib.format.write_array_header_1_0(f, header)
+            for start in range(0, num_samples, chunk):
+                paths = [png_path(run_dir, i) for i in range(start, min(start + chunk, num_samples))]
+                for path, image in zip(paths, pool.map(read_png, paths)):
+                    if image.shape != shape[1:]:
+                        raise ValueError(f"{path} has shape {image.shape}, expected {shape[1:]}")
+                    f.write(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+        if labels is not None:
+            with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))

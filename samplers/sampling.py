@@ -5,7 +5,7 @@ their current time to the next; inactive stages keep their initial noise at ``t 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 import torch
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from typing import Optional
 
 import torch
+
+from utils.atomic import atomic_write
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 REQUIRED_KEYS = ("model", "ema", "opt", "steps")
@@ -32,19 +33,8 @@ def checkpoint_path(exp_dir: str, step: int) -> str:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "wb", fsync=True) as f:
+        torch.save(obj, f)
 
 
 def list_checkpoints(exp_dir: str) -> list[tuple[int, str]]:

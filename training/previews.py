@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from training.config import IMAGENET_PREVIEW_CLASSES
+from utils.atomic import atomic_write
 
 
 def grid_nrow(num_samples: int, nrow: Optional[int]) -> int:
@@ -46,13 +47,11 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 0) -
 
 
 def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
     img = Image.fromarray(image)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        img.save(f, format="PNG")
 
 
 class PreviewMaker:

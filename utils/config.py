@@ -23,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from utils.atomic import atomic_write
 
 __all__ = ["load_config", "save_config", "config_to_dict", "parse_argv", "config_help"]
 
@@ -193,21 +194,9 @@ def config_to_dict(cfg) -> dict:
 
 def save_config(cfg, path: str | os.PathLike) -> None:
     """Write `cfg` as YAML atomically (temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     text = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".yaml", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w", fsync=True) as f:
+        f.write(text)
 
 
 def config_help(defaults_type, docs: dict[str, str] | None = None) -> str:
