@@ -33,6 +33,34 @@ def randomize_(model, std=0.05, seed=0):
     return model
 
 
+def tiny_vae(seed=0):
+    """A randomly initialised AutoencoderKL that downsamples 8x (4 latent channels, ~1M params)."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
+        sample_size=32,
+    ).eval()
+
+
+def save_tiny_vae(folder, seed=0):
+    """Write a tiny VAE with ``save_pretrained`` so it loads like a downloaded one; returns the folder."""
+    tiny_vae(seed).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: on 2 busy cores, OpenMP threads spinning against each
+    other make VAE convolutions many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def make_tiny_model():
     return tiny_model

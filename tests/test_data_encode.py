@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import data.encode as encode_mod
+from conftest import save_tiny_vae
 from data.encode import encode_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,28 +21,12 @@ INDICES = [0, 1, 3, 4, 1005]  # a gap (2: a skipped source file) and a second fo
 LABELS = [2, 0, 1, 1, 0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The VAE convolutions on 2 busy cores are ~50x faster on one thread (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from diffusers.models import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-        sample_size=32,
-    )
-    folder = str(tmp_path_factory.mktemp("vae") / "tiny-vae")
-    vae.save_pretrained(folder)
-    return folder
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
 
 
 @pytest.fixture(scope="module")

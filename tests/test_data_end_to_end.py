@@ -33,7 +33,7 @@ def test_convert_encode_train(tmp_path, fmt):
     config = pytest.importorskip("training.config")
     if not (hasattr(loop, "train") and hasattr(config, "parse_config")):
         pytest.skip("the trainer does not expose training.loop.train / training.config.parse_config yet")
-    from diffusers.models import AutoencoderKL
+    from conftest import save_tiny_vae
 
     from data.convert import convert_dataset
     from data.encode import encode_dataset
@@ -42,12 +42,7 @@ def test_convert_encode_train(tmp_path, fmt):
     _raw_tree(raw)
     summary = convert_dataset(raw, images, resolution=(32, 32), workers=1, progress=False)
     assert summary["num_images"] == 9 and len(summary["skipped"]) == 1
-    torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-        sample_size=32,
-    ).save_pretrained(vae_dir)
+    save_tiny_vae(vae_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -7,29 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_vae
 from data import vae as dvae
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_vae():
-    from diffusers.models import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=32,
-        sample_size=32,
-    ).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The VAE convolutions on 2 busy cores are much faster on one thread (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

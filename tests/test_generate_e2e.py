@@ -152,11 +152,9 @@ def test_raw_weights_one_stage_model_and_png_cleanup(ckpt, reference, tmp_path):
 
 
 def test_latent_model_decodes_with_a_local_vae(tmp_path):
-    from diffusers.models import AutoencoderKL
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=32, sample_size=32)
-    vae.save_pretrained(tmp_path / "vae")
+    from conftest import save_tiny_vae
+
+    save_tiny_vae(tmp_path / "vae")
     model = _tiny(input_size=4, in_channels=4)
     ckpt = _save_checkpoint(tmp_path / "latent.pt", model, model, vae=str(tmp_path / "vae"))
     summary = _run(ckpt, tmp_path, num_samples=4, num_steps_per_scale="[2,2]")

@@ -134,13 +134,9 @@ def test_latent_run_with_local_vae(tmp_path):
     """Latent data (posterior moments) + a tiny local VAE for the preview decode."""
     import json
 
-    from diffusers.models import AutoencoderKL
+    from conftest import save_tiny_vae
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
-                        norm_num_groups=32, sample_size=32)
-    vae.save_pretrained(str(tmp_path / "vae"))
+    save_tiny_vae(tmp_path / "vae")
     data_dir = tmp_path / "latents"
     labels = []
     rng = np.random.default_rng(0)
