@@ -156,9 +156,27 @@ def test_label_dropout_only_in_train_mode():
     assert not torch.allclose(model(x, t, y), dropped)
 
 
-def test_qk_norm_option():
-    model = tiny_model("SiT-S/2", qk_norm=True)
-    assert "blocks.0.attn.q_norm.weight" in model.state_dict()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_matches_explicit_softmax_attention(qk_norm):
+    from models.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, 4, qk_norm=qk_norm).double()
+    if qk_norm:  # non-trivial affine parameters
+        for p in list(attn.q_norm.parameters()) + list(attn.k_norm.parameters()):
+            p.data.normal_()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    if qk_norm:  # LayerNorm over the head dimension, eps 1e-5 (timm's default, as in REPA)
+        def norm(z, ln):
+            z = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+            return z * ln.weight + ln.bias
+        q, k = norm(q, attn.q_norm), norm(k, attn.k_norm)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(attn(x), expected)
+    if qk_norm:
+        assert "blocks.0.attn.q_norm.weight" in tiny_model("SiT-S/2", qk_norm=True).state_dict()
 
 
 def test_rebuild_from_arch():
