@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -19,7 +18,6 @@ from omegaconf import OmegaConf
 
 from utils.config import config_to_dict, load_config
 
-MODEL_NAME = re.compile(r"^(DFM-)?SiT-(S|B|L|XL)/(2|4|8)$")
 # Architecture keys a config may override (tiny demo / test models). Shapes that follow from
 # the data (input_size, in_channels, num_classes) and keys with their own config entry are not
 # allowed here.
@@ -172,12 +170,13 @@ def resolve_config(cfg) -> "OmegaConf":
     Raises ConfigError naming the offending key.
     """
     cfg = OmegaConf.create(config_to_dict(cfg))  # plain (untyped) copy we may edit freely
-    match = MODEL_NAME.match(cfg.model)
-    if not match:
+    from models.registry import parse_name
+
+    try:
+        is_dfm, _size, patch = parse_name(cfg.model)
+    except ValueError:
         raise ConfigError(f"model: unknown name {cfg.model!r}; expected SiT-{{S,B,L,XL}}/{{2,4,8}} "
-                          "or DFM-SiT-{S,B,L,XL}/{2,4,8}, e.g. DFM-SiT-XL/2")
-    is_dfm = match.group(1) is not None
-    patch = int(match.group(3))
+                          "or DFM-SiT-{S,B,L,XL}/{2,4,8}, e.g. DFM-SiT-XL/2") from None
     if cfg.stages is None:
         cfg.stages = 2 if is_dfm else 1
     if not is_dfm and cfg.stages != 1:
