@@ -61,12 +61,18 @@ class FlowMatchingObjective:
         self.earlier_stage_loc = float(earlier_stage_loc)
         self.earlier_stage_scale = float(earlier_stage_scale)
         self.proj_coeff = float(proj_coeff)
+        self._weights_on_device = {}  # one host-to-device copy per device, not one per step
+
+    def _stage_weights(self, device) -> torch.Tensor:
+        key = torch.device("cpu") if device is None else torch.device(device)
+        if key not in self._weights_on_device:
+            self._weights_on_device[key] = torch.tensor(self.stage_weights, dtype=torch.float32, device=key)
+        return self._weights_on_device[key]
 
     def sample_times(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
         """Draw ``(t, active)``: t (B, S) float32, active (B, S) bool (stage j active iff j <= k)."""
         S = self.num_stages
-        weights = torch.tensor(self.stage_weights, dtype=torch.float32, device=device)
-        k = sample_stages(batch_size, weights, self.stage_sampling, generator)
+        k = sample_stages(batch_size, self._stage_weights(device), self.stage_sampling, generator)
         t_main = sample_timesteps(batch_size, self.weighting, self.path_type, device, generator)
         t_early = sample_logit_normal((batch_size, S), self.earlier_stage_loc,
                                       self.earlier_stage_scale, device, generator)

@@ -5,7 +5,7 @@ their current time to the next; inactive stages keep their initial noise at ``t 
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -46,8 +46,14 @@ class GuidedVelocity:
             return [False] * len(self.low)
         return [lo <= float(ts) <= hi for ts, lo, hi in zip(t, self.low, self.high)]
 
-    def __call__(self, xs: List[torch.Tensor], t: torch.Tensor, active: torch.Tensor) -> List[torch.Tensor]:
-        """xs: float64 states; t: (S,) float64 times; active: (S,) bool -> float64 velocities."""
+    def __call__(self, xs: List[torch.Tensor], t: torch.Tensor, active: torch.Tensor,
+                 t_model: Optional[torch.Tensor] = None, active_model: Optional[torch.Tensor] = None
+                 ) -> List[torch.Tensor]:
+        """xs: float64 states; t: (S,) float64 CPU times; active: (S,) bool CPU -> float64 velocities.
+
+        ``t_model``/``active_model``: the same rows already on the model's device and in its dtype
+        (``sample`` moves the whole schedule once, so no step pays a blocking host-to-device copy).
+        """
         B = xs[0].shape[0]
         guided = [g and bool(a) for g, a in zip(self.guided_stages(t), active)]
         inputs = [x.to(self.dtype) for x in xs]
@@ -56,8 +62,11 @@ class GuidedVelocity:
             inputs = [torch.cat([x, x]) for x in inputs]
             y = torch.cat([self.y, self.y_null])
         n = inputs[0].shape[0]
-        t_in = t.to(device=inputs[0].device, dtype=self.dtype)[None].expand(n, -1)
-        out = self.model(inputs, t_in, y, active.to(inputs[0].device))
+        if t_model is None:
+            t_model = t.to(device=inputs[0].device, dtype=self.dtype)
+        if active_model is None:
+            active_model = active.to(inputs[0].device)
+        out = self.model(inputs, t_model[None].expand(n, -1), y, active_model)
         velocities = []
         for s, v in enumerate(out):
             v = v.to(torch.float64)
@@ -113,11 +122,13 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
         start += int(n) - (1 if method == "sde" and i == S - 1 else 0)
         chunk_ends[start] = i
     xs = [z.to(torch.float64) for z in noise]
+    times_model = times.to(device=xs[0].device, dtype=velocity.dtype)
+    active_model = active.to(xs[0].device)
     previews = []
     N = active.shape[0]
     for step in range(N):
         t_cur, t_next, on = times[step], times[step + 1], active[step]
-        v = velocity(xs, t_cur, on)
+        v = velocity(xs, t_cur, on, times_model[step], active_model[step])
         if method == "sde" and step < N - 1:
             new = []
             for s, (x, vs) in enumerate(zip(xs, v)):
@@ -137,7 +148,7 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
         else:
             xs_next = [x + (t_next[s] - t_cur[s]) * vs if on[s] else x for s, (x, vs) in enumerate(zip(xs, v))]
             if method == "heun" and step < N - 1:
-                v2 = velocity(xs_next, t_next, on)
+                v2 = velocity(xs_next, t_next, on, times_model[step + 1], active_model[step])
                 xs_next = [x + (t_next[s] - t_cur[s]) * 0.5 * (a + b) if on[s] else x
                            for s, (x, a, b) in enumerate(zip(xs, v, v2))]
         xs = xs_next
