@@ -34,6 +34,7 @@ from .datasets import open_dataset
 from .per_image import latent_relpath
 from .storage import atomic_save_npy, atomic_write_json, remove_temp_files
 from .vae import SHORT_NAMES, encode_moments, load_vae
+from utils.distributed import setup_distributed
 
 FORMATS = ("per-image", "packed")
 PRECISIONS = ("fp32", "bf16")
@@ -63,30 +64,6 @@ def latent_names(image_files: list[str]) -> list[str]:
     if None in indices or len(set(indices)) != len(indices):
         indices = list(range(len(image_files)))
     return [latent_relpath(i) for i in indices]
-
-
-def _distributed(device: str | None) -> tuple[int, int, int, bool]:
-    """(rank, world, local_rank, created) — initialises torch.distributed under torchrun
-    (nccl when the processes use GPUs, gloo otherwise)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0, False
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    created = False
-    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
-    if not dist.is_initialized():
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), local_rank, created
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def _check_settings(dest: str, settings: dict) -> None:
@@ -131,11 +108,10 @@ def encode_dataset(
         raise ValueError("--dest must differ from --source (encode writes its own dataset.json)")
     start = time.time()
     dataset = open_dataset(source, kind="images")
-    rank, world, local_rank, created = _distributed(device)
+    ctx = setup_distributed(device)
+    rank, world = ctx.rank, ctx.world_size
     try:
-        if device is None:
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = ctx.device if device is None else torch.device(device)
         if workers is None:
             workers = min(8, max(1, (os.cpu_count() or 1) // world)) if device.type == "cuda" else 0
         item_shape_in = dataset.item_shape
@@ -148,12 +124,12 @@ def encode_dataset(
             **({"shard_size": shard_size} if fmt == "packed" else {}),
         }
         _check_settings(dest, settings)  # on every rank, so that all of them stop together
-        _barrier(world)
+        ctx.barrier()
         if rank == 0:
             os.makedirs(dest, exist_ok=True)
             remove_temp_files(dest)
             atomic_write_json(os.path.join(dest, SETTINGS_NAME), settings)
-        _barrier(world)
+        ctx.barrier()
 
         if precision == "bf16" and device.type == "cpu":
             warnings.warn("--precision bf16 on a CPU is usually much slower than fp32 (autocast without native "
@@ -166,21 +142,17 @@ def encode_dataset(
         else:
             encoded, already = _encode_packed(runner, dataset, dest, rank, world, shard_size, settings)
         encode_seconds = time.time() - encode_start
-        counts = torch.tensor([encoded, already], dtype=torch.int64, device=device if world > 1 else "cpu")
-        if world > 1:
-            torch.distributed.all_reduce(counts)
-        _barrier(world)
+        encoded, already = ctx.sum_int(encoded), ctx.sum_int(already)
+        ctx.barrier()
         if rank == 0:
             if fmt == "per-image":
                 _write_per_image_index(dataset, dest)
             else:
                 _write_packed_index(dataset, dest, shard_size, settings)
-        _barrier(world)
+        ctx.barrier()
     finally:
-        if created:
-            torch.distributed.destroy_process_group()
+        ctx.close()
     seconds = time.time() - start
-    encoded, already = (int(v) for v in counts.tolist())
     return {
         "encoded": encoded,
         "already_done": already,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import torch
 
 LATENT_SCALE = 0.18215
@@ -133,3 +134,14 @@ def decode_to_uint8(vae, latents: torch.Tensor) -> torch.Tensor:
     device, dtype = _vae_device_dtype(vae)
     z = (latents / LATENT_SCALE).to(device=device, dtype=dtype)
     return to_uint8(vae.decode(z).sample)
+
+
+@torch.no_grad()
+def samples_to_uint8(vae, x: torch.Tensor, chunk: int = 16) -> np.ndarray:
+    """Sampler output -> (B, H, W, 3) uint8 on the CPU: pixels in [-1, 1] when ``vae`` is None,
+    else scaled latents decoded ``chunk`` images at a time (the fp32 decoder needs hundreds of MB
+    of activations per 256 px image)."""
+    x = x.float()
+    if vae is None:
+        return to_uint8(x).cpu().numpy()
+    return np.concatenate([decode_to_uint8(vae, part).cpu().numpy() for part in x.split(chunk)])

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import GenerationError, mismatched_keys, resolve_config, validate_config
-from .distributed import DistContext, setup_distributed
+from utils.distributed import DistContext, setup_distributed
 from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_temporaries,
                      write_npz_from_pngs, write_png_atomic)
 from .labels import class_labels
@@ -70,17 +70,8 @@ class Decoder:
             raise GenerationError(f"config key 'vae': {vae_name} has {latent}-channel latents but the model "
                                   f"makes {channels} channels (vae: none for a pixel-space model)")
 
-    # The fp32 VAE decoder needs hundreds of MB of activations per 256 px image (4x at 512 px):
-    # decode in chunks so large per-process batches fit.
-    chunk = 16
-
-    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> np.ndarray:
-        x = x.float()
-        if self.vae is None:
-            return self.lib.to_uint8(x).cpu().numpy()
-        return np.concatenate([self.lib.decode_to_uint8(self.vae, part).cpu().numpy()
-                               for part in x.split(self.chunk)])
+        return self.lib.samples_to_uint8(self.vae, x)
 
 
 def find_missing(run_dir: Path, num_samples: int, size: int, ctx: DistContext) -> list[int]:

@@ -16,17 +16,22 @@ _SIZE_BY_DEPTH_HIDDEN = {(cfg["depth"], cfg["hidden_size"]): size for size, cfg 
 
 
 def read_checkpoint(path: str) -> dict:
-    """``torch.load`` on CPU with a clear error for a missing or unreadable file."""
+    """``torch.load`` on CPU with a clear error for a missing or unreadable file.
+
+    Memory-mapped where the file format allows it (the weights are read when used, once);
+    ``weights_only`` first, full unpickling only for older checkpoints that need it.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        pass
-    try:  # our training checkpoints also hold numpy RNG states
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(f"cannot read checkpoint {path}: {error} (truncated or not a PyTorch file?)") from error
+    error = None
+    for kwargs in ({"mmap": True, "weights_only": True}, {"mmap": True, "weights_only": False},
+                   {"weights_only": False}):  # the legacy (non-zip) format cannot be memory-mapped
+        try:
+            return torch.load(path, map_location="cpu", **kwargs)
+        except Exception as e:  # noqa: BLE001 - each variant fails differently
+            error = e
+    raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error} "
+                     "(truncated or not a PyTorch file?)") from error
 
 
 def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
@@ -125,7 +130,11 @@ def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = Tr
     official SiT checkpoints (8-channel head rows dropped, evaluated at ``1 - t`` and negated).
     ``name``/``overrides`` force an architecture; otherwise it is inferred from the weights.
     """
-    checkpoint = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), name, prefer_ema, **overrides)
+
+
+def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_ema: bool = True, **overrides):
+    """:func:`load_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
     state = extract_state_dict(checkpoint, prefer_ema)
     guess = infer_arch(state)
     looks_like = guess["name"] + (f" with {guess['stages']} stages" if "stages" in guess else "")

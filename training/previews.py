@@ -77,11 +77,9 @@ class PreviewMaker:
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:
         """(B, C, h, w) latents or pixels -> (B, H, W, 3) uint8."""
-        import data.vae as dvae
+        from data.vae import samples_to_uint8
 
-        if self.vae is None:
-            return dvae.to_uint8(x.clamp(-1, 1)).cpu().numpy()
-        return dvae.decode_to_uint8(self.vae, x).cpu().numpy()
+        return samples_to_uint8(self.vae, x)
 
     def _autocast(self):
         if self.autocast_dtype is None or self.device.type != "cuda":

@@ -1,4 +1,5 @@
-"""Process-group setup for generate.py: torchrun (WORLD_SIZE > 1) or a single plain process."""
+"""Process-group setup for torchrun jobs (generate.py, dataset_tools.py encode): WORLD_SIZE > 1
+under torchrun, or a single plain process. train.py uses accelerate instead."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.distributed as dist
 class DistContext:
     rank: int
     world_size: int
+    local_rank: int
     device: torch.device
     initialized: bool  # True when this module created the process group
 
@@ -42,12 +44,15 @@ class DistContext:
             self.initialized = False
 
 
-def setup_distributed() -> DistContext:
-    """nccl with one GPU per process when CUDA is available, gloo on the CPU otherwise."""
+def setup_distributed(device: str | None = None) -> DistContext:
+    """nccl with one GPU per process when CUDA is available, gloo on the CPU otherwise.
+
+    ``device="cpu"`` forces the CPU (and gloo) on a machine with GPUs; ``None`` picks the GPU.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
@@ -61,4 +66,5 @@ def setup_distributed() -> DistContext:
         initialized = True
     if world_size > 1:
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistContext(rank=rank, world_size=world_size, device=device, initialized=initialized)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                       initialized=initialized)
