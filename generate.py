@@ -15,18 +15,18 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from generation.config import GenerateConfig, GenerationError
-    from utils.config import config_help, load_config
+    from generation.config import GENERATE_ALIASES, GenerateConfig, GenerationError, load_generate_config
+    from utils.config import config_help
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         print("options (defaults <- --config FILE.yaml <- key=value / --key value):")
-        print(config_help(GenerateConfig))
+        print(config_help(GenerateConfig, GENERATE_ALIASES))
         return 0
     try:
         try:
-            cfg = load_config(GenerateConfig, argv)
+            cfg = load_generate_config(argv)
         except (ValueError, FileNotFoundError) as error:  # unknown key, bad value, missing --config
             raise GenerationError(str(error)) from None
         from generation.runner import run

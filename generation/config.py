@@ -16,6 +16,8 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from utils.config import Alias
+
 from .labels import LABEL_MODES
 
 METHODS = ("euler", "heun", "sde")
@@ -59,6 +61,9 @@ class GenerateConfig:
     thresholds: Optional[List[float]] = _help(
         "DFM stage thresholds in t, decreasing, S-1 values (null: [] for SiT, [0.1] for S=2, "
         "0.1 / 2^i beyond)")
+    num_steps: Optional[int] = _help(
+        "steps of a one-stage (SiT) model when num_steps_per_scale is null (the reference's option; "
+        "multistage models use num_steps_per_scale, as in the reference)")
     cfg_scale: float = _help("classifier-free guidance scale (1 = no guidance)", 1.0)
     guidance_low: float = _help("CFG is applied where guidance_low <= t <= guidance_high", 0.0)
     guidance_high: float = _help("upper end of the guidance interval (t, 1 = noise)", 1.0)
@@ -72,6 +77,60 @@ class GenerateConfig:
     run_name: Optional[str] = _help("sub-folder / .npz name (null: derived from ckpt + settings)")
     save_png: bool = _help("keep the PNG folder (false: delete it once the .npz is written)", True)
     save_npz: bool = _help("write {sample_dir}/{run_name}.npz for the ADM evaluation suite", True)
+
+
+def _mode(value, cfg) -> dict:
+    if value == "sde":
+        return {"method": "sde"}
+    if value == "ode":
+        return {"method": "heun" if cfg.method == "heun" else "euler"}
+    raise GenerationError(f"config key 'mode' (reference name of 'method'): must be ode or sde, got {value!r}")
+
+
+def _heun(value, cfg) -> dict:
+    if cfg.method == "sde":
+        return {}
+    return {"method": "heun" if value else "euler"}
+
+
+def _tf32(value, cfg) -> dict:
+    if cfg.precision == "bf16":
+        return {}
+    return {"precision": "tf32" if value else "fp32"}
+
+
+_FROM_CHECKPOINT = "the architecture is read from the checkpoint"
+# Option names of the reference generate.py -> ours (docs/GENERATION.md, "Reference option names").
+GENERATE_ALIASES = {
+    "global_seed": Alias("seed"),
+    "num_fid_samples": Alias("num_samples"),
+    "stages_count": Alias("stages"),
+    "stage_sampling_thresholds": Alias("thresholds"),
+    "mode": Alias(convert=_mode, note="method: ode -> euler (heun with heun=true), sde -> sde"),
+    "heun": Alias(convert=_heun, note="method=heun"),
+    "tf32": Alias(convert=_tf32, note="precision: tf32 / fp32"),
+    "exp_name": Alias(note="the output folder is {sample_dir}/{run_name}"),
+    "legacy": Alias(note="published checkpoints are converted on load"),
+    **{key: Alias(note=_FROM_CHECKPOINT) for key in (
+        "encoder_depth", "fused_attn", "qk_norm", "enable_repa", "projector_embed_dims",
+        "elit_max_mask_prob", "elit_min_mask_prob", "elit_group_size")},
+}
+# Keys generate.py takes from a training config given with --train-config (below --config).
+_TRAIN_KEYS = {"model": "model", "stages": "stages", "stages_count": "stages", "num_classes": "num_classes",
+               "path_type": "path_type", "vae": "vae", "resolution": "resolution"}
+
+
+def train_config_layer(train_config: dict) -> dict:
+    """The sampling-relevant keys of a training YAML (ours or the reference's), renamed to ours."""
+    return {ours: train_config[theirs] for theirs, ours in _TRAIN_KEYS.items() if theirs in train_config}
+
+
+def load_generate_config(argv) -> DictConfig:
+    """defaults <- --train-config <- --config / --eval-config <- overrides (reference names accepted)."""
+    from utils.config import load_config
+
+    return load_config(GenerateConfig, argv, aliases=GENERATE_ALIASES, config_options=("config", "eval_config"),
+                       file_layers={"train_config": train_config_layer})
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -102,6 +161,8 @@ def validate_config(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.guidance_low <= cfg.guidance_high <= 1.0:
         fail("guidance_low/guidance_high",
              f"need 0 <= guidance_low <= guidance_high <= 1, got {cfg.guidance_low}, {cfg.guidance_high}")
+    if cfg.num_steps is not None and cfg.num_steps < 1:
+        fail("num_steps", f"must be >= 1, got {cfg.num_steps}")
     if cfg.num_steps_per_scale is not None:
         steps = list(cfg.num_steps_per_scale)
         if not steps or any(n < 1 for n in steps):
@@ -144,7 +205,7 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
     from training.config import default_preview_schedule
     default_steps, default_thresholds = default_preview_schedule(S)
     if out.num_steps_per_scale is None:
-        out.num_steps_per_scale = default_steps
+        out.num_steps_per_scale = [out.num_steps] if out.num_steps and S == 1 else default_steps
     if len(out.num_steps_per_scale) != S:
         fail("num_steps_per_scale", f"needs {S} value(s) (one per stage), got {list(out.num_steps_per_scale)}")
     if out.thresholds is None:

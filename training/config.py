@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from utils.config import config_to_dict, load_config
+from utils.config import Alias, config_to_dict, load_config
 
 # Architecture keys a config may override (tiny demo / test models). Shapes that follow from
 # the data (input_size, in_channels, num_classes) and keys with their own config entry are not
 # allowed here.
 MODEL_OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "mlp_ratio")
 VAE_NONE = ("none", "", None)
+LR_SCHEDULERS = ("constant", "constant_with_linear_warmup")
 # ImageNet classes shown in previews when num_classes == 1000 (REPA / DiT favourites):
 # golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
 IMAGENET_PREVIEW_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -30,6 +32,54 @@ IMAGENET_PREVIEW_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
 class ConfigError(ValueError):
     """A problem the user can fix in the config or the data; the message says what to change."""
+
+
+def _resume_step(value, cfg) -> dict:
+    """Reference `resume_step`: -1 = newest checkpoint, 0 = fresh start, N = checkpoint of step N.
+    0 maps to `auto` (a fresh experiment folder has nothing to resume; we never overwrite one)."""
+    step = int(value)
+    return {"resume": "auto" if step <= 0 else str(step)}
+
+
+def _adam_beta(index: int):
+    def convert(value, cfg) -> dict:
+        betas = list(cfg.betas)
+        betas[index] = float(value)
+        return {"betas": betas}
+    return convert
+
+
+class ReferenceAliases(dict):
+    """The alias table, plus: any `s3*` / `aws*` key of the reference's remote data cache is
+    ignored with a warning (we read local or mounted folders only)."""
+
+    def get(self, key, default=None):
+        if key in self:
+            return self[key]
+        if re.match(r"^(s3|aws)(_|$)|_s3(_|$)", str(key)):
+            return Alias(note="remote (S3) data caches are not supported here; point data_dir at a local or "
+                              "mounted copy")
+        return default
+
+
+# Option names of the reference code (its train.py / YAML files and the DFM README) -> ours
+# (docs/TRAINING.md, "Reference option names").
+TRAIN_ALIASES = ReferenceAliases({
+    "stages_count": Alias("stages"),
+    "learning_rate": Alias("lr"),
+    "stage_sampling_thresholds": Alias("preview.thresholds"),
+    "num_steps_per_scale": Alias("preview.num_steps_per_scale"),
+    "adam_weight_decay": Alias("weight_decay"),
+    "adam_epsilon": Alias("adam_eps"),
+    "adam_beta1": Alias(convert=_adam_beta(0), note="betas[0]"),
+    "adam_beta2": Alias(convert=_adam_beta(1), note="betas[1]"),
+    "elit_group_size": Alias("group_size"),
+    "resume_step": Alias(convert=_resume_step, note="resume (-1/0 -> auto, N -> step N)"),
+    "epochs": Alias(note="training length is max_train_steps"),
+    "logging_dir": Alias(note="logs go to <output_dir>/<exp_name>/log.txt"),
+    "fused_attn": Alias(note="attention always runs torch's fused scaled_dot_product_attention"),
+    "legacy": Alias(note="label dropout is always applied inside the model (cfg_prob)"),
+})
 
 
 def _help(text: str) -> dict:
@@ -68,6 +118,16 @@ class TrainConfig:
         "block after which the REPA projector reads tokens; null = model default"))
     proj_coeff: float = field(default=0.0, metadata=_help(
         "REPA alignment loss weight; only 0 is supported (no DINOv2 features in this trainer)"))
+    group_size: Optional[int] = field(default=None, metadata=_help(
+        "ELIT: window side g in tokens (g x g tokens, g^2 latents per window); null = 4 at 256 px, 8 at 512 px"))
+    elit_min_mask_prob: Optional[float] = field(default=None, metadata=_help(
+        "ELIT: smallest dropped fraction of latents per window in training; null = elit_max_mask_prob"))
+    elit_max_mask_prob: float = field(default=0.0, metadata=_help(
+        "ELIT: largest dropped fraction (0 = single full budget; 1 - 1/g^2 = every budget)"))
+    enc_type: str = field(default="none", metadata=_help(
+        "REPA encoder(s), comma-separated, e.g. dinov2-vit-b; none = no alignment loss"))
+    encoder_weights: Optional[str] = field(default=None, metadata=_help(
+        "REPA encoder weight file(s), comma-separated like enc_type; null = the hub"))
     model_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
         f"architecture overrides for small models, keys {list(MODEL_OVERRIDE_KEYS)}"))
     # --- objective ---
@@ -97,7 +157,10 @@ class TrainConfig:
     # --- optimisation ---
     mixed_precision: str = field(default="bf16", metadata=_help("bf16 | fp16 | no"))
     allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on Ampere+ GPUs"))
-    lr: float = field(default=1e-4, metadata=_help("AdamW learning rate (constant)"))
+    lr: float = field(default=1e-4, metadata=_help("AdamW learning rate"))
+    lr_scheduler: str = field(default="constant", metadata=_help(
+        "constant | constant_with_linear_warmup (0 -> lr over warmup_steps, then constant)"))
+    warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps of constant_with_linear_warmup"))
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
@@ -125,20 +188,21 @@ class TrainConfig:
     wandb_mode: Optional[str] = field(default=None, metadata=_help(
         "online | offline | disabled; null = $WANDB_MODE or online"))
     resume: Optional[str] = field(default="auto", metadata=_help(
-        "auto (newest complete checkpoint in the experiment, if any) | none | path to a checkpoint"))
+        "auto (newest complete checkpoint in the experiment, if any) | none | STEP (that step's checkpoint "
+        "in this experiment) | path to a checkpoint"))
     preview: PreviewConfig = field(default_factory=PreviewConfig)
 
 
 def config_docs() -> str:
     from utils.config import config_help
 
-    return config_help(TrainConfig)
+    return config_help(TrainConfig, TRAIN_ALIASES)
 
 
 def parse_config(argv) -> "OmegaConf":
     """argv -> resolved, validated DictConfig (ConfigError on any problem)."""
     try:
-        cfg = load_config(TrainConfig, argv)
+        cfg = load_config(TrainConfig, argv, aliases=TRAIN_ALIASES)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     except ValueError as e:
@@ -204,6 +268,9 @@ def resolve_config(cfg) -> "OmegaConf":
     _choice(cfg, "report_to", ("none", "wandb", "tensorboard"))
     if cfg.wandb_mode is not None:
         _choice(cfg, "wandb_mode", ("online", "offline", "disabled"))
+    _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.earlier_stage_scale <= 0:
         raise ConfigError(f"earlier_stage_scale must be > 0, got {cfg.earlier_stage_scale}")
     if not 0.0 <= cfg.cfg_prob < 1.0:
@@ -307,9 +374,17 @@ def resolve_config(cfg) -> "OmegaConf":
         cfg.resume = "none"
     elif resume.lower() == "auto":
         cfg.resume = "auto"
+    elif resume.isdigit():  # a step number of this experiment (the reference's resume_step)
+        from training.checkpoint import checkpoint_path
+
+        path = checkpoint_path(os.path.join(cfg.output_dir, cfg.exp_name), int(resume))
+        if not os.path.isfile(path):
+            raise ConfigError(f"resume: step {int(resume)} has no checkpoint {path!r} "
+                              "(use resume=auto, resume=none, a step with a checkpoint or a file path)")
+        cfg.resume = path
     elif not os.path.isfile(resume):
         raise ConfigError(f"resume: checkpoint file {resume!r} does not exist "
-                          "(use resume=auto, resume=none or an existing .pt file)")
+                          "(use resume=auto, resume=none, a step number or an existing .pt file)")
     if cfg.data_dir is None or str(cfg.data_dir) == "":
         raise ConfigError("data_dir is not set: pass --data-dir DIR (a folder or ZIP written by "
                           "dataset_tools.py convert/encode)")

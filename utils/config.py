@@ -1,6 +1,6 @@
 """Run configuration: dataclass defaults <- YAML file(s) <- command-line overrides.
 
-    cfg = load_config(TrainConfig, sys.argv[1:])
+    cfg = load_config(TrainConfig, sys.argv[1:], aliases=TRAIN_ALIASES)
 
 `argv` accepts, in any order:
   --config FILE.yaml | --config=FILE.yaml   (repeatable; later files win)
@@ -8,14 +8,19 @@
                                              nested keys use dots: preview.cfg_scale=4)
   --flag                                    (a bare flag means `true`; a token holding
                                              '=' is never taken as a --key's value)
-Values are parsed as YAML (`lr=1e-4`, `stage_weights=[0.9,0.1]`, `resume=null`), except for
-keys typed `str`, which keep the text as typed (`mixed_precision=no` is "no", not False;
-`null` is still None).
 
-Unknown keys (in a YAML file or on the command line) raise ValueError naming the key and
-listing close matches; values of the wrong type raise ValueError naming the key. Keys that
-are typed `Dict[str, Any]` in the dataclass (e.g. free-form model overrides) accept any
-sub-key.
+The defaults are an omegaconf structured config (`OmegaConf.structured(dataclass)`); every
+file and every override is applied to it in order with `OmegaConf.update`, so omegaconf
+itself rejects unknown keys and values of the wrong type, and **the last value given wins**
+for every key, whatever its type (`data_dir=/a data_dir=null` gives None,
+`exp_name=a exp_name='b'` gives "b"). Values are parsed as YAML (`lr=1e-4`,
+`stage_weights=[0.9,0.1]`, `resume=null`), except for keys typed `str`, which keep the text as
+typed (`mixed_precision=no` is "no", not False; `null` is still None; quotes are removed).
+
+Aliases: option names users bring from the reference code (`learning_rate`, `stages_count`,
+...) are translated into ours by an `Alias` table; reference options that have no meaning
+here are listed as `ignored` and produce one warning line each instead of an error. Any other
+unknown key is a ValueError naming it, with close matches.
 """
 
 from __future__ import annotations
@@ -23,16 +28,50 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import typing
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from utils.atomic import atomic_write
 
-__all__ = ["load_config", "save_config", "config_to_dict", "parse_argv", "config_help"]
+__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "parse_argv", "config_help", "warn"]
 
+NULLS = ("null", "~", "Null", "NULL")
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A reference-code option name and how it maps onto ours.
+
+    `target`: our (dotted) key that receives the value unchanged; or `convert(value, cfg)`,
+    which returns a dict {our_key: value} (it may read the config built so far, e.g. to
+    combine `mode` and `heun` into one `method`). Neither: the option has no meaning here and
+    is ignored with a warning that says `note`.
+    """
+
+    target: Optional[str] = None
+    convert: Optional[Callable[[Any, DictConfig], Dict[str, Any]]] = None
+    note: str = ""
+
+    def apply(self, value: Any, cfg: DictConfig) -> Dict[str, Any]:
+        if self.convert is not None:
+            return self.convert(value, cfg)
+        if self.target is not None:
+            return {self.target: value}
+        return {}
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, from rank 0 only (torchrun/accelerate set RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- field types
 
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
@@ -47,53 +86,46 @@ def _strip_optional(tp):
     return tp
 
 
-def _is_free_dict(tp) -> bool:
-    tp = _strip_optional(tp)
-    return tp is dict or typing.get_origin(tp) is dict or tp is Any
-
-
-def _check_keys(cls, data: Any, where: str, prefix: str = "") -> None:
-    """Raise ValueError for every key of `data` (a nested dict) that `cls` does not define."""
-    if not isinstance(data, dict):
-        return
-    types = _field_types(cls)
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in types:
-            candidates = list(types)
-            close = difflib.get_close_matches(str(key), candidates, n=3, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ValueError(
-                f"Unknown config key '{full}' in {where}.{hint} "
-                f"Valid keys{' under ' + prefix[:-1] if prefix else ''}: {', '.join(candidates)}."
-            )
-        tp = _strip_optional(types[key])
-        if dataclasses.is_dataclass(tp):
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"Config key '{full}' in {where} must be a mapping, got {value!r}.")
-            _check_keys(tp, value, where, prefix=f"{full}.")
-        elif isinstance(value, dict) and not _is_free_dict(types[key]):
-            raise ValueError(f"Config key '{full}' in {where} takes a single value, got a mapping {value!r}.")
-
-
-def _is_str_field(cls, path: list) -> bool:
-    for i, name in enumerate(path):
-        if not dataclasses.is_dataclass(cls):
-            return False
-        types = _field_types(cls)
+def _field_type(cls, path: Sequence[str]):
+    """Type of the dotted key `path` in dataclass `cls`, or None if it is not a field."""
+    tp = cls
+    for name in path:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        types = _field_types(tp)
         if name not in types:
-            return False
+            return None
         tp = _strip_optional(types[name])
-        if i == len(path) - 1:
-            return tp is str
-        cls = tp
-    return False
+    return tp
 
 
-def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split argv into (config files, dotlist overrides `key=value`)."""
-    files: list[str] = []
-    dotlist: list[str] = []
+def _suggest(cls, key: str) -> str:
+    """'Did you mean ...' and the valid keys at the level where `key` goes wrong."""
+    parts = key.split(".")
+    tp, prefix = cls, ""
+    for name in parts:
+        if not dataclasses.is_dataclass(tp):
+            return ""
+        types = _field_types(tp)
+        if name not in types:
+            close = difflib.get_close_matches(name, list(types), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
+            return f"{hint} Valid keys{' under ' + prefix[:-1] if prefix else ''}: {', '.join(types)}."
+        tp, prefix = _strip_optional(types[name]), f"{prefix}{name}."
+    return ""
+
+
+# ----------------------------------------------------------------------------- argv
+
+def parse_argv(argv: Sequence[str], file_options: Iterable[str] = ("config",)
+               ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Split argv into ([(file option, path)], [(key, raw value)]), both in order.
+
+    `file_options`: option names that take a YAML file (`--config`, and e.g. `--train-config`).
+    """
+    file_options = set(file_options)
+    files: list[tuple[str, str]] = []
+    overrides: list[tuple[str, str]] = []
     args = list(argv)
     i = 0
     while i < len(args):
@@ -108,78 +140,131 @@ def parse_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
                 i += 1
             else:
                 key, value = body, "true"
-            key = key.replace("-", "_")
-            if key == "config":
-                files.append(value)
-            else:
-                dotlist.append(f"{key}={value}")
         elif "=" in arg:
             key, value = arg.split("=", 1)
-            key = key.replace("-", "_")
-            if key == "config":
-                files.append(value)
-            else:
-                dotlist.append(f"{key}={value}")
         else:
             raise ValueError(
-                f"Cannot parse command-line argument {arg!r}: use key=value, --key value or --config FILE.yaml."
-            )
-    return files, dotlist
+                f"Cannot parse command-line argument {arg!r}: use key=value, --key value or --config FILE.yaml.")
+        key = key.replace("-", "_")
+        if key in file_options:
+            files.append((key, value))
+        else:
+            overrides.append((key, value))
+    return files, overrides
 
 
-def _to_value_error(err: OmegaConfBaseException, where: str) -> ValueError:
-    key = getattr(err, "full_key", None)
-    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
-    if key:
-        return ValueError(f"Invalid value for config key '{key}' in {where}: {msg}")
-    return ValueError(f"Invalid config in {where}: {msg}")
+def _parse_value(defaults_type, key: str, raw: str) -> Any:
+    """A command-line value: YAML, except that `str` keys keep their text (see module doc)."""
+    text = raw.strip()
+    if text in NULLS:
+        return None
+    if _field_type(defaults_type, key.split(".")) is str:
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return text[1:-1]
+        return raw
+    try:
+        value = OmegaConf.from_dotlist([f"v={raw}"])["v"]
+    except OmegaConfBaseException as e:
+        raise ValueError(f"Invalid value for config key '{key}' on the command line: {raw!r} ({e})") from None
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return value
 
 
-def load_config(defaults_type, argv: Sequence[str] | None = None) -> DictConfig:
-    """defaults (dataclass type) <- --config YAML files <- overrides; returns a DictConfig.
+# ----------------------------------------------------------------------------- merging
 
+def _set(cfg: DictConfig, defaults_type, key: str, value: Any, where: str) -> None:
+    """cfg[key] = value (dicts merge into dicts), validated by omegaconf; ValueError on failure."""
+    if isinstance(value, Mapping):
+        tp = _field_type(defaults_type, key.split("."))
+        if tp is None:
+            pass  # unknown key: let omegaconf raise below
+        elif dataclasses.is_dataclass(tp):
+            for sub, sub_value in value.items():
+                _set(cfg, defaults_type, f"{key}.{sub}", sub_value, where)
+            return
+        elif not (tp is dict or typing.get_origin(tp) is dict or tp is Any):
+            raise ValueError(f"Config key '{key}' in {where} takes a single value, got a mapping {dict(value)!r}.")
+    elif _field_type(defaults_type, key.split(".")) is not None and dataclasses.is_dataclass(
+            _field_type(defaults_type, key.split("."))) and value is not None:
+        raise ValueError(f"Config key '{key}' in {where} must be a mapping, got {value!r}.")
+    try:
+        OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+    except OmegaConfBaseException as e:
+        if _field_type(defaults_type, key.split(".")) is None and not _inside_free_dict(defaults_type, key):
+            raise ValueError(f"Unknown config key '{key}' in {where}.{_suggest(defaults_type, key)}") from None
+        msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+        raise ValueError(f"Invalid value for config key '{key}' in {where}: {msg}") from None
+
+
+def _inside_free_dict(defaults_type, key: str) -> bool:
+    parts = key.split(".")
+    for n in range(1, len(parts)):
+        tp = _field_type(defaults_type, parts[:n])
+        if tp is dict or typing.get_origin(tp) is dict or tp is Any:
+            return True
+    return False
+
+
+def _apply(cfg: DictConfig, defaults_type, items: Iterable[Tuple[str, Any]], where: str,
+           aliases: Mapping[str, Alias]) -> None:
+    for key, value in items:
+        key = str(key).replace("-", "_")
+        alias = aliases.get(key)
+        if alias is not None and _field_type(defaults_type, key.split(".")) is None:
+            mapped = alias.apply(value, cfg)
+            if not mapped:
+                warn(f"'{key}' ({where}) is an option of the reference code that has no effect here"
+                     + (f": {alias.note}" if alias.note else "") + "; ignored")
+            for target, target_value in mapped.items():
+                _set(cfg, defaults_type, target, target_value, f"{where} (as '{key}')")
+            continue
+        _set(cfg, defaults_type, key, value, where)
+
+
+def read_yaml_mapping(path: str) -> dict:
+    """A YAML file's top-level mapping as a plain dict (clear errors for missing / bad files)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ValueError(f"Cannot parse config file {path}: {e}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"Config file {path} must hold a mapping of key: value pairs.")
+    return OmegaConf.to_container(loaded)
+
+
+def load_config(defaults_type, argv: Sequence[str] | None = None, *,
+                aliases: Optional[Mapping[str, Alias]] = None,
+                file_layers: Optional[Mapping[str, Callable[[dict], dict]]] = None,
+                config_options: Sequence[str] = ("config",)) -> DictConfig:
+    """defaults (dataclass type) <- YAML files <- overrides, in the order given; returns a DictConfig.
+
+    `aliases`: reference option names (see `Alias`). `config_options`: the options that name a
+    config file (`--config`; generate.py also takes the reference's `--eval-config`).
+    `file_layers`: extra file options, each with a function that selects/renames the keys taken from such a file
+    (generate.py's `--train-config`); those files are applied first, below every `--config`.
     Raises ValueError (clear message, naming the key) for unknown keys, unparsable arguments,
-    values of the wrong type, and FileNotFoundError for a missing --config file.
+    values of the wrong type, and FileNotFoundError for a missing config file.
     """
-    import sys
-
     if argv is None:
         argv = sys.argv[1:]
-    files, dotlist = parse_argv(argv)
+    aliases = aliases if aliases is not None else {}
+    file_layers = dict(file_layers or {})
+    files, overrides = parse_argv(argv, (*config_options, *file_layers))
     cfg = OmegaConf.structured(defaults_type)
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # yaml syntax errors
-            raise ValueError(f"Cannot parse config file {path}: {e}") from None
-        if not isinstance(loaded, DictConfig):
-            raise ValueError(f"Config file {path} must hold a mapping of key: value pairs.")
-        plain = OmegaConf.to_container(loaded)
-        _check_keys(defaults_type, plain, f"config file {path}")
-        try:
-            cfg = OmegaConf.merge(cfg, loaded)
-        except OmegaConfBaseException as e:
-            raise _to_value_error(e, f"config file {path}") from None
-    if dotlist:
-        try:
-            overrides = OmegaConf.from_dotlist(dotlist)
-            # A key typed `str` keeps the text as typed: `mixed_precision=no` is "no", not False.
-            for item in dotlist:
-                key, value = item.split("=", 1)
-                raw = value.strip()
-                if raw in ("null", "~", "Null", "NULL") or raw[:1] in ("'", '"'):
-                    continue  # null stays None; quotes were already handled by the parser
-                if _is_str_field(defaults_type, key.split(".")):
-                    OmegaConf.update(overrides, key, value, merge=False)
-        except OmegaConfBaseException as e:
-            raise _to_value_error(e, "command-line overrides") from None
-        _check_keys(defaults_type, OmegaConf.to_container(overrides), "command-line overrides")
-        try:
-            cfg = OmegaConf.merge(cfg, overrides)
-        except OmegaConfBaseException as e:
-            raise _to_value_error(e, "command-line overrides") from None
+    ordered = [f for f in files if f[0] in file_layers] + [f for f in files if f[0] not in file_layers]
+    for option, path in ordered:
+        data = read_yaml_mapping(path)
+        if option in file_layers:
+            data = file_layers[option](data)
+        _apply(cfg, defaults_type, data.items(), f"config file {path}", aliases)
+    parsed = []
+    for key, raw in overrides:
+        target = aliases[key].target if key in aliases and aliases[key].target else key
+        parsed.append((key, _parse_value(defaults_type, target, raw)))
+    _apply(cfg, defaults_type, parsed, "command-line overrides", aliases)
     return cfg
 
 
@@ -199,10 +284,9 @@ def save_config(cfg, path: str | os.PathLike) -> None:
         f.write(text)
 
 
-def config_help(defaults_type, docs: dict[str, str] | None = None) -> str:
-    """One line per key: `key (default): meaning` — for `--help`."""
-    docs = docs or {}
-    lines: list[str] = []
+def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None) -> str:
+    """One line per key: `key = default   # meaning` — for `--help`; then the aliases."""
+    lines: List[str] = []
 
     def walk(cls, prefix: str) -> Iterable[str]:
         for f in dataclasses.fields(cls):
@@ -216,8 +300,13 @@ def config_help(defaults_type, docs: dict[str, str] | None = None) -> str:
                 default = f.default_factory()  # type: ignore[misc]
             else:
                 default = "???"
-            meaning = f.metadata.get("help") or docs.get(prefix + f.name, "")
+            meaning = f.metadata.get("help", "")
             yield f"  {prefix}{f.name} = {default!r}" + (f"   # {meaning}" if meaning else "")
 
     lines.extend(walk(defaults_type, ""))
+    if aliases:
+        lines.append("reference-code option names accepted as aliases:")
+        for name, alias in sorted(aliases.items()):
+            what = alias.target or (alias.note if alias.convert is not None else f"ignored ({alias.note})")
+            lines.append(f"  {name} -> {what}")
     return "\n".join(lines)
