@@ -23,7 +23,8 @@ def main(argv=None) -> int:
         print(config_docs())
         return 0
     rank = int(os.environ.get("RANK", "0"))
-    from training.loop import NonFiniteLossError, train
+    from training.errors import TrainingStopped
+    from training.loop import train
 
     try:
         cfg = parse_config(argv)
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except TrainingStopped as e:  # non-finite loss, a checkpoint that cannot be written
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 1

@@ -262,9 +262,9 @@ def _cpu_count() -> int:
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
+    from utils.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, unit="img", desc="convert", disable=not enabled, dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, unit="img", desc="convert", disable=not enabled, dynamic_ncols=True)
 
 
 def format_summary(summary: dict) -> str:

@@ -178,9 +178,9 @@ class _Runner:
         self.bar = None
 
     def open_bar(self, total: int, initial: int) -> None:
-        from tqdm import tqdm
+        from utils.progress import progress_bar
 
-        self.bar = tqdm(total=total, initial=initial, unit="img", desc="encode", disable=not self.show_progress,
+        self.bar = progress_bar(total=total, initial=initial, unit="img", desc="encode", disable=not self.show_progress,
                         dynamic_ncols=True)
 
     def close_bar(self) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from utils.progress import progress_bar
 
 from utils.atomic import atomic_write
 
@@ -34,7 +34,7 @@ def extract_features(images: NpzImageBatch, extractor: Callable[[np.ndarray], ob
     """
     total = len(images) if limit is None else min(limit, len(images))
     parts: Dict[str, List[np.ndarray]] = {}
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+    with progress_bar(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         for batch in images.iter_batches(batch_size, limit=total):
             out = extractor(batch)
             for key, value in (out.items() if isinstance(out, dict) else [("features", out)]):

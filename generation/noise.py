@@ -7,18 +7,13 @@ processes, or the device. Streams ("noise", "sde", "label") are independent of e
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
 
-_MASK63 = (1 << 63) - 1
+from utils.seeds import derive_seed
 
-
-def derive_seed(seed: int, index: int, stream: str) -> int:
-    """A 63-bit seed that is a pure function of (stream, seed, index)."""
-    digest = hashlib.blake2b(f"{stream}:{int(seed)}:{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _MASK63
+__all__ = ["derive_seed", "sample_generator", "initial_noise", "sde_generators"]
 
 
 def sample_generator(seed: int, index: int, stream: str, device="cpu") -> torch.Generator:

@@ -166,8 +166,8 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     ctx.barrier()
     start = time.perf_counter()
     batch = cfg.per_proc_batch_size
-    from tqdm import tqdm
-    with tqdm(total=len(mine), unit="img", disable=not ctx.is_main, dynamic_ncols=True,
+    from utils.progress import progress_bar
+    with progress_bar(total=len(mine), unit="img", disable=not ctx.is_main, dynamic_ncols=True,
               file=sys.stdout, desc="sampling (rank 0)") as bar:
         for b in range(math.ceil(len(mine) / batch)):
             indices = mine[b * batch:(b + 1) * batch]

@@ -173,3 +173,13 @@ class RunLogger:
         except Exception as e:
             _warn(self.log, f"closing {self.kind} failed: {e}")
         self._wandb = self._tb = None
+
+
+def log_error_to_file(message: str, exc_info=None, name: str = "train") -> None:
+    """Write an error that stops the run into log.txt only (the console line is train.py's, so
+    the user sees it once); a no-op before the run's logger exists or on non-main ranks."""
+    log = logging.getLogger(f"dfm.{name}")
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, exc_info)
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

@@ -1,0 +1,114 @@
+"""Training runs stop with one clear line and lose nothing: a checkpoint that cannot be written
+(disk full), errors in log.txt; independent random streams; the LR warm-up; quiet progress bars
+in log files."""
+import io
+import os
+
+import pytest
+import torch
+
+import train as train_cli
+from training.demo_data import write_demo_dataset
+from training.rng import micro_batch_seed, seed_micro_batch
+from utils.atomic import atomic_write
+
+from train_helpers import tiny_argv
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
+                              images_per_class=10, seed=0)
+
+
+def test_disk_full_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    import training.loop as loop
+
+    real_save = loop.atomic_torch_save
+    calls = []
+
+    def save_then_fill_disk(obj, path):
+        calls.append(path)
+        if len(calls) == 1:
+            return real_save(obj, path)
+        with atomic_write(path, "wb", fsync=True) as f:  # torch's zip writer fails part-way
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 5184 vs 5120")
+
+    monkeypatch.setattr(loop, "atomic_torch_save", save_then_fill_disk)
+    argv = tiny_argv(tiny_data, str(tmp_path), exp_name="full", max_train_steps=4, checkpointing_steps=2)
+    code = train_cli.main(argv)
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("error")]
+    assert "Traceback" not in captured.err + captured.out
+    first = os.path.join(str(tmp_path), "full", "checkpoints", "0000002.pt")
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint "), err
+    assert "0000004.pt" in err[0] and "disk full or quota" in err[0] and f"{first} is intact" in err[0]
+    assert sorted(os.listdir(os.path.dirname(first))) == ["0000002.pt"]  # no partial file left
+    assert torch.load(first, weights_only=True)["steps"] == 2
+    with open(os.path.join(str(tmp_path), "full", "log.txt")) as f:
+        assert "error: cannot write checkpoint" in f.read()  # the same line is in the run's log
+
+
+def test_errors_that_stop_a_run_are_in_log_txt(tiny_data, tmp_path, capsys):
+    argv = tiny_argv(tiny_data, str(tmp_path), exp_name="nan", lr=1e30, max_train_steps=3)
+    assert train_cli.main(argv) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "non-finite" in err[0]
+    with open(os.path.join(str(tmp_path), "nan", "log.txt")) as f:
+        assert "error: the training loss became non-finite" in f.read()
+
+
+def test_random_streams_are_independent():
+    """Label dropout (global RNG) and posterior/time noise (the generator) of one micro-batch no
+    longer start from the same seed, so their first numbers differ."""
+    gen = torch.Generator()
+    seed_micro_batch(0, 5, 1, gen)
+    a, b = torch.rand(8, generator=gen), torch.rand(8)
+    assert not torch.equal(a, b)
+    seeds = {micro_batch_seed(0, 5, 1, s) for s in ("data", "labels", "budget")}
+    assert len(seeds) == 3
+    # pure functions of (seed, step, slot): the same again, different for another slot
+    assert micro_batch_seed(0, 5, 1) == micro_batch_seed(0, 5, 1) != micro_batch_seed(0, 5, 2)
+
+
+def test_linear_warmup_schedule(tiny_data, tmp_path):
+    from training.config import parse_config
+    from training.setup import build_train_state
+
+    cfg = parse_config(tiny_argv(tiny_data, str(tmp_path), lr_scheduler="constant_with_linear_warmup",
+                                 warmup_steps=4, lr=1e-3))
+    state = build_train_state(cfg, 3, 16, "cpu", None, None)
+    seen = []
+    for _ in range(6):
+        seen.append(state.optimizer.param_groups[0]["lr"])
+        state.optimizer.step()
+        state.lr_schedule.step()
+    assert seen == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    # a resumed run rebuilds the schedule at its step
+    resumed = build_train_state(cfg, 3, 16, "cpu", {"model": state.model.state_dict(),
+                                                    "ema": state.ema_model.state_dict(),
+                                                    "opt": state.optimizer.state_dict(), "steps": 2,
+                                                    "arch": state.model.arch}, "x.pt")
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    resumed.optimizer.step()
+    resumed.lr_schedule.step()
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(7.5e-4)
+
+
+def test_progress_bars_are_quiet_in_log_files():
+    from utils.progress import LOG_FILE_INTERVAL_S, progress_bar
+
+    log_file = io.StringIO()  # not a terminal
+    bar = progress_bar(total=10, file=log_file)
+    assert bar.mininterval == LOG_FILE_INTERVAL_S >= 30
+    bar.close()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = progress_bar(total=10, file=Terminal())
+    assert bar.mininterval < 1
+    bar.close()

@@ -1,0 +1,221 @@
+"""Setting up a training run: processes, data, resume target, model + EMA + optimizer, previews.
+
+Each function does one part of `training.loop.train`'s start-up and raises `ConfigError` with a
+message that says what to change; the loop itself stays a readable sequence of steps.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from training.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
+from training.config import ConfigError, is_pixel_space, model_kwargs
+from training.ema import EMA, create_ema
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_batch_split(cfg, num_processes: int) -> int:
+    """Per-process micro-batch size, or ConfigError if the global batch does not split evenly."""
+    denom = num_processes * cfg.gradient_accumulation_steps
+    if cfg.batch_size % denom:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} cannot be split evenly over {num_processes} processes x "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}; choose a batch_size that "
+            f"is a multiple of {denom}")
+    return cfg.batch_size // denom
+
+
+def create_accelerator(cfg):
+    """An Accelerator that really distributes on CPU-only machines too (gloo)."""
+    from accelerate import Accelerator
+
+    expected = world_size_from_env()
+    # compile=true: accelerate compiles the model after wrapping it in DDP (the supported order)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                              dynamo_backend="inductor" if cfg.compile else None)
+    if accelerator.num_processes != expected:
+        raise ConfigError(
+            f"accelerate reports {accelerator.num_processes} process(es) but WORLD_SIZE={expected}: "
+            "the processes would train as independent copies. On a machine without GPUs launch with "
+            "`accelerate launch --multi_gpu --num_processes N ...` or "
+            "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N train.py ...`")
+    return accelerator
+
+
+def write_demo_data(cfg, accelerator, log) -> None:
+    """`make_demo_data`: rank 0 writes the synthetic dataset if it is missing; all ranks wait."""
+    error = None
+    if cfg.make_demo_data and accelerator.is_main_process:
+        from training.demo_data import demo_dataset_is_complete, write_demo_dataset
+
+        if not demo_dataset_is_complete(cfg.data_dir):
+            log.info(f"writing the demo dataset to {cfg.data_dir} "
+                     f"({cfg.num_classes} classes x {cfg.demo_images_per_class} images, {cfg.resolution} px)")
+            try:
+                write_demo_dataset(cfg.data_dir, cfg.resolution, cfg.num_classes, cfg.demo_images_per_class,
+                                   seed=cfg.seed)
+            except ValueError as e:
+                error = ConfigError(f"data_dir: {e}")
+    accelerator.wait_for_everyone()  # the other processes then fail on the missing dataset
+    if error is not None:
+        raise error
+
+
+def open_training_dataset(cfg):
+    """data.open_dataset + checks that the items fit the configured model. Returns
+    (dataset, in_channels, input_size)."""
+    import data
+
+    pixel = is_pixel_space(cfg)
+    try:
+        dataset = data.open_dataset(cfg.data_dir)
+    except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+        raise ConfigError(f"data_dir: cannot open {cfg.data_dir!r}: {e}") from None
+    if len(dataset) == 0:
+        raise ConfigError(f"data_dir: {cfg.data_dir!r} holds no items")
+    shape = tuple(dataset.item_shape)
+    if pixel:
+        if dataset.kind != "images":
+            raise ConfigError(f"data_dir {cfg.data_dir!r} holds VAE latents but vae=none (pixel space); "
+                              "set vae to the VAE the latents were encoded with (e.g. vae=ft-ema)")
+        want = (3, cfg.resolution, cfg.resolution)
+        if shape != want:
+            raise ConfigError(f"data_dir {cfg.data_dir!r}: images are {shape[1]}x{shape[2]} (shape {shape}) but "
+                              f"resolution={cfg.resolution} expects {want}; set resolution={shape[1]} or "
+                              "convert the data at the wanted resolution")
+        in_channels, input_size = 3, cfg.resolution
+    else:
+        if dataset.kind != "latents":
+            raise ConfigError(f"data_dir {cfg.data_dir!r} holds images, but vae={cfg.vae!r} trains on latents: "
+                              "encode them first (`python dataset_tools.py encode`) or set vae=none to "
+                              "train in pixel space")
+        size = cfg.resolution // 8
+        want = (8, size, size)
+        if shape != want:
+            raise ConfigError(f"data_dir {cfg.data_dir!r}: latent items have shape {shape} but "
+                              f"resolution={cfg.resolution} expects posterior moments {want} (mean||std of "
+                              f"a {size}x{size}x4 latent); set resolution={shape[-1] * 8} or re-encode")
+        in_channels, input_size = 4, size
+    if dataset.num_classes > cfg.num_classes:
+        raise ConfigError(f"data_dir {cfg.data_dir!r} has {dataset.num_classes} classes but num_classes="
+                          f"{cfg.num_classes}; set num_classes={dataset.num_classes}")
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f"data_dir {cfg.data_dir!r} has {len(dataset)} items, fewer than one global batch "
+                          f"(batch_size={cfg.batch_size})")
+    return dataset, in_channels, input_size
+
+
+def resume_target(cfg, exp_dir: str, log):
+    """(path, checkpoint dict) to continue from, or (None, None) for a fresh run.
+
+    `resume=auto` takes the newest usable checkpoint of the experiment; unreadable or damaged
+    ones are skipped with a warning each, and when some existed but none is usable the log says
+    loudly that the run starts from step 0.
+    """
+    if cfg.resume == "auto":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path, ckpt = find_resume_checkpoint(exp_dir)
+        for w in caught:
+            log.warning(f"WARNING: {w.message}")
+        if ckpt is None and list_checkpoints(exp_dir):
+            log.warning(f"WARNING: no usable checkpoint is left in {exp_dir}/checkpoints: STARTING FROM STEP 0 "
+                        "(the damaged files stay where they are)")
+        return path, ckpt
+    if cfg.resume != "none":
+        try:
+            return cfg.resume, load_checkpoint(cfg.resume)
+        except ValueError as e:
+            raise ConfigError(f"resume: {e}") from None
+    if list_checkpoints(exp_dir):
+        raise ConfigError(f"resume=none but {exp_dir} already holds checkpoints; use resume=auto to continue "
+                          "that run, or choose another exp_name / output_dir")
+    return None, None
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores: the raw model, its EMA copy, the optimizer and the LR schedule."""
+    model: torch.nn.Module
+    ema_model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    start_step: int
+
+
+def lr_lambda(cfg):
+    """Multiplier of `lr` for optimizer step `step` (0-based): constant, or a linear warm-up
+    `step / warmup_steps` up to 1 (diffusers' / transformers' constant-with-warm-up schedule, so
+    the very first update has lr 0)."""
+    warmup = int(cfg.warmup_steps) if cfg.lr_scheduler == "constant_with_linear_warmup" else 0
+    if warmup <= 0:
+        return lambda step: 1.0
+    return lambda step: min(1.0, step / warmup)
+
+
+def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Optional[dict],
+                      resume_path: Optional[str], extra_model_kwargs: Optional[dict] = None) -> TrainState:
+    """Model (identical on every rank), EMA, AdamW and LR schedule; restored from `ckpt` if given."""
+    import models
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and every launch
+    kwargs = model_kwargs(cfg, in_channels, input_size)
+    kwargs.update(extra_model_kwargs or {})
+    try:
+        model = models.create_model(cfg.model, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if ckpt is not None:
+        if ckpt.get("arch") not in (None, model.arch):
+            raise ConfigError(f"resume: checkpoint {resume_path} was trained with arch {ckpt['arch']}, but the "
+                              f"config builds {model.arch}; resume with the checkpoint's settings")
+        model.load_state_dict(ckpt["model"])
+    model.to(device).train()
+    ema_model = create_ema(model)
+    if ckpt is not None:
+        ema_model.load_state_dict(ckpt["ema"])
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
+        weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=(torch.device(device).type == "cuda"))
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["opt"])
+    start_step = int(ckpt["steps"]) if ckpt is not None else 0
+    # The schedule is a pure function of (lr, step): rebuilt at the resumed step, nothing to store.
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg), last_epoch=-1)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * schedule.lr_lambdas[0](start_step)
+    schedule.last_epoch = start_step
+    return TrainState(model, ema_model, EMA(model, ema_model, cfg.ema_decay), optimizer, schedule, start_step)
+
+
+def make_previewer(cfg, model, in_channels, exp_dir, device, is_main):
+    """The preview maker (rank 0), or None. Loads the VAE for latent runs: fails here, before training."""
+    if cfg.preview.num_samples <= 0 or not is_main:
+        return None
+    from training.previews import PreviewMaker
+
+    vae = None
+    if not is_pixel_space(cfg):
+        import data.vae as dvae
+
+        try:
+            vae = dvae.load_vae(cfg.vae, device=device)
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"vae: cannot load {cfg.vae!r} to decode the previews: {e}\n"
+                              "Pass a local VAE folder (vae=/path/to/sd-vae-ft-ema) or turn previews off "
+                              "with preview.num_samples=0.") from None
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    return PreviewMaker(cfg.preview, num_classes=cfg.num_classes, in_channels=in_channels,
+                        stage_sizes=list(model.stage_sizes), path_type=cfg.path_type,
+                        out_dir=os.path.join(exp_dir, "previews"), device=device, vae=vae,
+                        autocast_dtype=autocast)
