@@ -42,6 +42,9 @@ def counted_forward_flops(model, inference_budget=None, batch_size: int = 1) -> 
 
 def forward_flops_per_image(model) -> int:
     """FLOPs of one forward pass for one image (all stages active, no CFG doubling)."""
+    if hasattr(model, "kept_latents"):
+        raise ValueError("ELIT models: the analytic count does not know the latent interface; use "
+                         "counted_forward_flops(model, inference_budget)")
     D = model.hidden_size
     T = model.grid * model.grid
     depth = len(model.blocks)

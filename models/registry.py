@@ -82,7 +82,8 @@ def create_model(name: str, **overrides) -> SiT:
     if "z_dims" in config:
         config["z_dims"] = [int(z) for z in config["z_dims"]]
     if elit:
-        config.setdefault("group_size", _default_group_size(config.get("input_size", 32), patch))
+        if "group_size" not in config:
+            config["group_size"] = _default_group_size(config.get("input_size", 32), patch)
         model = ELITSiT(patch_size=patch, stages=stages, multistage=multistage, **config)
     else:
         model = SiT(patch_size=patch, stages=stages, multistage=multistage, **config)
