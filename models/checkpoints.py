@@ -8,11 +8,12 @@ from typing import Dict, Optional
 
 import torch
 
-from models.registry import SIZES, create_model, parse_name
+from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _HEADS_BY_HIDDEN = {cfg["hidden_size"]: cfg["num_heads"] for cfg in SIZES.values()}
 _SIZE_BY_DEPTH_HIDDEN = {(cfg["depth"], cfg["hidden_size"]): size for size, cfg in SIZES.items()}
+_ELIT_QUERIES = "input_token_editor.adapters.0.learned_query_embed"
 
 
 def read_checkpoint(path: str) -> dict:
@@ -56,7 +57,8 @@ def infer_arch(state: Dict[str, torch.Tensor]) -> dict:
     """Guess the architecture (``create_model`` arguments) from a state dict's keys and shapes.
 
     Official SiT checkpoints (8-channel ``learn_sigma`` heads) are recognised and marked with
-    ``official_sit=True``.
+    ``official_sit=True``. ELIT checkpoints (reference key names) give an ``ELIT-`` name and their
+    ``group_size``; their head/tail depths and budget range are the registry's defaults.
     """
     if "pos_embed" not in state:
         raise ValueError("state dict has no 'pos_embed': not a SiT/DiT-family checkpoint")
@@ -84,10 +86,20 @@ def infer_arch(state: Dict[str, torch.Tensor]) -> dict:
         arch["projector_dim"] = state["projectors.0.0.weight"].shape[0]
     official = not multistage and head.shape[0] == patch * patch * 2 * in_channels
     size = _SIZE_BY_DEPTH_HIDDEN.get((depth, hidden), "S")
-    name = f"{'DFM-' if multistage else ''}SiT-{size}/{patch}"
+    elit = _ELIT_QUERIES in state
+    if elit:  # g^2 learned queries per window; head/tail depths and budgets are not in the weights
+        arch["group_size"] = _group_size_from_queries(state[_ELIT_QUERIES].shape[0])
+    name = f"{'DFM-' if multistage else ''}{'ELIT-' if elit else ''}SiT-{size}/{patch}"
     if multistage:
         arch["stages"] = stages
     return {"name": name, **arch, "official_sit": official}
+
+
+def _group_size_from_queries(num_queries: int) -> int:
+    g = math.isqrt(num_queries)
+    if g * g != num_queries:
+        raise ValueError(f"{_ELIT_QUERIES} has {num_queries} rows, not a square g^2: not an ELIT checkpoint")
+    return g
 
 
 def convert_official_sit(state: Dict[str, torch.Tensor], patch_size: int, channels: int = 4) -> dict:
@@ -133,6 +145,19 @@ def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = Tr
     return model_from_checkpoint(read_checkpoint(path), name, prefer_ema, **overrides)
 
 
+def _check_elit_name(name: str, guessed: str) -> None:
+    """An ELIT checkpoint needs an ELIT name and the other way round (one clear error)."""
+    if is_elit(name) == is_elit(guessed):
+        return
+    if is_elit(guessed):
+        allowed = [n for n in MODEL_NAMES if is_elit(n) and n.startswith("DFM-") == guessed.startswith("DFM-")]
+        raise ValueError(f"the checkpoint holds ELIT weights (input_token_editor / output_token_editor; it "
+                         f"looks like {guessed}), but the model name {name} has no latent interface; "
+                         f"allowed names: {', '.join(allowed)} (or no name: inferred from the weights)")
+    raise ValueError(f"model name {name} is an ELIT model, but the checkpoint has no ELIT weights "
+                     f"(it looks like {guessed}); use a name without 'ELIT-' (or no name)")
+
+
 def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_ema: bool = True, **overrides):
     """:func:`load_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
     state = extract_state_dict(checkpoint, prefer_ema)
@@ -144,6 +169,7 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     else:
         arch = {k: v for k, v in guess.items() if k != "official_sit"}
         if name is not None:
+            _check_elit_name(name, guess["name"])
             arch["name"] = name
             if not parse_name(name)[0]:
                 arch.pop("stages", None)

@@ -96,12 +96,14 @@ class SiT(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, xs: Union[torch.Tensor, Sequence[torch.Tensor]], t: torch.Tensor, y: torch.Tensor,
-                active: Optional[torch.Tensor] = None, return_features: bool = False):
+                active: Optional[torch.Tensor] = None, return_features: bool = False,
+                inference_budget=None):
         """Velocities for every stage.
 
         xs: list of S tensors (B, C, H_s, W_s), stage 0 coarsest (a plain tensor when S = 1,
             which then returns a plain tensor); t: (B, S) or (B,) raw times in [0, 1];
-            y: (B,) labels (``num_classes`` = null); active: None, (S,) or (B, S) bool.
+            y: (B,) labels (``num_classes`` = null); active: None, (S,) or (B, S) bool;
+            inference_budget: ELIT models only (see ``models.elit_sit``); must be None here.
         Returns the list of S velocities, and with ``return_features`` also the list of REPA
         projector outputs (B, T, z_dim).
         """
@@ -131,11 +133,7 @@ class SiT(nn.Module):
             c = self.t_embedder(t[:, 0])
         x = tokens + self.pos_embed
         c = c + self.y_embedder(y)
-        zs: List[torch.Tensor] = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, c)
-            if return_features and i + 1 == self.encoder_depth:
-                zs = [projector(x) for projector in self.projectors]
+        x, zs = self.run_blocks(x, c, return_features, inference_budget)
         if self.multistage:
             outputs = self.final_layer(x, c, self.in_channels, self.grid)
         else:
@@ -144,3 +142,23 @@ class SiT(nn.Module):
             outputs = [-o for o in outputs]
         result = outputs[0] if single else outputs
         return (result, zs) if return_features else result
+
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, return_features: bool, inference_budget=None):
+        """Transformer blocks on tokens x (B, T, D) with conditioning c (B, D) -> (x, REPA features).
+
+        The REPA projectors read the output of block ``encoder_depth``. ELIT models override this.
+        """
+        if inference_budget is not None:
+            raise ValueError(f"inference_budget={inference_budget!r} given, but {self.arch.get('name', 'this model')} "
+                             "has no compute budget (only ELIT-SiT / DFM-ELIT-SiT models take one); "
+                             "leave inference_budget unset")
+        zs: List[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)
+            if return_features and i + 1 == self.encoder_depth:
+                zs = self.project(x)
+        return x, zs
+
+    def project(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """REPA projector outputs (B, T, z_dim) of tokens x (B, T, D)."""
+        return [projector(x) for projector in self.projectors]

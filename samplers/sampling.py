@@ -28,18 +28,26 @@ def _per_stage(value, num_stages: int, name: str) -> List[float]:
 class GuidedVelocity:
     """Model velocity with classifier-free guidance inside per-stage windows.
 
-    Where any active stage is inside its window ``[low_s, high_s]`` the batch is doubled with
-    the null label; guided stages get ``v_u + w (v_c - v_u)``, the others the conditional
-    velocity.
+    Where any active stage is inside its window ``[low_s, high_s]`` the model is also run
+    unconditionally; guided stages get ``v_u + w (v_c - v_u)``, the others the conditional
+    velocity ``v_c``. Plain CFG: both passes at ``inference_budget`` in one doubled batch.
+    Cheap CFG (``unconditional_inference_budget`` set): the unconditional pass runs at that
+    budget with the null label, as a second forward; autoguidance: the same low-budget pass
+    keeps the real label. Budgets are passed to the model only when set (ELIT models).
     """
 
-    def __init__(self, model, y: torch.Tensor, cfg_scale: float, low: List[float], high: List[float]):
+    def __init__(self, model, y: torch.Tensor, cfg_scale: float, low: List[float], high: List[float],
+                 inference_budget=None, unconditional_inference_budget=None, autoguidance: bool = False):
         self.model = model
         self.y = y
         self.cfg_scale = float(cfg_scale)
         self.low, self.high = low, high
         self.dtype = next(model.parameters()).dtype
         self.y_null = torch.full_like(y, model.num_classes)
+        self.budget = {} if inference_budget is None else {"inference_budget": inference_budget}
+        self.low_budget = (None if unconditional_inference_budget is None
+                           else {"inference_budget": unconditional_inference_budget})
+        self.y_low = y if autoguidance else self.y_null
 
     def guided_stages(self, t: torch.Tensor) -> List[bool]:
         if self.cfg_scale == 1.0:
@@ -57,16 +65,22 @@ class GuidedVelocity:
         B = xs[0].shape[0]
         guided = [g and bool(a) for g, a in zip(self.guided_stages(t), active)]
         inputs = [x.to(self.dtype) for x in xs]
-        y = self.y
-        if any(guided):
-            inputs = [torch.cat([x, x]) for x in inputs]
-            y = torch.cat([self.y, self.y_null])
-        n = inputs[0].shape[0]
         if t_model is None:
             t_model = t.to(device=inputs[0].device, dtype=self.dtype)
         if active_model is None:
             active_model = active.to(inputs[0].device)
-        out = self.model(inputs, t_model[None].expand(n, -1), y, active_model)
+        if any(guided) and self.low_budget is not None:  # two budgets: two forwards
+            time = t_model[None].expand(B, -1)
+            cond = self.model(inputs, time, self.y, active_model, **self.budget)
+            uncond = self.model(inputs, time, self.y_low, active_model, **self.low_budget)
+            out = [torch.cat([c, u]) for c, u in zip(cond, uncond)]
+        else:
+            y = self.y
+            if any(guided):
+                inputs = [torch.cat([x, x]) for x in inputs]
+                y = torch.cat([self.y, self.y_null])
+            n = inputs[0].shape[0]
+            out = self.model(inputs, t_model[None].expand(n, -1), y, active_model, **self.budget)
         velocities = []
         for s, v in enumerate(out):
             v = v.to(torch.float64)
@@ -75,6 +89,25 @@ class GuidedVelocity:
                 v = v_uncond + self.cfg_scale * (v_cond - v_uncond) if guided[s] else v_cond
             velocities.append(v)
         return velocities
+
+
+def _check_budgets(model, budget, unconditional_budget, autoguidance: bool) -> None:
+    """Budget errors before the first step: ValueError naming the key and what is allowed."""
+    if autoguidance and unconditional_budget is None:
+        raise ValueError("autoguidance needs unconditional_inference_budget (the budget of the guiding "
+                         "pass, e.g. 0.0625)")
+    if not hasattr(model, "kept_latents"):  # no compute budget (SiT, DFM-SiT)
+        for key, value in (("inference_budget", budget), ("unconditional_inference_budget", unconditional_budget)):
+            if value is not None:
+                raise ValueError(f"{key}={value!r} given, but the model has no compute budget (only ELIT-SiT / "
+                                 f"DFM-ELIT-SiT models take one); leave it unset")
+        return
+    model.kept_latents(budget)  # raises for a bad budget, or a missing one on a multi-budget model
+    if unconditional_budget is not None:
+        try:
+            model.kept_latents(unconditional_budget)
+        except ValueError as error:
+            raise ValueError(f"unconditional_inference_budget: {error}") from None
 
 
 def _randn_like(x: torch.Tensor, generator: Union[None, torch.Generator, Sequence[torch.Generator]]):
@@ -92,7 +125,8 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
            thresholds: Sequence[float] = (), method: str = "euler", cfg_scale: float = 1.0,
            guidance_low=0.0, guidance_high=1.0, path_type: str = "linear",
            generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
-           return_previews: bool = False):
+           return_previews: bool = False, inference_budget=None, unconditional_inference_budget=None,
+           autoguidance: bool = False):
     """Integrate from noise (t = 1) to data (t = 0).
 
     noise: list of S tensors (B, C, H_s, W_s), each stage's N(0, I) at its resolution
@@ -100,6 +134,10 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
     step but the last, NFE = 2N - 1) or ``sde`` (Euler–Maruyama with ``w(t) = 2t``, last step
     deterministic, NFE = N; its noise comes from ``generator``: one generator or one per sample).
     ``guidance_low``/``guidance_high`` are numbers or per-stage lists.
+    ELIT models: ``inference_budget`` (a fraction in (0, 1] or a latent count; None: the model's
+    only budget) for the conditional pass; ``unconditional_inference_budget`` turns CFG into cheap
+    CFG (the unconditional pass at that budget); ``autoguidance`` keeps the real label in that
+    low-budget pass (it needs ``unconditional_inference_budget``). See :class:`GuidedVelocity`.
     Returns the list of S final per-stage tensors (float32); with ``return_previews`` also
     ``previews``: previews[i] recomposes stages 0..i at the end of stage i's chunk.
     """
@@ -114,8 +152,10 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
         times, active = sde_schedule(num_steps_per_scale, thresholds)
     else:
         times, active = multistage_schedule(num_steps_per_scale, thresholds)
+    _check_budgets(model, inference_budget, unconditional_inference_budget, autoguidance)
     velocity = GuidedVelocity(model, y, cfg_scale, _per_stage(guidance_low, S, "guidance_low"),
-                              _per_stage(guidance_high, S, "guidance_high"))
+                              _per_stage(guidance_high, S, "guidance_high"), inference_budget,
+                              unconditional_inference_budget, autoguidance)
     chunk_ends = {}
     start = 0
     for i, n in enumerate(num_steps_per_scale):

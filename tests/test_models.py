@@ -188,7 +188,7 @@ def test_rebuild_from_arch():
 def test_bad_model_arguments():
     with pytest.raises(ValueError, match="unknown model name 'SiT-M/2'"):
         create_model("SiT-M/2")
-    assert "DFM-SiT-XL/2" in MODEL_NAMES and len(MODEL_NAMES) == 24
+    assert "DFM-SiT-XL/2" in MODEL_NAMES and "DFM-ELIT-SiT-XL/2" in MODEL_NAMES and len(MODEL_NAMES) == 48
     with pytest.raises(ValueError, match="stages=3 needs input_size divisible by 2\\^\\(stages-1\\) = 4"):
         create_model("DFM-SiT-S/2", stages=3, input_size=18, depth=1, hidden_size=64, num_heads=4)
     with pytest.raises(ValueError, match="SiT models have 1 stage"):

@@ -1,0 +1,189 @@
+r"""Budget sweep of an ELIT checkpoint: the same seeds at every budget, FLOPs per forward, pictures.
+
+    python -m generation.budget_sweep --ckpt CKPT --class-label 207 [--out DIR] [--seed 0]
+        [--num-seeds 4] [--steps 50 | --steps 40,10] [--method euler|heun|sde] [--cfg-scale 1]
+        [--budgets 0.25,0.5,1 | --all-levels] [--vae ...] [--model NAME] [--no-ema] [--precision tf32]
+
+Budgets: the levels the model was trained with (``models.budget_levels``), ``--all-levels`` for
+every ``k / g^2`` (k = 1 .. g^2), or an explicit ``--budgets`` list. Row i of the grid is sample i
+of ``generate.py`` at the same seed (noise from (seed, i)), one column per budget, the lowest
+budget on the left. Writes into ``--out``: ``grid.png``, ``flops.png`` (GFLOPs per forward of one
+image vs budget, counted with ``torch.utils.flop_counter``) and ``budget_sweep.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import GenerateConfig, GenerationError, resolve_config, validate_config
+
+
+def _numbers(text: str, kind):
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m generation.budget_sweep",
+                                     description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--ckpt", required=True, help="ELIT-SiT / DFM-ELIT-SiT checkpoint")
+    parser.add_argument("--class-label", type=int, required=True, help="class of every sample")
+    parser.add_argument("--out", default=None, help="output folder (default: results/budget_sweep/<ckpt name>)")
+    parser.add_argument("--seed", type=int, default=0, help="global seed; row i uses the noise of (seed, i)")
+    parser.add_argument("--num-seeds", type=int, default=4, help="samples (grid rows)")
+    parser.add_argument("--steps", type=lambda s: _numbers(s, int), default=None,
+                        help="steps per stage, e.g. 50 or 40,10 (default: generate.py's)")
+    parser.add_argument("--thresholds", type=lambda s: _numbers(s, float), default=None,
+                        help="DFM stage thresholds (default: generate.py's)")
+    parser.add_argument("--method", default="euler", help="euler | heun | sde")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale (both passes at the budget)")
+    parser.add_argument("--budgets", type=lambda s: _numbers(s, float), default=None,
+                        help="explicit budgets (fractions in (0, 1] or latent counts)")
+    parser.add_argument("--all-levels", action="store_true", help="every k / g^2, k = 1 .. g^2")
+    parser.add_argument("--vae", default=None, help="ft-ema | ft-mse | folder | none (default: the checkpoint's)")
+    parser.add_argument("--model", default=None, help="architecture name for published checkpoints")
+    parser.add_argument("--no-ema", action="store_true", help="the raw training weights instead of EMA")
+    parser.add_argument("--precision", default="tf32", help="fp32 | tf32 | bf16")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    return parser.parse_args(argv)
+
+
+def sweep_budgets(model, budgets: Optional[List[float]], all_levels: bool) -> List[float]:
+    """The budgets to sample: explicit, all ``k / g^2``, or the model's training levels."""
+    from models import budget_levels
+
+    if budgets:
+        for b in budgets:
+            model.kept_latents(b)  # ValueError naming inference_budget for a bad one
+        return list(budgets)
+    if all_levels:
+        g2 = model.group_size ** 2
+        return [k / g2 for k in range(1, g2 + 1)]
+    return budget_levels(model)
+
+
+def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed: int = 0, num_seeds: int = 4,
+                 steps: Optional[List[int]] = None, thresholds: Optional[List[float]] = None,
+                 method: str = "euler", cfg_scale: float = 1.0, budgets: Optional[List[float]] = None,
+                 all_levels: bool = False, vae: Optional[str] = None, model_name: Optional[str] = None,
+                 use_ema: bool = True, precision: str = "tf32", device: Optional[str] = None) -> dict:
+    """Run the sweep; returns the JSON record (also written to ``<out>/budget_sweep.json``)."""
+    import samplers
+    from bench.flops import counted_forward_flops
+    from dfm import LaplacianPyramid
+    from omegaconf import OmegaConf
+    from training.previews import make_grid, save_png
+    from utils.atomic import atomic_write
+    from .model_loading import load_sampling_model
+    from .noise import initial_noise, sde_generators
+    from .runner import Decoder, _autocast, set_precision
+
+    if num_seeds < 1:
+        raise GenerationError(f"--num-seeds must be >= 1, got {num_seeds}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = OmegaConf.structured(GenerateConfig(
+        ckpt=ckpt, model=model_name, seed=seed, method=method, num_steps_per_scale=steps, thresholds=thresholds,
+        cfg_scale=cfg_scale, vae=vae, precision=precision, use_ema=use_ema))
+    validate_config(cfg)
+    set_precision(cfg.precision)
+    model, train_config = load_sampling_model(ckpt, model_name, use_ema, dev)
+    if not hasattr(model, "kept_latents"):
+        raise GenerationError(f"{ckpt} holds a {model.arch.get('name')} model, which has no compute budget; "
+                              "the budget sweep needs an ELIT-SiT or DFM-ELIT-SiT checkpoint")
+    if not 0 <= class_label < model.num_classes:
+        raise GenerationError(f"--class-label must be in [0, {model.num_classes}), got {class_label}")
+    cfg = resolve_config(cfg, arch_name=model.arch.get("name", model_name), num_stages=model.num_stages,
+                         num_classes=model.num_classes, input_size=model.input_size, ckpt_config=train_config)
+    try:
+        levels = sweep_budgets(model, budgets, all_levels)
+    except ValueError as error:
+        raise GenerationError(f"--budgets: {error}") from None
+    out = out or os.path.join("results", "budget_sweep", os.path.splitext(os.path.basename(ckpt))[0])
+    decoder = Decoder(cfg.vae, model.in_channels, dev)
+    pyramid = LaplacianPyramid(model.num_stages)
+    indices = list(range(num_seeds))
+    stage_shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
+    noise = [n.to(dev) for n in initial_noise(seed, indices, stage_shapes)]
+    y = torch.full((num_seeds,), class_label, dtype=torch.long, device=dev)
+    tokens = model.grid * model.grid
+    rows, columns = [], []
+    for budget in levels:
+        generator = sde_generators(seed, indices) if cfg.method == "sde" else None
+        start = time.perf_counter()
+        with torch.no_grad(), _autocast(cfg.precision, dev):
+            final = samplers.sample(model, noise, y, num_steps_per_scale=list(cfg.num_steps_per_scale),
+                                    thresholds=list(cfg.thresholds), method=cfg.method, cfg_scale=cfg.cfg_scale,
+                                    path_type=cfg.path_type, generator=generator, inference_budget=budget)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - start
+        columns.append(decoder(pyramid.recompose([f.float() for f in final])))
+        k = model.kept_latents(budget)
+        rows.append({"budget": float(budget), "latents_per_window": k, "latents": k * tokens // model.group_size ** 2,
+                     "gflops_per_forward": counted_forward_flops(model, budget) / 1e9,
+                     "sampling_seconds": seconds})
+    images = np.stack([columns[c][i] for i in indices for c in range(len(levels))])
+    grid_path, plot_path = os.path.join(out, "grid.png"), os.path.join(out, "flops.png")
+    save_png(make_grid(images, nrow=len(levels)), grid_path)
+    plot_flops(rows, plot_path, title=f"{model.arch.get('name')} ({tokens} tokens, group size {model.group_size})")
+    record = {"ckpt": ckpt, "model": model.arch.get("name"), "class_label": class_label, "seed": seed,
+              "num_seeds": num_seeds, "method": cfg.method, "num_steps_per_scale": list(cfg.num_steps_per_scale),
+              "thresholds": list(cfg.thresholds), "cfg_scale": cfg.cfg_scale, "vae": cfg.vae,
+              "group_size": model.group_size, "tokens": tokens, "device": str(dev), "precision": cfg.precision,
+              "budgets": rows, "grid": grid_path, "flops_plot": plot_path}
+    with atomic_write(os.path.join(out, "budget_sweep.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def plot_flops(rows: List[dict], path: str, title: str = "") -> None:
+    """GFLOPs per forward (one image) against the budget, one marker per level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.atomic import atomic_write
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot([r["budget"] for r in rows], [r["gflops_per_forward"] for r in rows], marker="o")
+    ax.set_xlabel("inference budget (fraction of latents per window)")
+    ax.set_ylabel("GFLOPs per forward (1 image)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        record = budget_sweep(args.ckpt, args.class_label, args.out, seed=args.seed, num_seeds=args.num_seeds,
+                              steps=args.steps, thresholds=args.thresholds, method=args.method,
+                              cfg_scale=args.cfg_scale, budgets=args.budgets, all_levels=args.all_levels,
+                              vae=args.vae, model_name=args.model, use_ema=not args.no_ema,
+                              precision=args.precision, device=args.device)
+    except GenerationError as error:
+        print(f"budget_sweep: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    for row in record["budgets"]:
+        print(f"budget {row['budget']:.4g}: {row['latents']} latents, {row['gflops_per_forward']:.3f} GFLOPs/forward, "
+              f"{row['sampling_seconds']:.2f}s")
+    print(f"wrote {record['grid']}, {record['flops_plot']}, {os.path.dirname(record['grid'])}/budget_sweep.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
