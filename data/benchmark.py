@@ -1,7 +1,8 @@
-"""Throughput of `dataset_tools.py convert` and `encode` on synthetic data (numbers: docs/DATA.md).
+"""Throughput of `dataset_tools.py convert`, `encode` and the REPA loader on synthetic data (numbers: docs/DATA.md).
 
     python -m data.benchmark convert --images 400             # ~500x375 JPEGs -> 256x256 PNGs
     python -m data.benchmark encode --images 16 --batch-size 8 # SD-VAE architecture, random weights
+    python -m data.benchmark paired-loader --images 1024 --workers 1 2  # images + latents, per worker
 
 Nothing is downloaded: the JPEGs are synthetic (smooth colour fields, edges and noise, so
 they compress and decode like photos), and the VAE has the sd-vae-ft-mse architecture with
@@ -128,6 +129,96 @@ def bench_encode(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _write_random_latents(images_dir: str, dest: str, fmt: str, seed: int = 0) -> None:
+    """Latents in encode's layout (per-image or packed) for the images at `images_dir`, with random values:
+    reading them costs what reading real ones costs."""
+    from data import encode as encode_mod
+    from data import packed as packed_fmt
+    from data.datasets import open_dataset
+    from data.storage import atomic_save_npy
+
+    images = open_dataset(images_dir, kind="images")
+    _, h, w = images.item_shape
+    shape = (8, h // 8, w // 8)
+    rng = np.random.default_rng(seed)
+    os.makedirs(dest, exist_ok=True)
+    if fmt == "per-image":
+        for name in encode_mod.latent_names(images.files):
+            os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+            atomic_save_npy(os.path.join(dest, name), rng.standard_normal(shape).astype(np.float32))
+        encode_mod._write_per_image_index(images, dest)
+    else:
+        shard_size = 10000
+        for s, (_start, count) in enumerate(packed_fmt.shard_ranges(len(images), shard_size)):
+            writer = packed_fmt.ShardWriter(dest, s, count, shape)
+            writer.write(rng.standard_normal((count, *shape)).astype(np.float32), np.arange(count))
+            writer.close()
+        encode_mod._write_packed_index(images, dest, shard_size, {"format": "packed", "vae": "random"})
+
+
+def _item_costs(dataset, target: float) -> None:
+    """CPU time of one item in this process, on one torch thread (what a DataLoader worker runs)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run with one thread
+    try:
+        order = np.random.default_rng(0).permutation(len(dataset))
+        costs = {}
+        for what, read in (("image decode", lambda i: dataset.images[i]),
+                           ("latent read", lambda i: dataset.latents[i]), ("item", lambda i: dataset[i])):
+            t = time.process_time()
+            for i in order:
+                read(int(i))
+            costs[what] = (time.process_time() - t) / len(order)
+    finally:
+        torch.set_num_threads(before)
+    print(", ".join(f"{k} {v * 1e3:.2f} ms CPU" for k, v in costs.items())
+          + f" per item in one process: {1 / costs['item']:.0f} images/s per fully used core, "
+          f"{target * costs['item']:.1f} cores (workers) for {target:.0f} images/s")
+
+
+def bench_paired_loader(args) -> None:
+    """Images/s of a shuffled DataLoader over `open_paired` (PNG decode + latent read + collate)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data.convert import convert_dataset
+    from data.paired import open_paired
+
+    work = tempfile.mkdtemp(prefix="bench-paired-")
+    try:
+        src = os.path.join(work, "train")
+        make_jpeg_tree(src, args.images)
+        root = os.path.join(work, "data")
+        convert_dataset(src, os.path.join(root, "images"), resolution=(256, 256), workers=args.convert_workers,
+                        progress=False)
+        _write_random_latents(os.path.join(root, "images"), os.path.join(root, "vae-sd"), args.format)
+        dataset = open_paired(root, resolution=256)
+        png_kib = np.mean([os.path.getsize(os.path.join(root, "images", f)) for f in dataset.images.files]) / 1024
+        print(f"{len(dataset)} images 256x256 (PNG level 1 from convert, mean {png_kib:.0f} KiB) + {args.format} "
+              f"latents {dataset.item_shape}, batch {args.batch_size}, shuffled")
+        _item_costs(dataset, args.target)
+        for workers in args.workers:
+            loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                                drop_last=True, generator=torch.Generator().manual_seed(0))
+            cpu = _cpu_seconds()
+            batches = iter(loader)
+            next(batches)  # worker start-up and the first batch are not counted
+            t, count = time.time(), 0
+            for images, moments, labels in batches:
+                count += len(images)
+            wall = time.time() - t
+            del batches  # joins the workers, so that their CPU time is counted
+            cpu = _cpu_seconds() - cpu
+            per_worker = count / wall / max(workers, 1)
+            print(f"paired loader, {workers} worker(s): {count / wall:.1f} images/s ({per_worker:.1f} per worker; "
+                  f"{count} images in {wall:.1f} s), {(count + args.batch_size) / cpu:.1f} images per CPU-second "
+                  f"(all processes); {args.target / per_worker:.1f} workers for {args.target:.0f} images/s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -141,10 +232,17 @@ def main(argv=None) -> None:
     e.add_argument("--precision", nargs="+", default=["fp32"])
     e.add_argument("--device", default=None)
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p = sub.add_parser("paired-loader")
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--format", choices=["per-image", "packed"], default="per-image")
+    p.add_argument("--convert-workers", type=int, default=None)
+    p.add_argument("--target", type=float, default=600.0, help="images/s one GPU consumes (SiT-XL/2: ~600)")
     args = parser.parse_args(argv)
     print(f"{time.strftime('%Y-%m-%d')} {platform.machine()} {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}")
-    bench_convert(args) if args.what == "convert" else bench_encode(args)
+    {"convert": bench_convert, "encode": bench_encode, "paired-loader": bench_paired_loader}[args.what](args)
 
 
 if __name__ == "__main__":
