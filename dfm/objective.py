@@ -83,7 +83,7 @@ class FlowMatchingObjective:
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor,
                  encoder_features: Optional[Sequence[torch.Tensor]] = None,
-                 generator: Optional[torch.Generator] = None) -> dict:
+                 generator: Optional[torch.Generator] = None, model_kwargs: Optional[dict] = None) -> dict:
         """Loss for a batch ``x`` (B, C, H, W) of scaled latents or pixels with labels ``y`` (B,).
 
         Returns ``{"loss": scalar to backpropagate, "stage_losses": (S,) mean loss of each stage
@@ -102,7 +102,7 @@ class FlowMatchingObjective:
             inputs.append(x_t)
             targets.append(v)
         want_features = encoder_features is not None and self.proj_coeff > 0
-        out = model(inputs, t, y, active, return_features=want_features)
+        out = model(inputs, t, y, active, return_features=want_features, **(model_kwargs or {}))
         predictions, zs = out if want_features else (out, None)
         dtype = torch.promote_types(targets[0].dtype, torch.float32)  # bf16 outputs: loss in fp32
         per_stage = torch.stack([((p.to(dtype) - v.to(dtype)) ** 2).mean(dim=(1, 2, 3))

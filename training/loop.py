@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -145,6 +145,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
 
     # ---- loop state (device tensors; read at log steps only)
     prepare = BatchPreparer(is_pixel_space(cfg), device)
+    logged_terms = ("proj_loss",) if cfg.proj_coeff > 0 else ()
     metrics = MetricWindow(S, device)
     last_ckpt, last_preview = resume_path, None
     last_saved_step = start_step if resumed else -1
@@ -202,9 +203,10 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                 inputs = prepare(next(data_iter), generator)
                 sync = contextlib.nullcontext() if a == A - 1 else accelerator.no_sync(model)
                 with sync:
-                    out = objective(model, inputs.x, inputs.y, generator=generator)
+                    out = objective(model, inputs.x, inputs.y, generator=generator,
+                                    encoder_features=inputs.encoder_features, model_kwargs=inputs.model_kwargs)
                     accelerator.backward(out["loss"] / A)
-                metrics.add_micro_batch(out, step, A)
+                metrics.add_micro_batch(out, step, A, terms=logged_terms)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -245,9 +247,12 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
 @dataclass
 class ModelInputs:
     """One micro-batch as the objective takes it: x (B, C, H, W) scaled latents or pixels in
-    [-1, 1], y (B,) labels."""
+    [-1, 1], y (B,) labels; `encoder_features` (REPA: one (B, T, D) tensor per encoder) and
+    `model_kwargs` (extra forward arguments, e.g. ELIT's `inference_budget`) where used."""
     x: torch.Tensor
     y: torch.Tensor
+    encoder_features: Optional[list] = None
+    model_kwargs: dict = field(default_factory=dict)
 
 
 class BatchPreparer:
@@ -282,10 +287,17 @@ class MetricWindow:
         self.loss, self.grad, self.stage_sum, self.stage_cnt = zeros(()), zeros(()), zeros(num_stages), \
             zeros(num_stages)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.terms = {}  # other scalar loss terms the objective reports (e.g. REPA's proj_loss)
+        self.device = device
         self.steps = 0
         self.start = time.time()
 
-    def add_micro_batch(self, out: dict, step: int, accumulation: int) -> None:
+    def add_micro_batch(self, out: dict, step: int, accumulation: int, terms=()) -> None:
+        """Add one micro-batch's `loss`, `stage_losses` and the named scalar `terms` of `out`."""
+        for name in terms:
+            if name not in self.terms:
+                self.terms[name] = torch.zeros((), device=self.device)
+            self.terms[name] += out[name].detach().float() / accumulation
         loss = out["loss"].detach()
         self.loss += loss / accumulation
         self.stage_sum += out["stage_losses"] / accumulation
@@ -307,7 +319,9 @@ class MetricWindow:
     def read(self, accelerator, batch_size: int) -> dict:
         """Averages over the window (and the processes), then start a new window."""
         S, P = self.S, accelerator.num_processes
-        stats = torch.cat([self.loss[None], self.grad[None], self.stage_sum, self.stage_cnt])
+        names = sorted(self.terms)
+        stats = torch.cat([self.loss[None], self.grad[None], self.stage_sum, self.stage_cnt]
+                          + [self.terms[n][None] for n in names])
         stats = (accelerator.reduce(stats, reduction="sum") if P > 1 else stats).tolist()
         elapsed = time.time() - self.start
         values = {"loss": stats[0] / (P * self.steps), "grad_norm": stats[1] / (P * self.steps),
@@ -315,7 +329,9 @@ class MetricWindow:
         for s in range(S):
             if stats[2 + S + s] > 0 and S > 1:
                 values[f"loss_stage{s}"] = stats[2 + s] / stats[2 + S + s]
-        for t in (self.loss, self.grad, self.stage_sum, self.stage_cnt):
+        for i, name in enumerate(names):
+            values[name] = stats[2 + 2 * S + i] / (P * self.steps)
+        for t in (self.loss, self.grad, self.stage_sum, self.stage_cnt, *self.terms.values()):
             t.zero_()
         self.steps = 0
         self.start = time.time()
