@@ -103,13 +103,18 @@ class BadSampleTracker:
     line naming the file and the problem, not a worker traceback). ``skip``: each bad file is
     recorded once (index, path, reason, first step), every replacement is counted.
     ``existing``: a ``bad_samples.json`` of an earlier launch of the run, whose files are kept.
+    ``defer_errors`` (multi-process runs, where one rank raising alone leaves the others hanging in
+    a collective): ``error`` keeps the first error in ``.pending`` instead of raising; the loop
+    checks ``pending`` on every rank at its next synchronisation point and stops them all.
     """
 
-    def __init__(self, dataset, policy: str = "error", existing: Optional[str] = None):
+    def __init__(self, dataset, policy: str = "error", existing: Optional[str] = None, defer_errors: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"bad_samples must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.dataset = dataset.dataset if isinstance(dataset, ReplaceBadSamples) else dataset
         self.policy = policy
+        self.defer_errors = defer_errors
+        self.pending: Optional[CorruptSampleError] = None
         self.replacements = 0
         self.records: dict[int, dict] = {}
         if existing and os.path.isfile(existing):
@@ -130,7 +135,10 @@ class BadSampleTracker:
             return []
         indices = flags[hit].tolist()
         if self.policy == "error":
-            raise self.error_for(indices[0])
+            if not self.defer_errors:
+                raise self.error_for(indices[0])
+            self.pending = self.pending or self.error_for(indices[0])
+            return []
         self.replacements += len(indices)
         new = []
         for index in indices:

@@ -170,6 +170,8 @@ def test_skip_replaces_deterministically_whatever_the_workers(tmp_path):
         strict.observe(torch.tensor([-1, 1]))
     assert "00000/img00000001.npy" in str(info.value) and "bad_samples=skip" in str(info.value)
     assert "\n" not in str(info.value)
+    deferred = BadSampleTracker(wrapped, "error", defer_errors=True)
+    assert deferred.observe(torch.tensor([5, 1])) == [] and deferred.pending.index == 5
     with pytest.raises(ValueError, match="bad_samples must be one of error, skip"):
         BadSampleTracker(wrapped, "ignore")
 
