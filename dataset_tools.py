@@ -4,8 +4,10 @@
         --resolution 256x256 --transform center-crop-dhariwal
     python dataset_tools.py encode --source data/images --dest data/vae-sd
     torchrun --nproc_per_node 8 dataset_tools.py encode --source data/images --dest data/vae-sd
+    python dataset_tools.py verify data/vae-sd      # every item readable? exit 1 when not
 
-Both steps resume when rerun. Formats and flags: docs/DATA.md. Logic: data/convert.py, data/encode.py.
+Both steps resume when rerun. Formats and flags: docs/DATA.md. Logic: data/convert.py, data/encode.py,
+data/verify.py.
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ def _parse(argv=None) -> argparse.Namespace:
     enc.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8 on GPU, 0 on CPU)")
     enc.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ver = sub.add_parser("verify", help="check every item of a dataset (images or latents); exit 1 on problems")
+    ver.add_argument("path", help="dataset folder or .zip (output of convert or encode)")
+    ver.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
+    ver.add_argument("--report", default=None,
+                     help="report path (default: DIR/verify_report.json, or DIR.zip.verify_report.json)")
+    ver.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
@@ -64,6 +72,13 @@ def main(argv=None) -> int:
                 progress=not args.no_progress,
             )
             print(format_summary(summary))
+        elif args.command == "verify":
+            from data.verify import format_summary, verify_dataset
+
+            summary = verify_dataset(args.path, workers=args.workers, report=args.report,
+                                     progress=not args.no_progress)
+            print(format_summary(summary))
+            return 1 if summary["num_problems"] else 0
         else:
             from data.encode import encode_dataset, format_summary
 

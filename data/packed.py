@@ -10,6 +10,9 @@
 
 Shards are ordinary .npy files (np.load(..., mmap_mode="r") reads them without copying).
 index.json is written last: a folder without it is an unfinished encode, not a dataset.
+
+A missing or truncated shard, one of another shape or dtype than index.json says, a row with
+NaN/inf or a label out of range raises CorruptSampleError for the items concerned.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import os
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .per_image import check_latent
+from .robust import CorruptSampleError, checked_label
 
 FORMAT_NAME = "dfm-packed-latents"
 INDEX_NAME = "index.json"
@@ -111,23 +117,48 @@ class PackedLatentDataset(Dataset):
                              f"index.json says {index['num_items']}")
 
     def _array(self, shard: int) -> np.ndarray:
+        """The memory-mapped shard; ValueError(reason) when it is missing or does not match index.json."""
         arr = self._arrays.get(shard)
         if arr is None:
-            arr = np.load(os.path.join(self.path, self._shards[shard]["file"]), mmap_mode="r")
+            info = self._shards[shard]
+            try:
+                arr = np.load(os.path.join(self.path, info["file"]), mmap_mode="r")
+            except FileNotFoundError:
+                raise ValueError("the shard file is missing") from None
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"the shard is not a readable .npy array ({type(e).__name__}: {e}); "
+                                 "truncated or damaged?") from None
+            expected = (info["count"], *self.item_shape)
+            if arr.shape != expected or arr.dtype != np.float32:
+                raise ValueError(f"the shard holds {arr.dtype} {arr.shape}, index.json says float32 {expected}")
             self._arrays[shard] = arr
         return arr
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int):
+    def _locate(self, i: int) -> tuple[int, int]:
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         shard = bisect.bisect_right(self._starts, i) - 1
-        row = np.array(self._array(shard)[i - self._starts[shard]], dtype=np.float32)
-        return torch.from_numpy(row), int(self.labels[i])
+        return shard, i - self._starts[shard]
+
+    def sample_path(self, i: int) -> str:
+        """`<folder>/shard-XXXXX.npy[row j]` for item `i`."""
+        shard, row = self._locate(i)
+        return f"{os.path.join(self.path, self._shards[shard]['file'])}[row {row}]"
+
+    def __getitem__(self, i: int):
+        shard, row = self._locate(i)
+        try:
+            x = check_latent(np.array(self._array(shard)[row], dtype=np.float32))
+        except ValueError as e:
+            raise CorruptSampleError(i, self.sample_path(i), str(e)) from None
+        return torch.from_numpy(x), checked_label(self, i, f"labels.npy; index.json says {self.num_classes} classes")
+
+    load_item = __getitem__  # the shape is checked per shard
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -6,6 +6,10 @@
 
 Items are the `labels` entries in order; `num_classes` is `len(classes)` when dataset.json
 lists them (empty class folders count), else `max(label) + 1`.
+
+A file that is missing, cannot be decoded, has another shape than the dataset's (that of the
+first readable item), non-finite values, or a label outside `0..num_classes-1` raises
+CorruptSampleError naming the file (data/robust.py).
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .robust import CorruptSampleError, checked_label
 from .storage import ZipReader
 from .transforms import to_rgb
 
@@ -57,18 +62,52 @@ class _PerImageDataset(Dataset):
             return f.read()
 
     def _decode(self, data: bytes) -> torch.Tensor:
+        """The item's tensor; raises ValueError(reason) when the bytes are not a valid item."""
         raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def sample_path(self, i: int) -> str:
+        """Where item `i` lives: `<folder or zip>/<path inside>`."""
+        return os.path.join(self.path, self.files[i])
+
+    def load_item(self, i: int):
+        """(tensor, label) of item `i` with every check except the shape against the dataset's."""
+        try:
+            data = self._read(self.files[i])
+        except (FileNotFoundError, KeyError):
+            raise CorruptSampleError(i, self.sample_path(i), "the file is missing") from None
+        except OSError as e:
+            raise CorruptSampleError(i, self.sample_path(i), f"cannot read the file: {e}") from None
+        try:
+            x = self._decode(data)
+        except ValueError as e:
+            raise CorruptSampleError(i, self.sample_path(i), str(e)) from None
+        return x, checked_label(self, i, f"dataset.json lists {self.num_classes} classes")
+
     def __getitem__(self, i: int):
-        return self._decode(self._read(self.files[i])), int(self.labels[i])
+        x, label = self.load_item(i)
+        if tuple(x.shape) != self.item_shape:
+            raise CorruptSampleError(i, self.sample_path(i), f"shape {tuple(x.shape)} differs from the dataset's "
+                                     f"{self.item_shape} (that of its first readable item)")
+        return x, label
 
     @property
     def item_shape(self) -> tuple[int, int, int]:
         if self._item_shape is None:
-            self._item_shape = tuple(self[0][0].shape)
+            error = None
+            for i in range(len(self)):
+                try:
+                    self._item_shape = tuple(self.load_item(i)[0].shape)
+                    break
+                except CorruptSampleError as e:
+                    error = error or e
+                    if i >= 1000:
+                        raise ValueError(f"{self.path!r}: the first 1000 items are all unreadable "
+                                         f"(first: {error})") from None
+            else:
+                raise ValueError(f"{self.path!r}: no item is readable (first: {error})")
         return self._item_shape
 
     def __repr__(self) -> str:
@@ -82,8 +121,13 @@ class ImageFolderDataset(_PerImageDataset):
     kind = "images"
 
     def _decode(self, data: bytes) -> torch.Tensor:
-        with Image.open(io.BytesIO(data)) as img:
-            arr = np.asarray(to_rgb(img))
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                arr = np.asarray(to_rgb(img))  # decodes everything: a truncated file fails here
+        except UnidentifiedImageError:
+            raise ValueError("not a decodable image (PIL cannot identify the format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ValueError(f"cannot decode the image ({type(e).__name__}: {e}); truncated or damaged?") from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -93,4 +137,20 @@ class LatentFolderDataset(_PerImageDataset):
     kind = "latents"
 
     def _decode(self, data: bytes) -> torch.Tensor:
-        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32, copy=False))
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"not a readable .npy array ({type(e).__name__}: {e}); truncated or damaged?") from None
+        return torch.from_numpy(check_latent(arr))
+
+
+def check_latent(arr: np.ndarray) -> np.ndarray:
+    """`arr` as float32 (C, h, w) moments; ValueError(reason) for another dtype, rank or NaN/inf."""
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"latent has dtype {getattr(arr, 'dtype', type(arr).__name__)}, expected float32")
+    if arr.ndim != 3:
+        raise ValueError(f"latent has shape {arr.shape}, expected (channels, height, width)")
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"latent holds {int((~np.isfinite(arr)).sum())} non-finite values (NaN/inf)")
+    return arr

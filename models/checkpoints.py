@@ -9,6 +9,8 @@ from typing import Dict, Optional
 import torch
 
 from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name
+from models.weights_io import UntrustedCheckpointError, is_safetensors, read_weights_file, torch_load_cpu
+from utils.checksum import verify_file
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _HEADS_BY_HIDDEN = {cfg["hidden_size"]: cfg["num_heads"] for cfg in SIZES.values()}
@@ -16,23 +18,29 @@ _SIZE_BY_DEPTH_HIDDEN = {(cfg["depth"], cfg["hidden_size"]): size for size, cfg 
 _ELIT_QUERIES = "input_token_editor.adapters.0.learned_query_embed"
 
 
-def read_checkpoint(path: str) -> dict:
-    """``torch.load`` on CPU with a clear error for a missing or unreadable file.
+def read_checkpoint(path: str, trust_checkpoint: bool = False, verify: bool = True) -> dict:
+    """A checkpoint file (``.pt`` or ``.safetensors``) as a dict on CPU, with one clear
+    ValueError for an unreadable, damaged or untrusted file (FileNotFoundError when missing).
 
-    Memory-mapped where the file format allows it (the weights are read when used, once);
-    ``weights_only`` first, full unpickling only for older checkpoints that need it.
+    ``.pt`` files are read with ``weights_only=True`` (memory-mapped where the format allows):
+    no code from the file runs. One that needs full unpickling raises UntrustedCheckpointError
+    unless ``trust_checkpoint=True`` (see :mod:`models.weights_io`). ``.safetensors`` files come
+    back in the same shape as our ``.pt`` checkpoints. ``verify``: a file with a ``.sha256``
+    sidecar is checked against it first (ChecksumMismatchError when it differs).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    error = None
-    for kwargs in ({"mmap": True, "weights_only": True}, {"mmap": True, "weights_only": False},
-                   {"weights_only": False}):  # the legacy (non-zip) format cannot be memory-mapped
-        try:
-            return torch.load(path, map_location="cpu", **kwargs)
-        except Exception as e:  # noqa: BLE001 - each variant fails differently
-            error = e
-    raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error} "
-                     "(truncated or not a PyTorch file?)") from error
+    if verify:
+        verify_file(path)
+    try:
+        if is_safetensors(path):
+            return read_weights_file(path)
+        return torch_load_cpu(path, trust_checkpoint)
+    except UntrustedCheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - torch and safetensors fail in many ways
+        raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error} "
+                         "(truncated or not a PyTorch/safetensors file?)") from error
 
 
 def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
@@ -134,15 +142,17 @@ def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Op
     model.load_state_dict(state)
 
 
-def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = True, **overrides):
+def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = True, *,
+                    trust_checkpoint: bool = False, **overrides):
     """A ready model (eval mode) from a checkpoint file.
 
     Handles our training checkpoints (rebuilt from their stored ``arch``), REPA checkpoints,
     reference DFM-SiT checkpoints (``{"model"|"ema": ...}`` dicts or plain state dicts) and
     official SiT checkpoints (8-channel head rows dropped, evaluated at ``1 - t`` and negated).
     ``name``/``overrides`` force an architecture; otherwise it is inferred from the weights.
+    ``.safetensors`` files are read too; ``trust_checkpoint``: see :func:`read_checkpoint`.
     """
-    return model_from_checkpoint(read_checkpoint(path), name, prefer_ema, **overrides)
+    return model_from_checkpoint(read_checkpoint(path, trust_checkpoint), name, prefer_ema, **overrides)
 
 
 def _check_elit_name(name: str, guessed: str) -> None:

@@ -26,7 +26,7 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_torch_save({"model": Unpicklable()}, path)
     assert torch.load(path, weights_only=True)["steps"] == 5  # the old checkpoint is intact
-    assert os.listdir(os.path.dirname(path)) == ["0000005.pt"]  # no temporary left behind
+    assert sorted(os.listdir(os.path.dirname(path))) == ["0000005.pt", "0000005.pt.sha256"]  # no temporary left
 
 
 def test_prune_keeps_newest_k(tmp_path):

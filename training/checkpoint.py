@@ -7,6 +7,11 @@ tensors are stored, so `torch.load(..., weights_only=True)` reads it.
 
 Writes go to a temporary file in the same folder, are fsync'ed, then renamed over the final
 name, so a crash leaves either the old state or the complete new file, never half a file.
+
+Every checkpoint gets a SHA-256 sidecar `<step:07d>.pt.sha256` (utils/checksum.py), hashed
+while the file is written and published just before the `.pt` is renamed into place, so every
+published `.pt` has one. Resume and `load_checkpoint` verify it; a damaged file is skipped
+like a truncated one. Files without a sidecar (older runs) load unverified.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from utils.atomic import atomic_write
+from utils.checksum import SUFFIX as SIDECAR_SUFFIX
+from utils.checksum import HashingWriter, sidecar_path, write_sidecar
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 REQUIRED_KEYS = ("model", "ema", "opt", "steps")
@@ -32,9 +40,14 @@ def checkpoint_path(exp_dir: str, step: int) -> str:
     return os.path.join(checkpoint_dir(exp_dir), f"{step:07d}.pt")
 
 
-def atomic_torch_save(obj, path: str) -> None:
+def atomic_torch_save(obj, path: str, checksum: bool = True) -> None:
+    """`torch.save` to `path` atomically; with `checksum`, also `path.sha256` (written before
+    the rename, so a published `.pt` always has its sidecar)."""
     with atomic_write(path, "wb", fsync=True) as f:
-        torch.save(obj, f)
+        writer = HashingWriter(f) if checksum else f
+        torch.save(obj, writer)
+        if checksum:
+            write_sidecar(path, writer.hexdigest())
 
 
 def list_checkpoints(exp_dir: str) -> list[tuple[int, str]]:
@@ -51,10 +64,14 @@ def list_checkpoints(exp_dir: str) -> list[tuple[int, str]]:
 
 
 def remove_stale_temporaries(exp_dir: str) -> None:
+    """Delete `.tmp-*` files and sidecars whose checkpoint was never published (a crash
+    between the two renames of `atomic_torch_save`)."""
     folder = checkpoint_dir(exp_dir)
     if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if name.startswith(".tmp-"):
+        names = set(os.listdir(folder))
+        for name in names:
+            orphan = name.endswith(SIDECAR_SUFFIX) and name[:-len(SIDECAR_SUFFIX)] not in names
+            if name.startswith(".tmp-") or orphan:
                 try:
                     os.remove(os.path.join(folder, name))
                 except OSError:
@@ -69,27 +86,69 @@ def prune_checkpoints(exp_dir: str, keep: Optional[int]) -> list[str]:
     doomed = [path for _, path in ckpts[:-keep]] if len(ckpts) > keep else []
     for path in doomed:
         os.remove(path)
+        try:
+            os.remove(sidecar_path(path))
+        except FileNotFoundError:
+            pass
     return doomed
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load and sanity-check one checkpoint (on CPU). Raises ValueError if it is not complete."""
+    """Load, verify (against its `.sha256` sidecar, when it has one) and sanity-check one
+    checkpoint on CPU. Raises ValueError if it is damaged, unreadable or not complete."""
+    from models.checkpoints import read_checkpoint
+
     try:
         # mmap: every process of a large run reads the file without holding a private copy
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        state = read_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(str(e) if isinstance(e, ValueError) else f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a training checkpoint (needs keys {list(REQUIRED_KEYS)})")
     return state
 
 
-def find_resume_checkpoint(exp_dir: str) -> tuple[Optional[str], Optional[dict]]:
-    """Newest checkpoint of `exp_dir` that loads completely; corrupt ones are skipped with a
-    warning. Returns (path, state) or (None, None) when there is none."""
-    for step, path in reversed(list_checkpoints(exp_dir)):
+@dataclass
+class ResumeChoice:
+    """What `select_resume_checkpoint` found: the newest usable checkpoint (`path`, `state`;
+    both None when none is usable) and every newer file it rejected, as (path, reason)."""
+
+    path: Optional[str] = None
+    state: Optional[dict] = None
+    rejected: list = field(default_factory=list)
+
+    @property
+    def starts_fresh(self) -> bool:
+        return self.state is None
+
+    def messages(self) -> list[str]:
+        """Lines for the run log: one warning per rejected file, and a loud one when files
+        existed but none was usable (training restarts from step 0)."""
+        lines = [f"WARNING: skipping corrupt checkpoint {p}: {reason}" for p, reason in self.rejected]
+        if self.state is None and self.rejected:
+            lines.append(f"WARNING: none of the {len(self.rejected)} checkpoint(s) is usable: STARTING FROM STEP 0. "
+                         "Stop now (Ctrl-C) if you did not mean to restart; the damaged files are kept.")
+        return lines
+
+
+def select_resume_checkpoint(exp_dir: str) -> ResumeChoice:
+    """Newest checkpoint of `exp_dir` that loads completely and matches its checksum; older
+    ones are tried in turn. Nothing is deleted."""
+    choice = ResumeChoice()
+    for _step, path in reversed(list_checkpoints(exp_dir)):
         try:
-            return path, load_checkpoint(path)
+            choice.path, choice.state = path, load_checkpoint(path)
+            return choice
         except ValueError as e:
-            warnings.warn(f"skipping corrupt checkpoint {path}: {e}", stacklevel=2)
-    return None, None
+            choice.rejected.append((path, str(e)))
+    choice.path = None
+    return choice
+
+
+def find_resume_checkpoint(exp_dir: str) -> tuple[Optional[str], Optional[dict]]:
+    """`select_resume_checkpoint` as (path, state), or (None, None) when there is none; each
+    rejected file (and a final "starting from step 0") is reported with `warnings.warn`."""
+    choice = select_resume_checkpoint(exp_dir)
+    for line in choice.messages():
+        warnings.warn(line.removeprefix("WARNING: "), stacklevel=2)
+    return choice.path, choice.state

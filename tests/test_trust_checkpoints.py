@@ -1,0 +1,194 @@
+"""Checkpoints: no code runs from a file unless trusted, .safetensors round trips, SHA-256 sidecars."""
+import argparse
+import hashlib
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import randomize_, tiny_model
+from models import load_pretrained, read_checkpoint
+from models.weights_io import UntrustedCheckpointError, export_checkpoint, export_weights
+from training.checkpoint import (atomic_torch_save, checkpoint_path, find_resume_checkpoint, load_checkpoint,
+                                 prune_checkpoints, remove_stale_temporaries, select_resume_checkpoint)
+from utils.checksum import ChecksumMismatchError, sidecar_path
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _same_outputs(a, b, model):
+    """Both models give bit-identical outputs on the same random multi-stage input."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, model.in_channels, s, s, generator=g) for s in model.stage_sizes]
+    t, y = torch.rand(2, model.num_stages, generator=g), torch.tensor([1, 3])
+    with torch.no_grad():
+        return all(torch.equal(p, q) for p, q in zip(a.eval()(xs, t, y), b.eval()(xs, t, y)))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_reduce_payload_does_not_run(tmp_path, zip_format):
+    model = tiny_model("SiT-S/2")
+    marker = tmp_path / "pwned"
+    path = str(tmp_path / "evil.pt")
+    torch.save({"ema": model.state_dict(), "extra": _Payload(marker)}, path,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UntrustedCheckpointError) as info:
+        load_pretrained(path)
+    message = str(info.value)
+    assert "arbitrary code execution" in message and "--trust-checkpoint" in message and "open" in message.split("(")[1]
+    with pytest.raises(ValueError, match="arbitrary code execution"):  # the training loader refuses too
+        load_checkpoint(path)
+    assert not marker.exists()
+    # the payload is live: an explicit opt-in runs it (which is why it is opt-in)
+    load_pretrained(path, trust_checkpoint=True)
+    assert marker.exists()
+
+
+def test_repa_style_args_namespace_loads_without_trust(tmp_path):
+    model = randomize_(tiny_model("SiT-S/2"))
+    args = argparse.Namespace(model="SiT-XL/2", stage_weights=[0.9, 0.1], elit_min_mask_prob=None,
+                              learning_rate=np.float64(1e-4), steps=np.int64(7))
+    path = str(tmp_path / "repa.pt")
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": args, "steps": 7}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["args"].stage_weights == [0.9, 0.1] and checkpoint["args"].learning_rate == 1e-4
+    assert _same_outputs(load_pretrained(path, num_heads=4), model, model)  # heads cannot be inferred at width 64
+
+
+def test_safetensors_round_trip_through_load_pretrained(tmp_path):
+    model = randomize_(tiny_model("DFM-SiT-S/2"), seed=1)
+    ema = randomize_(tiny_model("DFM-SiT-S/2"), seed=2)
+    path = str(tmp_path / "weights.safetensors")
+    export_weights(path, {"ema": ema.state_dict(), "model": model.state_dict()}, arch=ema.arch,
+                   config={"lr": 1e-4, "stages": 2}, steps=123)
+    checkpoint = read_checkpoint(path)
+    assert set(checkpoint) == {"ema", "model", "arch", "config", "steps"}
+    assert checkpoint["config"] == {"lr": 1e-4, "stages": 2} and checkpoint["steps"] == 123
+    assert checkpoint["arch"]["name"] == "DFM-SiT-S/2"
+    for key, value in ema.state_dict().items():
+        assert torch.equal(checkpoint["ema"][key], value), key
+    assert _same_outputs(load_pretrained(path), ema, ema)
+    assert _same_outputs(load_pretrained(path, prefer_ema=False), model, model)
+    assert not _same_outputs(model, ema, ema)
+    # a foreign .safetensors (a plain state dict, no metadata) loads with the architecture inferred
+    from safetensors.torch import save_file
+
+    plain = str(tmp_path / "plain.safetensors")
+    save_file({f"module.{k}": v.contiguous() for k, v in ema.state_dict().items()}, plain)
+    assert _same_outputs(load_pretrained(plain, num_heads=4), ema, ema)
+
+
+def test_generate_loader_reads_safetensors_and_refuses_payloads(tmp_path):
+    from generation.config import GenerationError
+    from generation.model_loading import load_sampling_model
+
+    ema = randomize_(tiny_model("SiT-S/2"), seed=3)
+    path = str(tmp_path / "w.safetensors")
+    export_weights(path, {"ema": ema.state_dict()}, arch=ema.arch, config={"cfg_prob": 0.1})
+    model, train_config = load_sampling_model(path, None, True, torch.device("cpu"))
+    assert _same_outputs(model, ema, ema)
+    assert train_config == {"cfg_prob": 0.1}
+    marker = tmp_path / "pwned"
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"ema": ema.state_dict(), "x": _Payload(marker)}, evil)
+    with pytest.raises(GenerationError, match="--trust-checkpoint"):
+        load_sampling_model(evil, None, True, torch.device("cpu"))
+    assert not marker.exists()
+
+
+def test_export_checkpoint_converts_a_pt(tmp_path):
+    model = randomize_(tiny_model("SiT-S/2"), seed=4)
+    src = str(tmp_path / "0000010.pt")
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "steps": 10,
+                "args": argparse.Namespace(model="SiT-S/2", cfg_prob=0.1)}, src)
+    dest = export_checkpoint(src, str(tmp_path / "out.safetensors"))
+    checkpoint = read_checkpoint(dest)
+    assert set(checkpoint) == {"ema", "config", "steps"} and checkpoint["config"]["cfg_prob"] == 0.1
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        export_weights(str(tmp_path / "x.pt"), {"ema": model.state_dict()})
+
+
+def _fake_ckpt(step):
+    g = torch.Generator().manual_seed(step)
+    return {"model": {"w": torch.randn(4096, generator=g)}, "ema": {"w": torch.randn(4096, generator=g)},
+            "opt": {}, "steps": step}
+
+
+def _flip_bytes(path, count=64):
+    data = bytearray(open(path, "rb").read())
+    start = len(data) // 2  # inside the tensor payload: the zip and pickle stay readable
+    for i in range(start, start + count):
+        data[i] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_checksum_sidecar_matches_the_file(tmp_path):
+    path = checkpoint_path(str(tmp_path), 3)
+    atomic_torch_save(_fake_ckpt(3), path)
+    text = open(sidecar_path(path)).read()
+    assert text == f"{hashlib.sha256(open(path, 'rb').read()).hexdigest()}  0000003.pt\n"
+
+
+def test_flipped_bytes_are_detected_and_skipped(tmp_path):
+    exp = str(tmp_path)
+    for step in (2, 4, 6):
+        atomic_torch_save(_fake_ckpt(step), checkpoint_path(exp, step))
+    newest = checkpoint_path(exp, 6)
+    _flip_bytes(newest)
+    silently = torch.load(newest, weights_only=True)  # the damage alone goes unnoticed by torch
+    assert not all(torch.equal(silently[k]["w"], _fake_ckpt(6)[k]["w"]) for k in ("model", "ema"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, state = find_resume_checkpoint(exp)
+    assert path == checkpoint_path(exp, 4) and state["steps"] == 4
+    assert torch.equal(state["ema"]["w"], _fake_ckpt(4)["ema"]["w"])
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "0000006.pt" in messages[0] and "SHA-256" in messages[0]
+    with pytest.raises(ValueError, match="damaged"):
+        load_checkpoint(newest)
+    with pytest.raises(ChecksumMismatchError):
+        read_checkpoint(newest)
+    assert os.path.exists(newest)  # kept for inspection
+
+
+def test_no_usable_checkpoint_says_starting_from_step_0(tmp_path):
+    exp = str(tmp_path)
+    for step in (1, 2):
+        atomic_torch_save(_fake_ckpt(step), checkpoint_path(exp, step))
+        _flip_bytes(checkpoint_path(exp, step))
+    choice = select_resume_checkpoint(exp)
+    assert choice.starts_fresh and choice.path is None and len(choice.rejected) == 2
+    assert "STARTING FROM STEP 0" in choice.messages()[-1]
+    fresh = select_resume_checkpoint(str(tmp_path / "new"))
+    assert fresh.starts_fresh and fresh.messages() == []  # a new run is not an alarm
+
+
+def test_checkpoints_without_sidecar_still_load(tmp_path):
+    exp = str(tmp_path)
+    path = checkpoint_path(exp, 5)
+    os.makedirs(os.path.dirname(path))
+    torch.save(_fake_ckpt(5), path)  # an older run / a published file: no .sha256
+    assert load_checkpoint(path)["steps"] == 5
+    assert find_resume_checkpoint(exp)[0] == path
+
+
+def test_prune_and_cleanup_handle_sidecars(tmp_path):
+    exp = str(tmp_path)
+    for step in (1, 2, 3):
+        atomic_torch_save(_fake_ckpt(step), checkpoint_path(exp, step))
+    prune_checkpoints(exp, 1)
+    folder = os.path.dirname(checkpoint_path(exp, 3))
+    assert sorted(os.listdir(folder)) == ["0000003.pt", "0000003.pt.sha256"]
+    open(os.path.join(folder, "0000009.pt.sha256"), "w").write("0" * 64 + "  0000009.pt\n")  # crash before rename
+    remove_stale_temporaries(exp)
+    assert sorted(os.listdir(folder)) == ["0000003.pt", "0000003.pt.sha256"]
