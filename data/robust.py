@@ -64,7 +64,7 @@ def replacement_index(index: int, attempt: int, n: int) -> int:
 
 
 class ReplaceBadSamples(torch.utils.data.Dataset):
-    """``dataset[i] -> (x, y)`` becomes ``(x, y, bad)``: ``bad = -1``, or ``i`` when sample `i`
+    """``dataset[i] -> (x, y)`` becomes ``(x, y, bad)`` (any tuple gains ``bad`` last): ``bad = -1``, or ``i`` when sample `i`
     was corrupt and replaced by a good one (see the module docstring). Other attributes
     (``kind``, ``item_shape``, ``num_classes``, ...) are those of the wrapped dataset."""
 
@@ -81,15 +81,13 @@ class ReplaceBadSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            x, y = self.dataset[i]
-            return x, y, -1
+            return (*self.dataset[i], -1)
         except CorruptSampleError as error:
             first = error
         n = len(self.dataset)
         for attempt in range(1, MAX_PROBES + 1):
             try:
-                x, y = self.dataset[replacement_index(i, attempt, n)]
-                return x, y, i
+                return (*self.dataset[replacement_index(i, attempt, n)], i)
             except CorruptSampleError:
                 continue
         raise CorruptSampleError(i, first.path, f"{first.reason}; and {MAX_PROBES} stand-ins for it are corrupt "

@@ -73,6 +73,9 @@ class GenerateConfig:
     resolution: Optional[int] = _help("image size in pixels (null: from the checkpoint / model)")
     precision: str = _help("fp32 | tf32 | bf16 (model forward; the VAE decodes in fp32)", "tf32")
     use_ema: bool = _help("sample with the EMA weights (false: the raw training weights)", True)
+    trust_checkpoint: bool = _help(
+        "allow full unpickling of a .pt that safe loading refuses. DANGEROUS: unpickling runs any code the "
+        "file carries; use only for files you made or fully trust (or convert them to .safetensors)", False)
     sample_dir: str = _help("output folder", "results")
     run_name: Optional[str] = _help("sub-folder / .npz name (null: derived from ckpt + settings)")
     save_png: bool = _help("keep the PNG folder (false: delete it once the .npz is written)", True)

@@ -8,18 +8,20 @@ import torch
 from .config import GenerationError
 
 
-def load_sampling_model(ckpt: str, model_name: str | None, use_ema: bool, device: torch.device):
+def load_sampling_model(ckpt: str, model_name: str | None, use_ema: bool, device: torch.device,
+                        trust_checkpoint: bool = False):
     """The model in eval mode on `device`, and the checkpoint's training config (or None).
 
     Our checkpoints are rebuilt from their stored `arch`; published ones (REPA, official SiT,
     reference DFM-SiT) from `model_name` or, when that is None, from the weights' shapes.
     A checkpoint that does not fit the requested architecture ends in one GenerationError.
-    The file is read once (memory-mapped).
+    The file is read once (memory-mapped), safely: no code in it runs unless
+    `trust_checkpoint` (generate.py --trust-checkpoint) allows full unpickling.
     """
     from models import model_from_checkpoint, read_checkpoint
 
     try:
-        checkpoint = read_checkpoint(ckpt)
+        checkpoint = read_checkpoint(ckpt, trust_checkpoint=trust_checkpoint)
     except (FileNotFoundError, ValueError) as error:
         raise GenerationError(str(error)) from None
     if not isinstance(checkpoint, dict):

@@ -116,7 +116,8 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     from utils.config import save_config
 
     set_precision(cfg.precision)
-    model, train_config = load_sampling_model(cfg.ckpt, cfg.model, cfg.use_ema, ctx.device)
+    model, train_config = load_sampling_model(cfg.ckpt, cfg.model, cfg.use_ema, ctx.device,
+                                               trust_checkpoint=cfg.trust_checkpoint)
     cfg = resolve_config(cfg, arch_name=model.arch.get("name", cfg.model), num_stages=model.num_stages,
                          num_classes=model.num_classes, input_size=model.input_size,
                          ckpt_config=train_config)

@@ -132,3 +132,8 @@ def test_reference_generation_yaml_and_train_config(tmp_path):
     assert load_generate_config(["--ckpt", "c", "heun=true", "mode=ode"]).method == "heun"
     assert load_generate_config(["--ckpt", "c", "mode=ode", "heun=true"]).method == "heun"
     assert load_generate_config(["--ckpt", "c", "tf32=false"]).precision == "fp32"
+
+
+def test_trust_checkpoint_is_an_explicit_flag():
+    assert load_generate_config(["--ckpt", "c.pt"]).trust_checkpoint is False
+    assert load_generate_config(["--ckpt", "c.pt", "--trust-checkpoint"]).trust_checkpoint is True

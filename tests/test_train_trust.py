@@ -45,7 +45,7 @@ def test_disk_full_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_p
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint "), err
     assert "0000004.pt" in err[0] and "disk full or quota" in err[0] and f"{first} is intact" in err[0]
-    assert sorted(os.listdir(os.path.dirname(first))) == ["0000002.pt"]  # no partial file left
+    assert sorted(os.listdir(os.path.dirname(first))) == ["0000002.pt", "0000002.pt.sha256"]  # no partial file
     assert torch.load(first, weights_only=True)["steps"] == 2
     with open(os.path.join(str(tmp_path), "full", "log.txt")) as f:
         assert "error: cannot write checkpoint" in f.read()  # the same line is in the run's log
@@ -112,3 +112,59 @@ def test_progress_bars_are_quiet_in_log_files():
     bar = progress_bar(total=10, file=Terminal())
     assert bar.mininterval < 1
     bar.close()
+
+
+def _corrupt_copy(src, dst):
+    """A copy of the demo dataset with one garbage PNG."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "dataset.json")) as f:
+        victim = json.load(f)["labels"][3][0]
+    with open(os.path.join(dst, victim), "wb") as f:
+        f.write(b"this is not a png")
+    return dst, victim
+
+
+def test_bad_samples_error_names_the_file_and_skip_resumes_exactly(tiny_data, tmp_path, capsys):
+    from training.config import parse_config
+    from training.loop import train
+
+    data, victim = _corrupt_copy(tiny_data, str(tmp_path / "data"))
+    out = str(tmp_path / "runs")
+    # error (default): one line naming the file and the problem
+    assert train_cli.main(tiny_argv(data, out, exp_name="err", max_train_steps=6)) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and victim in err[0] and "bad_samples=skip" in err[0], err
+    # skip: the run completes, lists the file, and a kill/resume repeats the straight run exactly
+    steps = dict(max_train_steps=6, checkpointing_steps=2, bad_samples="skip")
+    straight = train(parse_config(tiny_argv(data, out, exp_name="straight", **steps)))
+    train(parse_config(tiny_argv(data, out, exp_name="cut", **steps)), stop_after_step=3)
+    resumed = train(parse_config(tiny_argv(data, out, exp_name="cut", **steps)))
+    a = torch.load(straight.last_checkpoint, weights_only=True)
+    b = torch.load(resumed.last_checkpoint, weights_only=True)
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    import json
+
+    with open(os.path.join(out, "straight", "bad_samples.json")) as f:
+        report = json.load(f)
+    assert report["num_files"] == 1 and victim in report["files"][0]["file"]
+    with open(os.path.join(out, "straight", "log.txt")) as f:
+        assert victim in f.read()
+
+
+def test_safetensors_export_loads_without_unpickling(tiny_data, tmp_path):
+    from models import load_pretrained
+    from training.config import parse_config
+    from training.loop import exported_weights_path, train
+
+    result = train(parse_config(tiny_argv(tiny_data, str(tmp_path), exp_name="st", save_format="safetensors",
+                                          max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1)))
+    path = exported_weights_path(result.exp_dir, 4)
+    assert sorted(os.listdir(os.path.dirname(path))) == ["0000004.safetensors"]  # pruned with its checkpoint
+    model = load_pretrained(path)
+    ema = torch.load(result.last_checkpoint, weights_only=True)["ema"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ema[key]), key

@@ -154,6 +154,9 @@ class TrainConfig:
     batch_size: int = field(default=256, metadata=_help(
         "global batch (all processes x gradient_accumulation_steps)"))
     num_workers: int = field(default=4, metadata=_help("data loader workers per process"))
+    bad_samples: str = field(default="error", metadata=_help(
+        "a corrupt data file: error (stop, naming the file) | skip (train on a fixed stand-in, list it in "
+        "<exp>/bad_samples.json)"))
     # --- optimisation ---
     mixed_precision: str = field(default="bf16", metadata=_help("bf16 | fp16 | no"))
     allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on Ampere+ GPUs"))
@@ -175,6 +178,9 @@ class TrainConfig:
     # --- schedule ---
     max_train_steps: int = field(default=400_000, metadata=_help("optimizer steps"))
     checkpointing_steps: int = field(default=50_000, metadata=_help("save a checkpoint every N steps (and at the end)"))
+    save_format: str = field(default="pt", metadata=_help(
+        "pt (training checkpoints only) | safetensors (also export the EMA and raw weights with their arch "
+        "and config as <exp>/weights/<step>.safetensors at each checkpoint)"))
     checkpoints_total_limit: Optional[int] = field(default=None, metadata=_help(
         "keep only the newest K checkpoints; null = keep all"))
     sampling_steps: int = field(default=10_000, metadata=_help("preview grid every N steps (and at start/end); 0 = start/end only"))
@@ -269,6 +275,8 @@ def resolve_config(cfg) -> "OmegaConf":
     if cfg.wandb_mode is not None:
         _choice(cfg, "wandb_mode", ("online", "offline", "disabled"))
     _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
+    _choice(cfg, "bad_samples", ("error", "skip"))
+    _choice(cfg, "save_format", ("pt", "safetensors"))
     if cfg.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.earlier_stage_scale <= 0:

@@ -14,6 +14,10 @@ class CheckpointWriteError(TrainingStopped):
     """A checkpoint (or another run output) could not be written: disk full, quota, permissions."""
 
 
+class CorruptDataError(TrainingStopped):
+    """A training sample is corrupt and `bad_samples=error`; the message names the file."""
+
+
 def describe_write_error(error: BaseException) -> str:
     """A short reason for a failed write: `[Errno 28] No space left on device`, or torch's
     zip-writer failures (`unexpected pos`, `file write failed`) named as what they mean."""

@@ -31,12 +31,15 @@ import torch
 from training.checkpoint import (atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints,
                                  remove_stale_temporaries)
 from training.config import ConfigError, is_pixel_space
-from training.errors import CheckpointWriteError, NonFiniteLossError, TrainingStopped, describe_write_error
+from data.robust import CorruptSampleError
+from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
+                             describe_write_error)
 from training.logger import RunLogger, log_error_to_file, setup_file_logger
 from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
 from training.sampler import ResumableBatchSampler
-from training.setup import (build_train_state, check_batch_split, create_accelerator, make_previewer,
-                            open_training_dataset, resume_target, world_size_from_env, write_demo_data)
+from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
+                            make_previewer, open_training_dataset, resume_target, world_size_from_env,
+                            write_demo_data)
 from utils.config import config_to_dict, save_config
 from utils.progress import progress_bar
 
@@ -67,6 +70,9 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
     except (ConfigError, TrainingStopped) as error:
         log_error_to_file(f"error: {error}")
         raise
+    except CorruptSampleError as error:  # bad_samples=error: one line naming the file
+        log_error_to_file(f"error: {error}")
+        raise CorruptDataError(str(error)) from None
     except Exception as error:
         log_error_to_file(f"training stopped by an unexpected error: {error}", exc_info=sys.exc_info())
         raise
@@ -125,8 +131,9 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
             log.warning(f"WARNING: {', '.join(changed)} changed since the checkpoint; the data order differs "
                         "from the interrupted run")
     resumed, ckpt = ckpt is not None, None  # free the loaded tensors
+    loader_dataset, bad_log = bad_sample_guard(cfg, dataset, exp_dir, P)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=(device.type == "cuda"),
+        loader_dataset, batch_sampler=sampler, num_workers=cfg.num_workers, pin_memory=(device.type == "cuda"),
         persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
 
     # ---- previews (loads the VAE for latent runs: fails here, before any training), logging
@@ -151,6 +158,23 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     last_saved_step = start_step if resumed else -1
     step = start_step
 
+    bad_written = bad_log.count
+
+    def sync_bad_samples() -> None:
+        """Stop every rank on a corrupt sample (bad_samples=error; any rank may hold it), or
+        collect the skipped files on rank 0 and rewrite bad_samples.json when the list grew."""
+        nonlocal bad_written
+        if P > 1:
+            pending = [p for p in _gather_objects(accelerator, bad_log.pending) if p is not None]
+            if pending:
+                raise pending[0]
+            if bad_log.policy == "skip":
+                for records in _gather_objects(accelerator, list(bad_log.records.values())):
+                    bad_log.merge(records)
+        if is_main and bad_log.count != bad_written:
+            bad_log.write(os.path.join(exp_dir, "bad_samples.json"))
+            bad_written = bad_log.count
+
     def check_finite():
         bad = metrics.first_nonfinite_step(accelerator)
         if bad is not None:
@@ -164,6 +188,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     def save(step_now: int):
         nonlocal last_ckpt, last_saved_step
         check_finite()
+        sync_bad_samples()
         _check_ranks_agree(accelerator, raw_model, step_now)
         states = _gather_objects(accelerator, rng_state(generator))
         if is_main:
@@ -172,7 +197,10 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                 "model": raw_model.state_dict(), "ema": ema_model.state_dict(), "opt": optimizer.state_dict(),
                 "arch": dict(raw_model.arch), "config": config_dict, "steps": step_now, "rng": states,
                 "data_position": sampler.position(step_now)}, path, last_ckpt)
+            if cfg.save_format == "safetensors":
+                _export_weights(exp_dir, step_now, raw_model, ema_model, config_dict, last_ckpt)
             removed = prune_checkpoints(exp_dir, cfg.checkpoints_total_limit)
+            _prune_exported_weights(exp_dir)
             log.info(f"saved checkpoint {path}" + (f" (removed {len(removed)} old)" if removed else ""))
             last_ckpt = path
         last_saved_step = step_now
@@ -200,7 +228,11 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
             # ---- one optimizer step: A micro-batches, clip, AdamW, LR schedule, EMA
             for a in range(A):
                 seed_micro_batch(cfg.seed, step, a * P + rank, generator)
-                inputs = prepare(next(data_iter), generator)
+                *items, bad = next(data_iter)
+                for record in bad_log.observe(bad, step=step):
+                    log.warning(f"WARNING: corrupt sample replaced (bad_samples=skip): {record['file']}: "
+                                f"{record['reason']}")
+                inputs = prepare(items, generator)
                 sync = contextlib.nullcontext() if a == A - 1 else accelerator.no_sync(model)
                 with sync:
                     out = objective(model, inputs.x, inputs.y, generator=generator,
@@ -219,8 +251,11 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
             # ---- logging, checkpoints, previews
             if step % cfg.log_every == 0 or step == cfg.max_train_steps:
                 check_finite()
+                sync_bad_samples()
                 values = metrics.read(accelerator, cfg.batch_size)
                 values["lr"] = optimizer.param_groups[0]["lr"]
+                if bad_log.count:
+                    values["bad_samples"] = bad_log.count
                 tracker.log_metrics(values, step)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
                 log.info(f"step {step}/{cfg.max_train_steps} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
@@ -256,7 +291,7 @@ class ModelInputs:
 
 
 class BatchPreparer:
-    """A loader batch `(items, labels)` -> ModelInputs on the device: pixels are scaled to [-1, 1];
+    """A loader batch's columns `[items, labels]` -> ModelInputs on the device: pixels are scaled to [-1, 1];
     latent moments become posterior samples `(mean + std * eps) * 0.18215` drawn from the
     micro-batch's generator."""
 
@@ -264,8 +299,8 @@ class BatchPreparer:
         self.pixel_space = pixel_space
         self.device = device
 
-    def __call__(self, batch, generator: torch.Generator) -> ModelInputs:
-        x, y = batch
+    def __call__(self, items, generator: torch.Generator) -> ModelInputs:
+        x, y = items
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.pixel_space:
@@ -346,6 +381,37 @@ def _write_checkpoint(payload: dict, path: str, last_good: Optional[str]) -> Non
     except (OSError, RuntimeError) as e:
         kept = f"the last good checkpoint {last_good} is intact" if last_good else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {describe_write_error(e)}; {kept}") from None
+
+
+def exported_weights_path(exp_dir: str, step: int) -> str:
+    return os.path.join(exp_dir, "weights", f"{step:07d}.safetensors")
+
+
+def _export_weights(exp_dir: str, step: int, model, ema_model, config: dict, last_good: Optional[str]) -> None:
+    """`save_format: safetensors`: the EMA and raw weights with arch and config, loadable by
+    `models.load_pretrained` and generate.py without unpickling anything."""
+    from models.weights_io import export_weights
+
+    path = exported_weights_path(exp_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        export_weights(path, {"ema": ema_model.state_dict(), "model": model.state_dict()}, arch=dict(model.arch),
+                       config=config, steps=step)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointWriteError(f"cannot write exported weights {path}: {describe_write_error(e)}; the "
+                                   f"checkpoint {last_good} is intact") from None
+
+
+def _prune_exported_weights(exp_dir: str) -> None:
+    """Exported weights follow their checkpoints out (checkpoints_total_limit)."""
+    folder = os.path.join(exp_dir, "weights")
+    if not os.path.isdir(folder):
+        return
+    kept = {step for step, _ in list_checkpoints(exp_dir)}
+    for name in os.listdir(folder):
+        stem = name.split(".")[0]
+        if name.endswith(".safetensors") and stem.isdigit() and int(stem) not in kept:
+            os.remove(os.path.join(folder, name))
 
 
 def _check_ranks_agree(accelerator, model, step: int) -> None:

@@ -6,13 +6,12 @@ message that says what to change; the loop itself stays a readable sequence of s
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from training.checkpoint import find_resume_checkpoint, list_checkpoints, load_checkpoint
+from training.checkpoint import list_checkpoints, load_checkpoint, select_resume_checkpoint
 from training.config import ConfigError, is_pixel_space, model_kwargs
 from training.ema import EMA, create_ema
 
@@ -115,20 +114,15 @@ def open_training_dataset(cfg):
 def resume_target(cfg, exp_dir: str, log):
     """(path, checkpoint dict) to continue from, or (None, None) for a fresh run.
 
-    `resume=auto` takes the newest usable checkpoint of the experiment; unreadable or damaged
-    ones are skipped with a warning each, and when some existed but none is usable the log says
-    loudly that the run starts from step 0.
+    `resume=auto` takes the newest usable checkpoint of the experiment; unreadable ones and
+    ones that fail their checksum are skipped with a warning each, and when some existed but
+    none is usable the log says loudly that the run starts from step 0.
     """
     if cfg.resume == "auto":
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            path, ckpt = find_resume_checkpoint(exp_dir)
-        for w in caught:
-            log.warning(f"WARNING: {w.message}")
-        if ckpt is None and list_checkpoints(exp_dir):
-            log.warning(f"WARNING: no usable checkpoint is left in {exp_dir}/checkpoints: STARTING FROM STEP 0 "
-                        "(the damaged files stay where they are)")
-        return path, ckpt
+        choice = select_resume_checkpoint(exp_dir)
+        for line in choice.messages():
+            log.warning(line)
+        return choice.path, choice.state
     if cfg.resume != "none":
         try:
             return cfg.resume, load_checkpoint(cfg.resume)
@@ -219,3 +213,14 @@ def make_previewer(cfg, model, in_channels, exp_dir, device, is_main):
                         stage_sizes=list(model.stage_sizes), path_type=cfg.path_type,
                         out_dir=os.path.join(exp_dir, "previews"), device=device, vae=vae,
                         autocast_dtype=autocast)
+
+
+def bad_sample_guard(cfg, dataset, exp_dir: str, num_processes: int):
+    """(dataset for the loader, tracker): `bad_samples: error | skip` (data/robust.py). Every item
+    gains a last `bad` column; the tracker (main process of each rank) turns it into one clear
+    error or a record in `<exp_dir>/bad_samples.json`."""
+    from data.robust import BadSampleTracker, ReplaceBadSamples
+
+    tracker = BadSampleTracker(dataset, cfg.bad_samples, existing=os.path.join(exp_dir, "bad_samples.json"),
+                               defer_errors=num_processes > 1)
+    return ReplaceBadSamples(dataset), tracker
