@@ -83,15 +83,18 @@ class ReferenceStatistics:
 
 
 def save_statistics(stats: ReferenceStatistics, path: str) -> None:
-    """Write ``stats`` as an uncompressed ``.npz`` atomically (``meta_json`` added)."""
+    """Write ``stats`` as an uncompressed ``.npz`` (``np.load`` reads it) atomically, ``meta_json`` added."""
     unknown = set(stats.arrays) - set(ARRAY_KEYS)
     if unknown:
         raise ValueError(f"unknown statistics keys {sorted(unknown)}; allowed: {list(ARRAY_KEYS)}")
     meta = {"format": STATS_FORMAT, "version": STATS_VERSION, **stats.meta}
-    buf = io.BytesIO()
-    np.savez(buf, meta_json=np.array(json.dumps(meta, sort_keys=True)), **stats.arrays)
-    with atomic_write(path, "wb") as f:
-        f.write(buf.getvalue())
+    members = {"meta_json": np.array(json.dumps(meta, sort_keys=True)), **stats.arrays}
+    with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key in sorted(members):
+            npy = io.BytesIO()
+            np.save(npy, np.asarray(members[key]), allow_pickle=False)
+            # A fixed timestamp (np.savez stores the current time) keeps reruns byte-identical.
+            zf.writestr(zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0)), npy.getvalue())
 
 
 def is_statistics_file(path: str) -> bool:
@@ -111,7 +114,7 @@ def load_statistics(path: str) -> ReferenceStatistics:
     if not is_statistics_file(path):
         raise InputError(f"reference statistics {path}: not a file written by evaluation.ref_stats (no meta_json)")
     with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(str(data["meta_json"]))
+        meta = json.loads(data["meta_json"].item())
         arrays = {k: np.asarray(data[k]) for k in ARRAY_KEYS if k in data.files}
     if meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
         raise InputError(f"reference statistics {path}: format {meta.get('format')} v{meta.get('version')}, "
