@@ -9,6 +9,7 @@ images consumed over all ranks) are required; every other key with a number is a
 (``fid``, ``sfid``, ``fdd``, ``swd``, ``swd_<res>``, ...; null or missing = not evaluated then).
 A step that appears twice (an evaluation repeated after a resume) keeps the last line. A final
 line without its newline (a write cut short) is ignored; any other unreadable line is an error.
+:func:`append_metrics` writes a record; :func:`plot_convergence` redraws ``convergence.png``.
 
 ``python -m evaluation.compare RUN_DIR ... --metric fdd [--out plot.png] [--table table.md]``
 plots the runs' curves on one PNG and prints, for every ordered pair of runs (A, B), the
@@ -72,6 +73,28 @@ def read_metrics(run: str) -> List[Dict[str, object]]:
                              f'{{"step": int, "images_seen": int, "<metric>": float, ...}}') from None
         by_step[step] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def append_metrics(run_dir: str, step: int, images_seen: int, metrics: Dict[str, float]) -> str:
+    """Append one record to ``run_dir/metrics.jsonl`` (the trainer's writer); returns the path.
+
+    A last line cut short by a crash is removed first, so the file stays readable; the line is
+    flushed and fsynced. Non-finite values are written as null.
+    """
+    path = os.path.join(run_dir, METRICS_FILE)
+    clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
+    line = json.dumps({"step": int(step), "images_seen": int(images_seen), **clean}) + "\n"
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(0)
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+        f.write(line.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    return path
 
 
 def curve(records: Sequence[Dict[str, object]], metric: str, x: str = "step") -> Tuple[np.ndarray, np.ndarray]:

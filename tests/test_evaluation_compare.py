@@ -71,3 +71,13 @@ def test_convergence_png_of_one_run(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     assert compare.plot_convergence(str(tmp_path / "empty")) is None
+
+
+def test_append_metrics_writes_records_and_drops_a_cut_last_line(tmp_path):
+    compare.append_metrics(str(tmp_path), 100, 25600, {"fdd": 5.0, "swd": float("nan")})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 200, "ima')  # a crash mid-write
+    compare.append_metrics(str(tmp_path), 200, 51200, {"fdd": 4.0})
+    records = compare.read_metrics(str(tmp_path))
+    assert records == [{"step": 100, "images_seen": 25600, "fdd": 5.0, "swd": None},
+                       {"step": 200, "images_seen": 51200, "fdd": 4.0}]
