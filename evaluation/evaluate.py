@@ -1,5 +1,9 @@
 """``python -m evaluation.evaluate REF.npz SAMPLES.npz``: FID, sFID, IS, precision, recall
-(and FDD with ``--fdd``) with the definitions of the ADM evaluation suite, in PyTorch.
+(FDD with ``--fdd``, SWD with ``--swd``) with the definitions of the ADM evaluation suite, in PyTorch.
+
+``REF.npz`` is a reference batch (``arr_0``, optionally ADM's stored ``mu/sigma/mu_s/sigma_s``)
+or a statistics file of ``python -m evaluation.ref_stats``; with statistics, precision and
+recall are not computed (they need the reference images' features) and are reported as null.
 
 See docs/EVALUATION.md for the weights to download and how close the numbers are to
 ADM's TensorFlow evaluator.
@@ -21,8 +25,14 @@ from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, reso
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
 from .metrics import PR_NEIGHBOURHOOD, feature_statistics, frechet_distance, inception_score, precision_recall
 from .npz import EvaluationError, InputError, NpzImageBatch, check_same_resolution, read_reference_statistics
+from .online import frechet_scores
+from .stats_file import check_compatible, is_statistics_file, load_statistics
+from .swd import swd as sliced_wasserstein
 
 DEFAULT_NUM_REF_PR = 10000
+DEFAULT_SWD_IMAGES = 10000
+PR_NEEDS_IMAGES = ("not computed: the reference is a statistics file, and precision/recall need the "
+                   "reference images' features; pass a reference batch with arr_0 to get them")
 
 
 def extract_features(images: NpzImageBatch, extractor: Callable[[np.ndarray], object], batch_size: int,
@@ -55,18 +65,49 @@ def _resolve_device(device: Optional[str]) -> torch.device:
     return resolved
 
 
+def _check_options_and_weights(batch_size: int, fid_method: str, device: Optional[str],
+                               inception_weights: Optional[str], fdd: bool, dinov2_model: str,
+                               dinov2_weights: Optional[str]):
+    """Validate the shared options; returns the torch device and the local weights files."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    if fid_method not in ("sqrtm", "eigh"):
+        raise InputError(f"--fid-method {fid_method}: use sqrtm (ADM) or eigh")
+    dinov2_path = resolve_dinov2_weights(dinov2_model, dinov2_weights) if fdd else None
+    return _resolve_device(device), resolve_inception_weights(inception_weights), dinov2_path
+
+
+def _load_images(batch: NpzImageBatch, limit: int) -> np.ndarray:
+    return np.concatenate(list(batch.iter_batches(1024, limit=limit)))
+
+
+def _swd_results(samples: NpzImageBatch, reference: np.ndarray, num_images: int, seed: int) -> Dict[str, float]:
+    """SWD of the first ``num_images`` samples against (at most ``num_images``) reference images."""
+    return sliced_wasserstein(_load_images(samples, num_images), reference[:num_images], seed=seed).as_dict()
+
+
 def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 64, num_ref_pr: Optional[int] = DEFAULT_NUM_REF_PR,
              fdd: bool = False, dinov2_weights: Optional[str] = None, dinov2_model: str = DEFAULT_DINOV2_MODEL,
-             fid_method: str = "sqrtm", allow_resolution_mismatch: bool = False,
+             fid_method: str = "sqrtm", allow_resolution_mismatch: bool = False, swd: bool = False,
+             swd_num_images: int = DEFAULT_SWD_IMAGES, swd_seed: int = 0,
              progress: bool = True) -> Dict[str, object]:
     """All metrics of ``sample_path`` against the reference batch ``ref_path``, as a dict.
 
     Inputs are checked (and weights located) before any network runs. FID/sFID use the
     stored ``mu/sigma/mu_s/sigma_s`` of either file when present, as ADM does; precision and
     recall use the first ``num_ref_pr`` reference images (None or 0: all, ADM's choice; the
-    ImageNet reference batches hold exactly 10000).
+    ImageNet reference batches hold exactly 10000). ``ref_path`` may instead be a statistics
+    file of ``evaluation.ref_stats`` (see :func:`evaluate_against_statistics`). ``swd``: SWD of
+    the first ``swd_num_images`` samples against the first ``swd_num_images`` reference images.
     """
+    if swd and swd_num_images < 1:
+        raise InputError(f"--swd-num-images must be >= 1, got {swd_num_images}")
+    if is_statistics_file(ref_path):
+        return evaluate_against_statistics(
+            ref_path, sample_path, inception_weights=inception_weights, device=device, batch_size=batch_size,
+            fdd=fdd, dinov2_weights=dinov2_weights, dinov2_model=dinov2_model, fid_method=fid_method, swd=swd,
+            swd_num_images=swd_num_images, swd_seed=swd_seed, progress=progress)
     ref, samples = NpzImageBatch(ref_path), NpzImageBatch(sample_path)
     check_same_resolution(ref.info, samples.info, allow_resolution_mismatch)
     ref_stats, sample_stats = read_reference_statistics(ref_path), read_reference_statistics(sample_path)
@@ -79,13 +120,8 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
         if count < min_images:
             raise InputError(f"{name}: {count} images; precision/recall (k = {PR_NEIGHBOURHOOD}) and the "
                              f"covariances need at least {min_images}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    if fid_method not in ("sqrtm", "eigh"):
-        raise InputError(f"--fid-method {fid_method}: use sqrtm (ADM) or eigh")
-    torch_device = _resolve_device(device)
-    weights_path = resolve_inception_weights(inception_weights)
-    dinov2_path = resolve_dinov2_weights(dinov2_model, dinov2_weights) if fdd else None
+    torch_device, weights_path, dinov2_path = _check_options_and_weights(
+        batch_size, fid_method, device, inception_weights, fdd, dinov2_model, dinov2_weights)
 
     with strict_fp32():
         inception = InceptionFeatureExtractor(weights_path, torch_device)
@@ -117,6 +153,8 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
                                               *feature_statistics(ref_dino["features"]), method=fid_method)
             results["dinov2_model"] = dinov2_model
 
+    if swd:
+        results.update(_swd_results(samples, _load_images(ref, swd_num_images), swd_num_images, swd_seed))
     results.update({
         "num_samples": len(samples),
         "num_ref": len(ref),
@@ -124,6 +162,53 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
         "reference_statistics": "stored" if ref_stats is not None else "computed",
         "fid_method": fid_method,
         "ref": str(ref_path),
+        "samples": str(sample_path),
+    })
+    return results
+
+
+def evaluate_against_statistics(stats_path: str, sample_path: str, *, inception_weights: Optional[str] = None,
+                                device: Optional[str] = None, batch_size: int = 64, fdd: bool = False,
+                                dinov2_weights: Optional[str] = None, dinov2_model: str = DEFAULT_DINOV2_MODEL,
+                                fid_method: str = "sqrtm", swd: bool = False,
+                                swd_num_images: int = DEFAULT_SWD_IMAGES, swd_seed: int = 0,
+                                progress: bool = True) -> Dict[str, object]:
+    """FID, sFID, IS (and FDD, SWD) of ``sample_path`` against a statistics file.
+
+    The statistics must be of the samples' resolution and of the same weights files
+    (:func:`evaluation.stats_file.check_compatible`). Precision and recall are ``None`` with
+    the reason under ``"not_computed"``; IS needs only the samples.
+    """
+    stats, samples = load_statistics(stats_path), NpzImageBatch(sample_path)
+    metrics = ["fid", "sfid"] + (["fdd"] if fdd else []) + (["swd"] if swd else [])
+    if len(samples) < 2:
+        raise InputError(f"sample batch {sample_path}: {len(samples)} image(s); a covariance needs at least 2")
+    torch_device, weights_path, dinov2_path = _check_options_and_weights(
+        batch_size, fid_method, device, inception_weights, fdd, dinov2_model, dinov2_weights)
+    check_compatible(stats, metrics, samples.info.resolution, weights_path, dinov2_model, dinov2_path)
+
+    with strict_fp32():
+        feats = extract_features(samples, InceptionFeatureExtractor(weights_path, torch_device), batch_size,
+                                 desc="samples (Inception)", progress=progress)
+        sample_stats = {"pool": feature_statistics(feats["pool"]), "spatial": feature_statistics(feats["spatial"])}
+        if fdd:
+            dino = DinoV2FeatureExtractor(load_dinov2(dinov2_model, dinov2_path, torch_device))
+            dino_feats = extract_features(samples, dino, batch_size, desc="samples (DINOv2)", progress=progress)
+            sample_stats["dinov2"] = feature_statistics(dino_feats["features"])
+    results: Dict[str, object] = frechet_scores(stats, sample_stats, metrics, fid_method)
+    results.update({"inception_score": inception_score(feats["logits"]), "precision": None, "recall": None,
+                    "not_computed": {"precision": PR_NEEDS_IMAGES, "recall": PR_NEEDS_IMAGES}})
+    if fdd:
+        results["dinov2_model"] = dinov2_model
+    if swd:
+        results.update(_swd_results(samples, stats.arrays["swd_images"], swd_num_images, swd_seed))
+    results.update({
+        "num_samples": len(samples),
+        "num_ref": stats.meta["num_images"],
+        "num_ref_pr": 0,
+        "reference_statistics": "statistics file",
+        "fid_method": fid_method,
+        "ref": str(stats_path),
         "samples": str(sample_path),
     })
     return results
@@ -141,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m evaluation.evaluate",
         description="FID, sFID, Inception Score, precision and recall of an ADM-style sample batch "
                     "(uint8 [N, H, W, 3] in arr_0) against a reference batch, as the ADM suite defines them.")
-    parser.add_argument("ref_batch", help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    parser.add_argument("ref_batch", help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a "
+                                          "statistics file from python -m evaluation.ref_stats")
     parser.add_argument("sample_batch", help="sample batch .npz with arr_0 = uint8 [N, H, W, 3]")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
@@ -156,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dinov2-model", default=DEFAULT_DINOV2_MODEL, help=f"timm model name (default {DEFAULT_DINOV2_MODEL})")
     parser.add_argument("--fid-method", default="sqrtm", choices=("sqrtm", "eigh"),
                         help="matrix square root of the Fréchet distance: sqrtm (ADM, default) or eigh (faster)")
+    parser.add_argument("--swd", action="store_true",
+                        help="also compute SWD (ProGAN's sliced Wasserstein distance x1e3; needs no weights)")
+    parser.add_argument("--swd-num-images", type=int, default=DEFAULT_SWD_IMAGES,
+                        help=f"images of each set used for SWD (default {DEFAULT_SWD_IMAGES}; ~75 KB memory each)")
+    parser.add_argument("--swd-seed", type=int, default=0, help="seed of SWD's patches and directions (default 0)")
     parser.add_argument("--allow-resolution-mismatch", action="store_true",
                         help="compare samples and a reference batch of different image sizes")
     parser.add_argument("--out", default=None, metavar="JSON", help="also write the results to this JSON file")
@@ -170,7 +261,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.ref_batch, args.sample_batch, inception_weights=args.inception_weights, device=args.device,
             batch_size=args.batch_size, num_ref_pr=args.num_ref_pr, fdd=args.fdd,
             dinov2_weights=args.dinov2_weights, dinov2_model=args.dinov2_model, fid_method=args.fid_method,
-            allow_resolution_mismatch=args.allow_resolution_mismatch, progress=not args.no_progress)
+            allow_resolution_mismatch=args.allow_resolution_mismatch, swd=args.swd,
+            swd_num_images=args.swd_num_images, swd_seed=args.swd_seed, progress=not args.no_progress)
+        for name, reason in results.get("not_computed", {}).items():
+            print(f"note: {name} {reason}", file=sys.stderr)
         if args.out:
             write_json_atomic(results, args.out)
     except EvaluationError as exc:

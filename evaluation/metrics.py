@@ -36,6 +36,42 @@ def feature_statistics(features: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+class RunningStatistics:
+    """Mean and covariance (ddof = 1) of features seen in batches, from float64 sums.
+
+    ``update`` per batch, ``merge`` the partial sums of other processes (the object pickles),
+    ``finalize`` gives what :func:`feature_statistics` gives on all features at once (up to
+    float64 rounding), without keeping the features.
+    """
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.sum = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def update(self, features: np.ndarray) -> "RunningStatistics":
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.sum):
+            raise ValueError(f"expected (N, {len(self.sum)}) features, got shape {x.shape}")
+        self.count += len(x)
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+        return self
+
+    def merge(self, other: "RunningStatistics") -> "RunningStatistics":
+        self.count += other.count
+        self.sum += other.sum
+        self.outer += other.outer
+        return self
+
+    def finalize(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * np.outer(mu, mu)) / (self.count - 1)
+        return mu, (sigma + sigma.T) / 2
+
+
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
     """``tr sqrtm(sigma1 @ sigma2)`` exactly as ADM/TTUR compute it (Schur square root)."""
     with warnings.catch_warnings():

@@ -143,3 +143,15 @@ def test_pairwise_distances_round_through_float16_like_adm():
 def test_precision_recall_needs_k_plus_one_points():
     with pytest.raises(ValueError, match="at least 4"):
         precision_recall(np.zeros((3, 2)), np.zeros((5, 2)))
+
+
+def test_running_statistics_over_batches_and_merged_parts_equal_np_cov():
+    from evaluation.metrics import RunningStatistics
+
+    x = np.random.default_rng(3).standard_normal((50, 6)) * [1, 2, 3, 4, 5, 6] + 10
+    parts = [RunningStatistics(6).update(x[:7]).update(x[7:20]), RunningStatistics(6).update(x[20:])]
+    mu, sigma = parts[0].merge(parts[1]).finalize()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        RunningStatistics(6).update(x[:1]).finalize()
