@@ -341,3 +341,45 @@ def test_resuming_a_checkpoint_without_projector(repa_data, encoder_file, tmp_pa
     with pytest.raises(ConfigError, match=r"resume: checkpoint .*0000002.pt was trained with"):
         train(repa_config(repa_data, tmp_path, encoder_file, exp_name="plain", max_train_steps=4))
     assert result.steps == 2
+
+
+# ---------------------------------------------------------------- configs and benchmark
+
+
+def test_shipped_repa_configs():
+    """REPA's recipe (its train.py defaults + README command) and the DFM twins plus REPA's keys."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "experiments", "train")
+    load = lambda name: parse_config(["--config", os.path.join(folder, name), "data_dir=/x"])  # noqa: E731
+    repa_keys = dict(proj_coeff=0.5, enc_type="dinov2-vit-b", encoder_weights=None)
+    for name, model, depth in (("repa_sit_xl_2_256.yaml", "SiT-XL/2", 8), ("repa_sit_b_2_256.yaml", "SiT-B/2", 4)):
+        cfg = load(name)
+        assert (cfg.model, cfg.encoder_depth, cfg.weighting, cfg.path_type, cfg.batch_size, cfg.lr, cfg.resolution,
+                cfg.cfg_prob, cfg.max_train_steps) == (model, depth, "uniform", "linear", 256, 1e-4, 256, 0.1, 400_000)
+        assert {k: cfg[k] for k in repa_keys} == repa_keys
+    for res in (256, 512):
+        repa, plain = load(f"repa_dfm_sit_xl_2_{res}.yaml"), load(f"dfm_sit_xl_2_{res}.yaml")
+        assert {k: repa[k] for k in repa_keys} == repa_keys and repa.encoder_depth == 8
+        differ = {k for k in repa if repa[k] != plain[k]}
+        assert differ == {"proj_coeff", "enc_type", "encoder_depth", "exp_name"}, differ
+
+
+def test_benchmark_counts_the_encoder_in_the_training_row():
+    """`--repa`: the frozen encoder runs inside the timed step; its forward FLOPs are added. The
+    count is checked against the ViT formula (CPU attention kernels are not counted by torch's
+    FLOP counter, so the count lies between the formula without and with attention)."""
+    from bench.benchmark import TINY_ENCODER, bench_train
+
+    cpu = torch.device("cpu")
+    plain = bench_train("SiT-S/2", 2, "fp32-tf32", cpu, 1, 0, True)
+    repa = bench_train("SiT-S/2", 2, "fp32-tf32", cpu, 1, 0, True, repa="dinov2-vit-b")
+    assert "repa" not in plain and repa["repa"] == "dinov2-vit-b" and np.isfinite(repa["final_loss"])
+    D, L, N = TINY_ENCODER["embed_dim"], TINY_ENCODER["depth"], 4 * 4 + 1  # 64 px -> 56 px: 16 patches + CLS
+    dense = 2 * (L * 12 * D * D * N + 16 * 3 * 14 * 14 * D)
+    attention = 2 * L * 2 * N * N * D
+    assert dense <= repa["encoder_gflop_per_image"] * 1e9 <= dense + attention
+    from bench.flops import forward_flops_per_image
+    from conftest import tiny_model
+
+    model = tiny_model("SiT-S/2", z_dims=[48], encoder_depth=1)
+    expected = 3 * forward_flops_per_image(model) / 1e9 + repa["encoder_gflop_per_image"]
+    assert repa["train_gflop_per_image"] == pytest.approx(expected)
