@@ -6,6 +6,9 @@
 The training step is the one `train.py` runs: the S-stage objective under autocast, backward,
 gradient clipping, AdamW (fused on CUDA) and the foreach EMA, on random latents at 256 px.
 Variants switch one optimisation at a time so that the table doubles as an ablation.
+`--repa dinov2-vit-b` adds REPA to every training row: the frozen encoder (random weights, same
+architecture and cost) runs on random uint8 images under no_grad + autocast inside the timed
+step, the model gets its projector, and the FLOPs include the encoder's forward pass.
 No timing here is ever asserted by a test.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -29,6 +32,7 @@ import dfm  # noqa: E402
 import models  # noqa: E402
 import samplers  # noqa: E402
 from bench.flops import forward_flops_per_image  # noqa: E402
+from models.encoders import encoder_features  # noqa: E402
 from training.ema import EMA, create_ema  # noqa: E402
 
 DEFAULT_TRAIN = [("SiT-B/2", 64), ("DFM-SiT-B/2", 64), ("SiT-XL/2", 32), ("DFM-SiT-XL/2", 32)]
@@ -59,21 +63,58 @@ def maybe_compile(model, compile_blocks: bool):
     return model
 
 
-def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup: int, tiny: bool) -> Dict:
+TINY_ENCODER = dict(depth=2, embed_dim=48, num_heads=2)  # --cpu-smoke: a shrunk DINOv2
+
+
+def build_encoders(enc_type: str, resolution: int, device, tiny: bool):
+    """REPA's frozen encoders with random weights (the cost of the real ones, no download)."""
+    import timm
+
+    from models.encoders import ENCODERS, FrozenEncoder, encoder_input_size, parse_enc_type
+
+    overrides = TINY_ENCODER if tiny else {}
+    return [FrozenEncoder(n, timm.create_model(ENCODERS[n][0], pretrained=False,
+                                               img_size=encoder_input_size(resolution), **overrides),
+                          resolution).to(device) for n in parse_enc_type(enc_type)]
+
+
+def encoder_flops_per_image(encoders) -> int:
+    """FLOPs of one forward pass of every encoder on one image (counted op by op)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0
+    for enc in encoders:
+        image = torch.zeros(1, 3, enc.resolution, enc.resolution, dtype=torch.uint8, device=enc.device)
+        with FlopCounterMode(display=False) as counter:
+            enc(image)
+        total += counter.get_total_flops()
+    return int(total)
+
+
+def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup: int, tiny: bool,
+                repa: Optional[str] = None) -> Dict:
     dtype, compile_blocks = TRAIN_VARIANTS[variant]
     torch.manual_seed(0)
-    model = maybe_compile(build_model(name, device, tiny).train(), compile_blocks)
+    resolution = (8 if tiny else 32) * 8
+    encoders = build_encoders(repa, resolution, device, tiny) if repa else []
+    extra = {"z_dims": [e.z_dim for e in encoders]} if encoders else {}
+    if encoders and tiny:
+        extra["encoder_depth"] = 1  # the tiny models have 2 blocks
+    model = maybe_compile(build_model(name, device, tiny, **extra).train(), compile_blocks)
     ema = EMA(model, create_ema(model), 0.9999)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
                                   eps=1e-8, fused=device.type == "cuda")
     weighting = "lognormal"
-    objective = dfm.FlowMatchingObjective(model.num_stages, weighting=weighting)
+    objective = dfm.FlowMatchingObjective(model.num_stages, weighting=weighting, proj_coeff=0.5 if repa else 0.0)
     size = model.input_size
     x = torch.randn(batch, model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
+    images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device=device)
+
     def step():
         with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            loss = objective(model, x, y)["loss"]
+            features = encoder_features(encoders, images) if encoders else None
+            loss = objective(model, x, y, encoder_features=features)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
@@ -94,6 +135,10 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
     result = {"model": name, "batch": batch, "variant": variant, "images_per_sec": batch * steps / elapsed,
               "step_ms": 1000 * elapsed / steps, "final_loss": float(loss.detach())}
     flops = 3 * forward_flops_per_image(model)
+    if encoders:  # forward only: the encoder is frozen
+        result["repa"] = repa
+        result["encoder_gflop_per_image"] = encoder_flops_per_image(encoders) / 1e9
+        flops += result["encoder_gflop_per_image"] * 1e9
     result["train_gflop_per_image"] = flops / 1e9
     result["achieved_tflops"] = result["images_per_sec"] * flops / 1e12
     if device.type == "cuda":
@@ -194,6 +239,8 @@ def main(argv=None) -> Dict:
     parser.add_argument("--sample-variants", default=",".join(SAMPLE_VARIANTS))
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--loader-items", type=int, default=20000)
+    parser.add_argument("--repa", default=None, metavar="ENC_TYPE",
+                        help="train rows with REPA: this frozen encoder (random weights), e.g. dinov2-vit-b")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -209,7 +256,7 @@ def main(argv=None) -> Dict:
 
     for name, batch in train_models:
         for variant in train_variants:
-            r = bench_train(name, batch, variant, device, steps, warmup, tiny)
+            r = bench_train(name, batch, variant, device, steps, warmup, tiny, repa=args.repa)
             r["mfu"] = r["achieved_tflops"] / args.peak_tflops if device.type == "cuda" else None
             results["train"].append(r)
             print(json.dumps(r), flush=True)

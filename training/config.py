@@ -117,7 +117,7 @@ class TrainConfig:
     encoder_depth: Optional[int] = field(default=None, metadata=_help(
         "block after which the REPA projector reads tokens; null = model default"))
     proj_coeff: float = field(default=0.0, metadata=_help(
-        "REPA alignment loss weight; only 0 is supported (no DINOv2 features in this trainer)"))
+        "REPA alignment loss weight (REPA: 0.5; needs enc_type); 0 = no alignment"))
     group_size: Optional[int] = field(default=None, metadata=_help(
         "ELIT: window side g in tokens (g x g tokens, g^2 latents per window); null = 4 at 256 px, 8 at 512 px"))
     elit_min_mask_prob: Optional[float] = field(default=None, metadata=_help(
@@ -128,6 +128,8 @@ class TrainConfig:
         "REPA encoder(s), comma-separated, e.g. dinov2-vit-b; none = no alignment loss"))
     encoder_weights: Optional[str] = field(default=None, metadata=_help(
         "REPA encoder weight file(s), comma-separated like enc_type; null = the hub"))
+    encoder_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "REPA encoder architecture overrides for tiny test encoders, keys depth, embed_dim, num_heads, mlp_ratio"))
     model_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
         f"architecture overrides for small models, keys {list(MODEL_OVERRIDE_KEYS)}"))
     # --- objective ---
@@ -144,6 +146,8 @@ class TrainConfig:
     # --- data ---
     data_dir: Optional[str] = field(default=None, metadata=_help(
         "dataset folder or ZIP (dataset_tools.py convert/encode output)"))
+    images_dir: Optional[str] = field(default=None, metadata=_help(
+        "REPA: the images (convert output) encoded into the latents of data_dir; null = data_dir/images"))
     vae: str = field(default="ft-ema", metadata=_help(
         "VAE for latent runs (ft-ema, ft-mse, hub name or local folder); none = pixel space"))
     resolution: int = field(default=256, metadata=_help("image resolution in pixels"))
@@ -283,10 +287,6 @@ def resolve_config(cfg) -> "OmegaConf":
         raise ConfigError(f"earlier_stage_scale must be > 0, got {cfg.earlier_stage_scale}")
     if not 0.0 <= cfg.cfg_prob < 1.0:
         raise ConfigError(f"cfg_prob must be in [0, 1), got {cfg.cfg_prob}")
-    if cfg.proj_coeff != 0:
-        raise ConfigError(
-            "proj_coeff: the REPA alignment loss needs DINOv2 features of the raw images, which this "
-            "trainer does not compute; set proj_coeff=0 (the DFM/SiT comparison of SPEC §6 uses none)")
     for key in cfg.model_overrides:
         if key not in MODEL_OVERRIDE_KEYS:
             hint = {"input_size": "resolution", "in_channels": "vae", "num_classes": "num_classes",
@@ -315,6 +315,9 @@ def resolve_config(cfg) -> "OmegaConf":
                           f"{'image' if pixel else 'latent'} size {size} (resolution {cfg.resolution})")
     if cfg.num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {cfg.num_classes}")
+    from training.repa import check_repa_config
+
+    check_repa_config(cfg, pixel=pixel, size=size, patch=patch)
 
     # --- optimisation / schedule ---
     for key in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",

@@ -35,6 +35,7 @@ from data.robust import CorruptSampleError
 from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
                              describe_write_error)
 from training.logger import RunLogger, log_error_to_file, setup_file_logger
+from training.repa import RepaFeatures, load_run_encoders
 from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
 from training.sampler import ResumableBatchSampler
 from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
@@ -100,11 +101,15 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     if is_main:
         remove_stale_temporaries(exp_dir)
     resume_path, ckpt = resume_target(cfg, exp_dir, log)
+    # REPA: the frozen encoders, on every rank (never part of the model or its checkpoints)
+    repa_features = RepaFeatures(load_run_encoders(cfg, device), accelerator.autocast)
 
     # ---- model, EMA, optimizer, LR schedule, objective
     import dfm
 
-    state = build_train_state(cfg, in_channels, input_size, device, ckpt, resume_path)
+    repa_kwargs = {"z_dims": repa_features.z_dims()} if repa_features.encoders else None
+    state = build_train_state(cfg, in_channels, input_size, device, ckpt, resume_path,
+                              extra_model_kwargs=repa_kwargs)
     raw_model, ema_model, optimizer = state.model, state.ema_model, state.optimizer
     objective = dfm.FlowMatchingObjective(
         S, stage_weights=list(cfg.stage_weights), stage_sampling=cfg.stage_sampling,
@@ -147,11 +152,14 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     log.info(f"experiment {exp_dir}: {cfg.model} ({n_params / 1e6:.2f}M parameters, {S} stage(s)), "
              f"{len(dataset)} {dataset.kind} items, {P} process(es) on {device.type}, global batch "
              f"{cfg.batch_size} = {P} x {A} x {micro_batch}, mixed precision {cfg.mixed_precision}")
+    if repa_features.encoders:
+        log.info(f"REPA: proj_coeff {cfg.proj_coeff}, encoder_depth {raw_model.encoder_depth}, frozen "
+                 + ", ".join(repr(e) for e in repa_features.encoders))
     if resumed:
         log.info(f"resuming from {resume_path} at step {start_step}")
 
     # ---- loop state (device tensors; read at log steps only)
-    prepare = BatchPreparer(is_pixel_space(cfg), device)
+    prepare = BatchPreparer(is_pixel_space(cfg), device, repa_features)
     logged_terms = ("proj_loss",) if cfg.proj_coeff > 0 else ()
     metrics = MetricWindow(S, device)
     last_ckpt, last_preview = resume_path, None
@@ -293,14 +301,21 @@ class ModelInputs:
 class BatchPreparer:
     """A loader batch's columns `[items, labels]` -> ModelInputs on the device: pixels are scaled to [-1, 1];
     latent moments become posterior samples `(mean + std * eps) * 0.18215` drawn from the
-    micro-batch's generator."""
+    micro-batch's generator. REPA batches `(images uint8, moments, labels)` also get the frozen
+    encoders' features of the images (`features`: a `training.repa.RepaFeatures`)."""
 
-    def __init__(self, pixel_space: bool, device):
+    def __init__(self, pixel_space: bool, device, features=None):
         self.pixel_space = pixel_space
         self.device = device
+        self.features = features
 
     def __call__(self, items, generator: torch.Generator) -> ModelInputs:
-        x, y = items
+        encoder_features = None
+        if len(items) == 3:  # REPA: the clean image is the encoder's view
+            images, x, y = items
+            encoder_features = self.features(images.to(self.device, non_blocking=True))
+        else:
+            x, y = items
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.pixel_space:
@@ -309,7 +324,7 @@ class BatchPreparer:
             import data.vae as dvae
 
             x = dvae.sample_latents(x, generator=generator)
-        return ModelInputs(x, y)
+        return ModelInputs(x, y, encoder_features=encoder_features)
 
 
 class MetricWindow:

@@ -69,14 +69,22 @@ def write_demo_data(cfg, accelerator, log) -> None:
 
 def open_training_dataset(cfg):
     """data.open_dataset + checks that the items fit the configured model. Returns
-    (dataset, in_channels, input_size)."""
+    (dataset, in_channels, input_size). REPA runs (proj_coeff > 0) get the two-view
+    `data.open_paired` dataset: items (uint8 image, latent moments, label), alignment checked."""
     import data
+    from training.repa import repa_enabled
 
     pixel = is_pixel_space(cfg)
-    try:
-        dataset = data.open_dataset(cfg.data_dir)
-    except (FileNotFoundError, ValueError, OSError, KeyError) as e:
-        raise ConfigError(f"data_dir: cannot open {cfg.data_dir!r}: {e}") from None
+    if repa_enabled(cfg):
+        try:
+            dataset = data.open_paired(cfg.data_dir, cfg.images_dir or None, resolution=cfg.resolution)
+        except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+            raise ConfigError(f"data_dir / images_dir (REPA needs images and their latents): {e}") from None
+    else:
+        try:
+            dataset = data.open_dataset(cfg.data_dir)
+        except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+            raise ConfigError(f"data_dir: cannot open {cfg.data_dir!r}: {e}") from None
     if len(dataset) == 0:
         raise ConfigError(f"data_dir: {cfg.data_dir!r} holds no items")
     shape = tuple(dataset.item_shape)
@@ -91,7 +99,7 @@ def open_training_dataset(cfg):
                               "convert the data at the wanted resolution")
         in_channels, input_size = 3, cfg.resolution
     else:
-        if dataset.kind != "latents":
+        if dataset.kind not in ("latents", "paired"):
             raise ConfigError(f"data_dir {cfg.data_dir!r} holds images, but vae={cfg.vae!r} trains on latents: "
                               "encode them first (`python dataset_tools.py encode`) or set vae=none to "
                               "train in pixel space")
