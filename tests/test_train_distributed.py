@@ -1,8 +1,6 @@
 """A real 2-process CPU run (torchrun + gloo) agrees with the 1-process run of the same
 global batch: 2 processes x 1 micro-batch == 1 process x 2 accumulation steps."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,21 +8,14 @@ import torch
 from training.demo_data import write_demo_dataset
 from training.loop import train
 
-from train_helpers import load_ckpt, read_losses, tiny_argv, tiny_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_helpers import load_ckpt, read_losses, tiny_argv, tiny_config, torchrun_train
 
 
 def test_two_process_gloo_run_matches_one_process(tmp_path):
     data = write_demo_dataset(str(tmp_path / "data"), resolution=16, num_classes=2, images_per_class=10)
     out = str(tmp_path / "runs")
     common = dict(max_train_steps=3, checkpointing_steps=3, cpu_threads=1)
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               HF_HUB_OFFLINE="1", PYTHONPATH=REPO)
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *tiny_argv(data, out, exp_name="two", gradient_accumulation_steps=1, **common)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    proc = torchrun_train(tiny_argv(data, out, exp_name="two", gradient_accumulation_steps=1, **common), timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     one = train(tiny_config(data, out, exp_name="one", gradient_accumulation_steps=2, **common))

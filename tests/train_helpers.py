@@ -1,6 +1,8 @@
 """Shared pieces of the training tests: a tiny pixel-space dataset and config."""
 import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -37,3 +39,14 @@ def read_losses(exp_dir):
 
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torchrun_train(argv, processes=2, timeout=240):
+    """`train.py argv` under torchrun with `processes` CPU (gloo) processes; the CompletedProcess."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               HF_HUB_OFFLINE="1", PYTHONPATH=repo)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "train.py", *argv]
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)

@@ -30,6 +30,7 @@ import torch
 
 from training.checkpoint import (atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints,
                                  remove_stale_temporaries)
+from training.budget import BudgetSampler
 from training.config import ConfigError, is_pixel_space
 from training.errors import CheckpointWriteError, NonFiniteLossError, TrainingStopped, describe_write_error
 from training.logger import RunLogger, log_error_to_file, setup_file_logger
@@ -145,6 +146,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
 
     # ---- loop state (device tensors; read at log steps only)
     prepare = BatchPreparer(is_pixel_space(cfg), device)
+    budgets = BudgetSampler(raw_model, cfg.seed)  # ELIT: the budget of every micro-batch
     logged_terms = ("proj_loss",) if cfg.proj_coeff > 0 else ()
     metrics = MetricWindow(S, device)
     last_ckpt, last_preview = resume_path, None
@@ -201,6 +203,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
             for a in range(A):
                 seed_micro_batch(cfg.seed, step, a * P + rank, generator)
                 inputs = prepare(next(data_iter), generator)
+                inputs.model_kwargs.update(budgets(step, a))
                 sync = contextlib.nullcontext() if a == A - 1 else accelerator.no_sync(model)
                 with sync:
                     out = objective(model, inputs.x, inputs.y, generator=generator,
@@ -221,6 +224,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                 check_finite()
                 values = metrics.read(accelerator, cfg.batch_size)
                 values["lr"] = optimizer.param_groups[0]["lr"]
+                values.update(budgets.log_values())
                 tracker.log_metrics(values, step)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
                 log.info(f"step {step}/{cfg.max_train_steps} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
