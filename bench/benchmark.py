@@ -1,11 +1,14 @@
-"""Throughput benchmark: training img/s, MFU, peak memory, sampling img/s, loader items/s.
+"""Throughput benchmark: training img/s, MFU, peak memory, sampling img/s, loader items/s, and
+ELIT's training and sampling throughput at the full and at 25 % budget.
 
     python -m bench.benchmark --out docs/perf/h200.json            # on a GPU machine
     python -m bench.benchmark --cpu-smoke                          # tiny models, CI smoke test
 
 The training step is the one `train.py` runs: the S-stage objective under autocast, backward,
 gradient clipping, AdamW (fused on CUDA) and the foreach EMA, on random latents at 256 px.
-Variants switch one optimisation at a time so that the table doubles as an ablation.
+Variants switch one optimisation at a time so that the table doubles as an ablation. ELIT rows
+use a multi-budget ELIT-SiT (every level trained) and count FLOPs with `torch.utils.flop_counter`
+(`bench.flops.counted_forward_flops`) at each budget.
 No timing here is ever asserted by a test.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dfm  # noqa: E402
 import models  # noqa: E402
 import samplers  # noqa: E402
-from bench.flops import forward_flops_per_image  # noqa: E402
+from bench.flops import counted_forward_flops, forward_flops_per_image  # noqa: E402
 from training.ema import EMA, create_ema  # noqa: E402
 
 DEFAULT_TRAIN = [("SiT-B/2", 64), ("DFM-SiT-B/2", 64), ("SiT-XL/2", 32), ("DFM-SiT-XL/2", 32)]
@@ -38,6 +41,9 @@ TRAIN_VARIANTS = {  # name -> (autocast dtype or None, compile)
     "bf16+compile": (torch.bfloat16, True),
 }
 SAMPLE_VARIANTS = {"fp32-tf32": (None, False), "bf16": (torch.bfloat16, False), "bf16+compile": (torch.bfloat16, True)}
+ELIT_MODEL = ("ELIT-SiT-XL/2", 32)  # multi-budget: elit_max_mask_prob = 1 - 1/g^2
+ELIT_BUDGETS = (1.0, 0.25)
+TINY_ELIT = dict(depth=3, encoder_depth=1, elit_tail_depth=1, group_size=2, elit_max_mask_prob=0.75)
 
 
 def synchronize(device):
@@ -59,10 +65,17 @@ def maybe_compile(model, compile_blocks: bool):
     return model
 
 
-def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup: int, tiny: bool) -> Dict:
+def elit_kwargs(tiny: bool) -> Dict:
+    """Build options of the benchmarked multi-budget ELIT model."""
+    return dict(TINY_ELIT) if tiny else dict(elit_max_mask_prob=1 - 1 / 16)  # XL/2 at 256 px: g = 4
+
+
+def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup: int, tiny: bool,
+                budget=None, build: Dict = None) -> Dict:
+    """`budget`, `build`: ELIT models, the training budget of every step and the build options."""
     dtype, compile_blocks = TRAIN_VARIANTS[variant]
     torch.manual_seed(0)
-    model = maybe_compile(build_model(name, device, tiny).train(), compile_blocks)
+    model = maybe_compile(build_model(name, device, tiny, **(build or {})).train(), compile_blocks)
     ema = EMA(model, create_ema(model), 0.9999)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
                                   eps=1e-8, fused=device.type == "cuda")
@@ -71,9 +84,11 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
     size = model.input_size
     x = torch.randn(batch, model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
+    budget_kwargs = {} if budget is None else {"inference_budget": budget}
+
     def step():
         with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
-            loss = objective(model, x, y)["loss"]
+            loss = objective(model, x, y, model_kwargs=budget_kwargs)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
@@ -93,7 +108,7 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
     elapsed = time.perf_counter() - start
     result = {"model": name, "batch": batch, "variant": variant, "images_per_sec": batch * steps / elapsed,
               "step_ms": 1000 * elapsed / steps, "final_loss": float(loss.detach())}
-    flops = 3 * forward_flops_per_image(model)
+    flops = 3 * (forward_flops_per_image(model) if budget is None else counted_forward_flops(model, budget))
     result["train_gflop_per_image"] = flops / 1e9
     result["achieved_tflops"] = result["images_per_sec"] * flops / 1e12
     if device.type == "cuda":
@@ -102,10 +117,10 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
 
 
 def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, thresholds, tiny: bool,
-                 repeats: int) -> Dict:
+                 repeats: int, budget=None, build: Dict = None) -> Dict:
     dtype, compile_blocks = SAMPLE_VARIANTS[variant]
     torch.manual_seed(0)
-    model = build_model(name, device, tiny).eval()
+    model = build_model(name, device, tiny, **(build or {})).eval()
     with torch.no_grad():  # random, non-zero weights so that outputs are not trivially zero
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -117,7 +132,8 @@ def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, t
 
     def run():
         with autocast:
-            out = samplers.sample(model, noise, y, num_steps_per_scale=steps_per_scale, thresholds=thresholds)
+            out = samplers.sample(model, noise, y, num_steps_per_scale=steps_per_scale, thresholds=thresholds,
+                                  inference_budget=budget)
         return dfm.LaplacianPyramid(model.num_stages).recompose(out)
 
     run()  # warm-up (and compilation)
@@ -127,8 +143,29 @@ def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, t
         latent = run()
     synchronize(device)
     elapsed = time.perf_counter() - start
-    return {"model": name, "batch": batch, "variant": variant, "nfe": sum(steps_per_scale),
-            "images_per_sec": batch * repeats / elapsed, "latent": latent.float().cpu()}
+    result = {"model": name, "batch": batch, "variant": variant, "nfe": sum(steps_per_scale),
+              "images_per_sec": batch * repeats / elapsed, "latent": latent.float().cpu()}
+    if budget is not None:
+        result["gflop_per_forward_per_image"] = counted_forward_flops(model, budget) / 1e9
+    return result
+
+
+def bench_elit(device, tiny: bool, steps: int, warmup: int, variant: str, sample_batch: int) -> List[Dict]:
+    """ELIT rows: training and sampling throughput of one multi-budget model at each of ELIT_BUDGETS."""
+    name, batch = ("ELIT-SiT-S/2", 4) if tiny else ELIT_MODEL
+    build = elit_kwargs(tiny)
+    rows = []
+    for budget in ELIT_BUDGETS:
+        r = bench_train(name, batch, variant, device, steps, warmup, tiny, budget=budget, build=build)
+        rows.append({"kind": "train", "budget": budget, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    for budget in ELIT_BUDGETS:
+        r = bench_sample(name, sample_batch, variant, device, [4] if tiny else [50], [], tiny,
+                         repeats=1 if tiny else 3, budget=budget, build=build)
+        r.pop("latent")
+        rows.append({"kind": "sample", "budget": budget, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def write_synthetic_packed(folder: str, num_items: int, size: int, shard_size: int = 10000) -> None:
@@ -194,6 +231,7 @@ def main(argv=None) -> Dict:
     parser.add_argument("--sample-variants", default=",".join(SAMPLE_VARIANTS))
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--loader-items", type=int, default=20000)
+    parser.add_argument("--elit-variant", default="bf16", help="variant of the ELIT rows ('' = no ELIT rows)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -205,7 +243,7 @@ def main(argv=None) -> Dict:
     train_models = [("SiT-S/2", 4), ("DFM-SiT-S/2", 4)] if tiny else DEFAULT_TRAIN
     steps, warmup = (2, 1) if tiny else (args.steps, args.warmup)
     train_variants = ["fp32-tf32"] if tiny else args.train_variants.split(",")
-    results = {"environment": environment(device), "train": [], "sample": [], "loader": []}
+    results = {"environment": environment(device), "train": [], "sample": [], "loader": [], "elit": []}
 
     for name, batch in train_models:
         for variant in train_variants:
@@ -231,6 +269,10 @@ def main(argv=None) -> Dict:
         r["latent_psnr_vs_fp32_db"] = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
         results["sample"].append(r)
         print(json.dumps(r), flush=True)
+
+    elit_variant = "fp32-tf32" if tiny else args.elit_variant
+    if elit_variant:
+        results["elit"] = bench_elit(device, tiny, steps, warmup, elit_variant, sample_batch)
 
     workers = [0] if tiny else [0, 1, 2, 4]
     results["loader"] = bench_loader(256 if tiny else args.loader_items, workers, 16 if tiny else 256, tiny)
