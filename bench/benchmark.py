@@ -1,4 +1,5 @@
-"""Throughput benchmark: training img/s, MFU, peak memory, sampling img/s, loader items/s.
+"""Throughput benchmark: training img/s, MFU, peak memory, sampling img/s, loader items/s, and
+ELIT's training and sampling throughput at the full and at 25 % budget.
 
     python -m bench.benchmark --out docs/perf/h200.json            # on a GPU machine
     python -m bench.benchmark --cpu-smoke                          # tiny models, CI smoke test
@@ -8,7 +9,9 @@ gradient clipping, AdamW (fused on CUDA) and the foreach EMA, on random latents 
 Variants switch one optimisation at a time so that the table doubles as an ablation.
 `--repa dinov2-vit-b` adds REPA to every training row: the frozen encoder (random weights, same
 architecture and cost) runs on random uint8 images under no_grad + autocast inside the timed
-step, the model gets its projector, and the FLOPs include the encoder's forward pass.
+step, the model gets its projector, and the FLOPs include the encoder's forward pass. ELIT rows
+use a multi-budget ELIT-SiT (every level trained) and count FLOPs with `torch.utils.flop_counter`
+(`bench.flops.counted_forward_flops`) at each budget.
 No timing here is ever asserted by a test.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dfm  # noqa: E402
 import models  # noqa: E402
 import samplers  # noqa: E402
-from bench.flops import forward_flops_per_image  # noqa: E402
+from bench.flops import counted_forward_flops, forward_flops_per_image  # noqa: E402
 from models.encoders import encoder_features  # noqa: E402
 from training.ema import EMA, create_ema  # noqa: E402
 
@@ -42,6 +45,9 @@ TRAIN_VARIANTS = {  # name -> (autocast dtype or None, compile)
     "bf16+compile": (torch.bfloat16, True),
 }
 SAMPLE_VARIANTS = {"fp32-tf32": (None, False), "bf16": (torch.bfloat16, False), "bf16+compile": (torch.bfloat16, True)}
+ELIT_MODEL = ("ELIT-SiT-XL/2", 32)  # multi-budget: elit_max_mask_prob = 1 - 1/g^2
+ELIT_BUDGETS = (1.0, 0.25)
+TINY_ELIT = dict(depth=3, encoder_depth=1, elit_tail_depth=1, group_size=2, elit_max_mask_prob=0.75)
 
 
 def synchronize(device):
@@ -91,15 +97,24 @@ def encoder_flops_per_image(encoders) -> int:
     return int(total)
 
 
+def elit_kwargs(tiny: bool) -> Dict:
+    """Build options of the benchmarked multi-budget ELIT model."""
+    return dict(TINY_ELIT) if tiny else dict(elit_max_mask_prob=1 - 1 / 16)  # XL/2 at 256 px: g = 4
+
+
 def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup: int, tiny: bool,
-                repa: Optional[str] = None) -> Dict:
+                repa: Optional[str] = None, budget=None, build: Dict = None) -> Dict:
+    """`repa`: REPA encoder(s) run inside the step; `budget`, `build`: ELIT models, the training
+    budget of every step and the build options."""
     dtype, compile_blocks = TRAIN_VARIANTS[variant]
     torch.manual_seed(0)
     resolution = (8 if tiny else 32) * 8
     encoders = build_encoders(repa, resolution, device, tiny) if repa else []
-    extra = {"z_dims": [e.z_dim for e in encoders]} if encoders else {}
-    if encoders and tiny:
-        extra["encoder_depth"] = 1  # the tiny models have 2 blocks
+    extra = dict(build or {})
+    if encoders:
+        extra["z_dims"] = [e.z_dim for e in encoders]
+        if tiny:
+            extra["encoder_depth"] = 1  # the tiny models have 2 blocks
     model = maybe_compile(build_model(name, device, tiny, **extra).train(), compile_blocks)
     ema = EMA(model, create_ema(model), 0.9999)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
@@ -110,11 +125,12 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
     x = torch.randn(batch, model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
     images = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8, device=device)
+    budget_kwargs = {} if budget is None else {"inference_budget": budget}
 
     def step():
         with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
             features = encoder_features(encoders, images) if encoders else None
-            loss = objective(model, x, y, encoder_features=features)["loss"]
+            loss = objective(model, x, y, encoder_features=features, model_kwargs=budget_kwargs)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
@@ -134,7 +150,7 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
     elapsed = time.perf_counter() - start
     result = {"model": name, "batch": batch, "variant": variant, "images_per_sec": batch * steps / elapsed,
               "step_ms": 1000 * elapsed / steps, "final_loss": float(loss.detach())}
-    flops = 3 * forward_flops_per_image(model)
+    flops = 3 * (forward_flops_per_image(model) if budget is None else counted_forward_flops(model, budget))
     if encoders:  # forward only: the encoder is frozen
         result["repa"] = repa
         result["encoder_gflop_per_image"] = encoder_flops_per_image(encoders) / 1e9
@@ -147,10 +163,10 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
 
 
 def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, thresholds, tiny: bool,
-                 repeats: int) -> Dict:
+                 repeats: int, budget=None, build: Dict = None) -> Dict:
     dtype, compile_blocks = SAMPLE_VARIANTS[variant]
     torch.manual_seed(0)
-    model = build_model(name, device, tiny).eval()
+    model = build_model(name, device, tiny, **(build or {})).eval()
     with torch.no_grad():  # random, non-zero weights so that outputs are not trivially zero
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -162,7 +178,8 @@ def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, t
 
     def run():
         with autocast:
-            out = samplers.sample(model, noise, y, num_steps_per_scale=steps_per_scale, thresholds=thresholds)
+            out = samplers.sample(model, noise, y, num_steps_per_scale=steps_per_scale, thresholds=thresholds,
+                                  inference_budget=budget)
         return dfm.LaplacianPyramid(model.num_stages).recompose(out)
 
     run()  # warm-up (and compilation)
@@ -172,8 +189,29 @@ def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, t
         latent = run()
     synchronize(device)
     elapsed = time.perf_counter() - start
-    return {"model": name, "batch": batch, "variant": variant, "nfe": sum(steps_per_scale),
-            "images_per_sec": batch * repeats / elapsed, "latent": latent.float().cpu()}
+    result = {"model": name, "batch": batch, "variant": variant, "nfe": sum(steps_per_scale),
+              "images_per_sec": batch * repeats / elapsed, "latent": latent.float().cpu()}
+    if budget is not None:
+        result["gflop_per_forward_per_image"] = counted_forward_flops(model, budget) / 1e9
+    return result
+
+
+def bench_elit(device, tiny: bool, steps: int, warmup: int, variant: str, sample_batch: int) -> List[Dict]:
+    """ELIT rows: training and sampling throughput of one multi-budget model at each of ELIT_BUDGETS."""
+    name, batch = ("ELIT-SiT-S/2", 4) if tiny else ELIT_MODEL
+    build = elit_kwargs(tiny)
+    rows = []
+    for budget in ELIT_BUDGETS:
+        r = bench_train(name, batch, variant, device, steps, warmup, tiny, budget=budget, build=build)
+        rows.append({"kind": "train", "budget": budget, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    for budget in ELIT_BUDGETS:
+        r = bench_sample(name, sample_batch, variant, device, [4] if tiny else [50], [], tiny,
+                         repeats=1 if tiny else 3, budget=budget, build=build)
+        r.pop("latent")
+        rows.append({"kind": "sample", "budget": budget, **r})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def write_synthetic_packed(folder: str, num_items: int, size: int, shard_size: int = 10000) -> None:
@@ -241,6 +279,7 @@ def main(argv=None) -> Dict:
     parser.add_argument("--loader-items", type=int, default=20000)
     parser.add_argument("--repa", default=None, metavar="ENC_TYPE",
                         help="train rows with REPA: this frozen encoder (random weights), e.g. dinov2-vit-b")
+    parser.add_argument("--elit-variant", default="bf16", help="variant of the ELIT rows ('' = no ELIT rows)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -252,7 +291,7 @@ def main(argv=None) -> Dict:
     train_models = [("SiT-S/2", 4), ("DFM-SiT-S/2", 4)] if tiny else DEFAULT_TRAIN
     steps, warmup = (2, 1) if tiny else (args.steps, args.warmup)
     train_variants = ["fp32-tf32"] if tiny else args.train_variants.split(",")
-    results = {"environment": environment(device), "train": [], "sample": [], "loader": []}
+    results = {"environment": environment(device), "train": [], "sample": [], "loader": [], "elit": []}
 
     for name, batch in train_models:
         for variant in train_variants:
@@ -278,6 +317,10 @@ def main(argv=None) -> Dict:
         r["latent_psnr_vs_fp32_db"] = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
         results["sample"].append(r)
         print(json.dumps(r), flush=True)
+
+    elit_variant = "fp32-tf32" if tiny else args.elit_variant
+    if elit_variant:
+        results["elit"] = bench_elit(device, tiny, steps, warmup, elit_variant, sample_batch)
 
     workers = [0] if tiny else [0, 1, 2, 4]
     results["loader"] = bench_loader(256 if tiny else args.loader_items, workers, 16 if tiny else 256, tiny)

@@ -29,7 +29,12 @@ DEFAULT_VAE = "ft-ema"
 # different values of these (num_samples matters only for balanced labels, see below).
 SAMPLE_KEYS = ("model", "stages", "num_classes", "seed", "labels", "method", "num_steps_per_scale",
                "thresholds", "cfg_scale", "guidance_low", "guidance_high", "path_type", "vae",
-               "resolution", "precision", "use_ema")
+               "resolution", "precision", "use_ema", "inference_budget", "unconditional_inference_budget",
+               "autoguidance")
+
+
+# Sample keys added later, with the value that folders written before them were made with.
+_ADDED_KEYS = {"inference_budget": None, "unconditional_inference_budget": None, "autoguidance": False}
 
 
 class GenerationError(Exception):
@@ -67,6 +72,14 @@ class GenerateConfig:
     cfg_scale: float = _help("classifier-free guidance scale (1 = no guidance)", 1.0)
     guidance_low: float = _help("CFG is applied where guidance_low <= t <= guidance_high", 0.0)
     guidance_high: float = _help("upper end of the guidance interval (t, 1 = noise)", 1.0)
+    inference_budget: Optional[float] = _help(
+        "ELIT models: fraction in (0, 1] of the latents of every window the core blocks see, or a latent "
+        "count > 1 (null: the model's one training budget; required for multi-budget models)")
+    unconditional_inference_budget: Optional[float] = _help(
+        "ELIT models with cfg_scale > 1: run the unconditional pass at this (low) budget, e.g. 0.0625 "
+        "(cheap CFG); null: both passes at inference_budget (plain CFG)")
+    autoguidance: bool = _help("ELIT: the low-budget guiding pass keeps the real label instead of the null "
+                               "label (needs unconditional_inference_budget)", False)
     path_type: Optional[str] = _help("linear | cosine (null: from the checkpoint, else linear)")
     vae: Optional[str] = _help("ft-ema | ft-mse | a local folder | none for pixel models "
                                "(null: from the checkpoint, else ft-ema)")
@@ -174,6 +187,13 @@ def validate_config(cfg: DictConfig) -> None:
         tau = list(cfg.thresholds)
         if any(not 0.0 < x < 1.0 for x in tau) or any(a <= b for a, b in zip(tau, tau[1:])):
             fail("thresholds", f"must be strictly decreasing values in (0, 1), got {tau}")
+    for key in ("inference_budget", "unconditional_inference_budget"):
+        value = cfg[key]
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and 0 < value < math.inf):
+            fail(key, f"must be a fraction in (0, 1] or a latent count > 1, got {value!r}")
+    if cfg.autoguidance and cfg.unconditional_inference_budget is None:
+        fail("autoguidance", "needs unconditional_inference_budget (the budget of the guiding pass, e.g. 0.0625)")
     if not cfg.save_png and not cfg.save_npz:
         fail("save_png/save_npz", "both are false, nothing would be kept")
     if cfg.run_name is not None and (not cfg.run_name or "/" in cfg.run_name or cfg.run_name in (".", "..")):
@@ -258,6 +278,10 @@ def default_run_name(cfg: DictConfig) -> str:
     if cfg.thresholds:
         parts.append("th" + "+".join(_num(x) for x in cfg.thresholds))
     parts.append(f"cfg{_num(cfg.cfg_scale)}")
+    if cfg.get("inference_budget") is not None:
+        parts.append(f"b{_num(cfg.inference_budget)}")
+    if cfg.get("unconditional_inference_budget") is not None:
+        parts.append(f"{'ag' if cfg.autoguidance else 'ub'}{_num(cfg.unconditional_inference_budget)}")
     if cfg.cfg_scale != 1.0 and (cfg.guidance_low, cfg.guidance_high) != (0.0, 1.0):
         parts.append(f"g{_num(cfg.guidance_low)}-{_num(cfg.guidance_high)}")
     if cfg.path_type != "linear":
@@ -276,8 +300,8 @@ def mismatched_keys(saved: dict, current: DictConfig) -> list[str]:
     """Image-affecting keys on which a run folder's saved config.yaml and this run disagree."""
     keys = list(SAMPLE_KEYS) + (["num_samples"] if current.labels == "balanced" else [])
     cur = OmegaConf.to_container(current, resolve=True)
-    diff = [f"{k}: {saved.get(k)!r} (folder) vs {cur.get(k)!r} (now)"
-            for k in keys if saved.get(k) != cur.get(k)]
+    diff = [f"{k}: {saved.get(k, _ADDED_KEYS.get(k))!r} (folder) vs {cur.get(k)!r} (now)"
+            for k in keys if saved.get(k, _ADDED_KEYS.get(k)) != cur.get(k)]
     old_ckpt, new_ckpt = str(saved.get("ckpt")), str(cur.get("ckpt"))
     if old_ckpt != new_ckpt and os.path.realpath(old_ckpt) != os.path.realpath(new_ckpt):
         diff.insert(0, f"ckpt: {old_ckpt!r} (folder) vs {new_ckpt!r} (now)")

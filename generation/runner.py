@@ -94,10 +94,27 @@ def generate_batch(model, cfg: DictConfig, indices: list[int], labels: torch.Ten
             model, noise, y, num_steps_per_scale=list(cfg.num_steps_per_scale),
             thresholds=list(cfg.thresholds), method=cfg.method, cfg_scale=cfg.cfg_scale,
             guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
-            path_type=cfg.path_type, generator=generator)
+            path_type=cfg.path_type, generator=generator, **budget_kwargs(cfg))
     with torch.no_grad():
         x = pyramid.recompose([f.float() for f in final])
         return decoder(x)
+
+
+def budget_kwargs(cfg: DictConfig) -> dict:
+    """The ELIT keys of `cfg` as `samplers.sample` arguments."""
+    return dict(inference_budget=cfg.inference_budget,
+                unconditional_inference_budget=cfg.unconditional_inference_budget,
+                autoguidance=bool(cfg.autoguidance))
+
+
+def check_model_budgets(model, cfg: DictConfig) -> None:
+    """Budget keys against the loaded model (before any image is written); GenerationError naming the key."""
+    import samplers
+
+    try:
+        samplers.check_budgets(model, **budget_kwargs(cfg))
+    except ValueError as error:
+        raise GenerationError(str(error)) from None  # the message names the key
 
 
 def run(cfg: DictConfig) -> dict:
@@ -121,6 +138,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     cfg = resolve_config(cfg, arch_name=model.arch.get("name", cfg.model), num_stages=model.num_stages,
                          num_classes=model.num_classes, input_size=model.input_size,
                          ckpt_config=train_config)
+    check_model_budgets(model, cfg)
     N, size = cfg.num_samples, cfg.resolution
     run_dir = Path(cfg.sample_dir) / cfg.run_name
     npz_path = Path(cfg.sample_dir) / f"{cfg.run_name}.npz"
@@ -148,8 +166,12 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model} ({n_params:,} parameters, {cfg.stages} stage(s)), "
               f"{'EMA' if cfg.use_ema else 'raw'} weights from {cfg.ckpt}", flush=True)
+        budget = "" if cfg.inference_budget is None else f" budget {cfg.inference_budget:g}"
+        if cfg.unconditional_inference_budget is not None:
+            budget += (f" ({'autoguidance' if cfg.autoguidance else 'unconditional pass'} at budget "
+                       f"{cfg.unconditional_inference_budget:g})")
         print(f"sampler {cfg.method} steps {list(cfg.num_steps_per_scale)} thresholds "
-              f"{list(cfg.thresholds)} cfg {cfg.cfg_scale} [{cfg.guidance_low}, {cfg.guidance_high}]; "
+              f"{list(cfg.thresholds)} cfg {cfg.cfg_scale} [{cfg.guidance_low}, {cfg.guidance_high}]{budget}; "
               f"{N} images {size}px -> {run_dir}", flush=True)
     ctx.barrier()
 

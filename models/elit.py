@@ -60,9 +60,14 @@ def budget_levels(model) -> List[float]:
     """
     if getattr(model, "group_size", None) is None:
         return []
-    g2 = model.group_size ** 2
-    keep = sorted(g2 - round(p * g2) for p in mask_levels(model.group_size, model.elit_min_mask_prob,
-                                                          model.elit_max_mask_prob))
+    return level_budgets(model.group_size, model.elit_min_mask_prob, model.elit_max_mask_prob)
+
+
+def level_budgets(group_size: int, min_mask_prob: float, max_mask_prob: float) -> List[float]:
+    """The training budgets ``k / g^2`` of the mask levels in ``[min, max]`` (see :func:`mask_levels`),
+    ascending; the same ValueErrors."""
+    g2 = int(group_size) ** 2
+    keep = sorted(g2 - round(p * g2) for p in mask_levels(group_size, min_mask_prob, max_mask_prob))
     return [k / g2 for k in keep]
 
 

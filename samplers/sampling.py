@@ -91,8 +91,11 @@ class GuidedVelocity:
         return velocities
 
 
-def _check_budgets(model, budget, unconditional_budget, autoguidance: bool) -> None:
-    """Budget errors before the first step: ValueError naming the key and what is allowed."""
+def check_budgets(model, inference_budget=None, unconditional_inference_budget=None,
+                  autoguidance: bool = False) -> None:
+    """Budget errors before the first step (the arguments of :func:`sample`): ValueError naming
+    the key and what is allowed."""
+    budget, unconditional_budget = inference_budget, unconditional_inference_budget
     if autoguidance and unconditional_budget is None:
         raise ValueError("autoguidance needs unconditional_inference_budget (the budget of the guiding "
                          "pass, e.g. 0.0625)")
@@ -152,7 +155,7 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
         times, active = sde_schedule(num_steps_per_scale, thresholds)
     else:
         times, active = multistage_schedule(num_steps_per_scale, thresholds)
-    _check_budgets(model, inference_budget, unconditional_inference_budget, autoguidance)
+    check_budgets(model, inference_budget, unconditional_inference_budget, autoguidance)
     velocity = GuidedVelocity(model, y, cfg_scale, _per_stage(guidance_low, S, "guidance_low"),
                               _per_stage(guidance_high, S, "guidance_high"), inference_budget,
                               unconditional_inference_budget, autoguidance)

@@ -31,3 +31,18 @@ def test_cpu_smoke_mode(tmp_path):
     assert fp32["max_abs_error_vs_fp32"] == 0
     assert 0 < bf16["max_abs_error_vs_fp32"] < 0.1
     assert results["loader"][0]["items_per_sec"] > 0
+
+
+def test_cpu_smoke_mode_reports_elit_at_two_budgets():
+    from bench.benchmark import ELIT_BUDGETS, bench_elit
+
+    rows = bench_elit(torch.device("cpu"), tiny=True, steps=1, warmup=0, variant="fp32-tf32", sample_batch=2)
+    assert [(r["kind"], r["budget"]) for r in rows] == [(k, b) for k in ("train", "sample") for b in ELIT_BUDGETS]
+    assert all(r["model"] == "ELIT-SiT-S/2" and r["images_per_sec"] > 0 for r in rows)
+    train = {r["budget"]: r for r in rows if r["kind"] == "train"}
+    sample = {r["budget"]: r for r in rows if r["kind"] == "sample"}
+    # counted FLOPs fall with the budget (the core sees 1 of the 4 latents per window at 25 %)
+    assert train[0.25]["train_gflop_per_image"] < train[1.0]["train_gflop_per_image"]
+    assert sample[0.25]["gflop_per_forward_per_image"] < sample[1.0]["gflop_per_forward_per_image"]
+    assert train[1.0]["train_gflop_per_image"] == pytest.approx(3 * sample[1.0]["gflop_per_forward_per_image"])
+    assert all(math.isfinite(r["final_loss"]) for r in train.values())

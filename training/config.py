@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
+from models.registry import is_elit, parse_name
 from utils.config import Alias, config_to_dict, load_config
 
 # Architecture keys a config may override (tiny demo / test models). Shapes that follow from
@@ -25,6 +26,7 @@ from utils.config import Alias, config_to_dict, load_config
 MODEL_OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "mlp_ratio")
 VAE_NONE = ("none", "", None)
 LR_SCHEDULERS = ("constant", "constant_with_linear_warmup")
+REFERENCE_GROUP_SIZE = 4  # the reference's elit_group_size default: accepted (and dropped) for non-ELIT models
 # ImageNet classes shown in previews when num_classes == 1000 (REPA / DiT favourites):
 # golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
 IMAGENET_PREVIEW_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -105,12 +107,16 @@ class PreviewConfig:
         "also save the coarse-stage previews (end of each sampler chunk) beside the final images"))
     seed: int = field(default=0, metadata=_help("seed of the fixed preview noise"))
     upscale: int = field(default=1, metadata=_help("enlarge the saved grids by this factor (nearest), for tiny images"))
+    budgets: Optional[List[float]] = field(default=None, metadata=_help(
+        "ELIT: inference budgets of the preview, one grid each, side by side (lowest left); null = the "
+        "training budget (single-budget) or the smallest, middle and largest level (multi-budget)"))
 
 
 @dataclass
 class TrainConfig:
     # --- model ---
-    model: str = field(default="DFM-SiT-XL/2", metadata=_help("SiT-{S,B,L,XL}/{2,4,8} or DFM-SiT-..."))
+    model: str = field(default="DFM-SiT-XL/2", metadata=_help(
+        "[DFM-][ELIT-]SiT-{S,B,L,XL}/{2,4,8}: SiT, DFM-SiT, ELIT-SiT or DFM-ELIT-SiT"))
     stages: Optional[int] = field(default=None, metadata=_help(
         "pyramid stages S; null = 2 for DFM-SiT, 1 for SiT (SiT must be 1)"))
     qk_norm: bool = field(default=False, metadata=_help("RMS/LayerNorm on queries and keys"))
@@ -231,7 +237,11 @@ def default_preview_schedule(num_stages: int) -> tuple[list, list]:
 def default_exp_name(cfg) -> str:
     name = cfg.model.replace("/", "-").lower()
     space = "px" if is_pixel_space(cfg) else ""
-    return f"{name}-{cfg.resolution}{space}-{cfg.weighting}"
+    budgets = ""
+    if is_elit(cfg.model) and cfg.elit_max_mask_prob > 0:  # runs with other budgets get other folders
+        lo, hi = cfg.elit_min_mask_prob, cfg.elit_max_mask_prob
+        budgets = f"-mask{lo:g}" + (f"-{hi:g}" if hi != lo else "")
+    return f"{name}-{cfg.resolution}{space}-{cfg.weighting}{budgets}"
 
 
 def is_pixel_space(cfg) -> bool:
@@ -244,18 +254,17 @@ def resolve_config(cfg) -> "OmegaConf":
     Raises ConfigError naming the offending key.
     """
     cfg = OmegaConf.create(config_to_dict(cfg))  # plain (untyped) copy we may edit freely
-    from models.registry import parse_name
-
     try:
         is_dfm, _size, patch = parse_name(cfg.model)
     except ValueError:
-        raise ConfigError(f"model: unknown name {cfg.model!r}; expected SiT-{{S,B,L,XL}}/{{2,4,8}} "
-                          "or DFM-SiT-{S,B,L,XL}/{2,4,8}, e.g. DFM-SiT-XL/2") from None
+        raise ConfigError(f"model: unknown name {cfg.model!r}; expected [DFM-][ELIT-]SiT-{{S,B,L,XL}}/{{2,4,8}}: "
+                          "SiT-XL/2, DFM-SiT-XL/2, ELIT-SiT-XL/2, DFM-ELIT-SiT-XL/2, ...") from None
     if cfg.stages is None:
         cfg.stages = 2 if is_dfm else 1
     if not is_dfm and cfg.stages != 1:
-        raise ConfigError(f"stages: {cfg.model} is a plain SiT (1 stage), got stages={cfg.stages}; "
-                          "use a DFM-SiT-* model for a multi-stage pyramid")
+        raise ConfigError(f"stages: {cfg.model} is a plain SiT{' with ELIT' if is_elit(cfg.model) else ''} "
+                          f"(1 stage), got stages={cfg.stages}; "
+                          "use a DFM-* model (DFM-SiT-*, DFM-ELIT-SiT-*) for a multi-stage pyramid")
     if cfg.stages < 1:
         raise ConfigError(f"stages must be >= 1, got {cfg.stages}")
     S = cfg.stages
@@ -315,6 +324,7 @@ def resolve_config(cfg) -> "OmegaConf":
                           f"{'image' if pixel else 'latent'} size {size} (resolution {cfg.resolution})")
     if cfg.num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {cfg.num_classes}")
+    _resolve_elit(cfg, size // patch)
     from training.repa import check_repa_config
 
     check_repa_config(cfg, pixel=pixel, size=size, patch=patch)
@@ -374,6 +384,7 @@ def resolve_config(cfg) -> "OmegaConf":
         raise ConfigError(f"preview.upscale must be >= 1, got {p.upscale}")
     if p.nrow is not None and p.nrow < 1:
         raise ConfigError(f"preview.nrow must be >= 1, got {p.nrow}")
+    _resolve_preview_budgets(cfg, size // patch)
 
     # --- output ---
     if cfg.exp_name is None or cfg.exp_name == "":
@@ -402,6 +413,62 @@ def resolve_config(cfg) -> "OmegaConf":
     return cfg
 
 
+def _resolve_elit(cfg, grid: int) -> None:
+    """ELIT keys: defaults filled in (group_size = grid / 4, elit_min_mask_prob = the max) and
+    checked; other models must leave them at their defaults."""
+    from models.elit import mask_levels
+    from models.registry import ELIT_WINDOWS_PER_SIDE
+
+    if not is_elit(cfg.model):
+        if cfg.group_size == REFERENCE_GROUP_SIZE:  # the reference's YAML files carry it for every model
+            cfg.group_size = None
+        for key, default in (("group_size", None), ("elit_min_mask_prob", None), ("elit_max_mask_prob", 0.0)):
+            if cfg[key] != default:
+                raise ConfigError(f"{key}={cfg[key]} is an ELIT key, but {cfg.model} is not an ELIT model; "
+                                  f"remove it, or train {cfg.model.replace('SiT-', 'ELIT-SiT-', 1)}")
+        return
+    divisors = [d for d in range(1, grid + 1) if grid % d == 0]
+    if cfg.group_size is None:
+        if grid % ELIT_WINDOWS_PER_SIDE:
+            raise ConfigError(f"group_size: no default for the {grid}x{grid} token grid of {cfg.model} at "
+                              f"resolution {cfg.resolution}; set group_size to one of {divisors}")
+        cfg.group_size = grid // ELIT_WINDOWS_PER_SIDE
+    if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or grid % cfg.group_size:
+        raise ConfigError(f"group_size={cfg.group_size} must divide the {grid}x{grid} token grid of {cfg.model} at "
+                          f"resolution {cfg.resolution}; allowed: {divisors}")
+    if cfg.elit_min_mask_prob is None:
+        cfg.elit_min_mask_prob = cfg.elit_max_mask_prob
+    cfg.elit_min_mask_prob = float(cfg.elit_min_mask_prob)
+    cfg.elit_max_mask_prob = float(cfg.elit_max_mask_prob)
+    try:
+        mask_levels(cfg.group_size, cfg.elit_min_mask_prob, cfg.elit_max_mask_prob)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _resolve_preview_budgets(cfg, grid: int) -> None:
+    """preview.budgets: null -> the defaults of training.budget; given -> checked by the budget rule."""
+    p = cfg.preview
+    if not is_elit(cfg.model):
+        if p.budgets is not None:
+            raise ConfigError(f"preview.budgets is for ELIT models only ({cfg.model} has no compute budget); "
+                              "remove it")
+        return
+    from models.elit import latents_per_window, level_budgets
+    from training.budget import default_preview_budgets
+
+    if p.budgets is None:
+        p.budgets = default_preview_budgets(
+            level_budgets(cfg.group_size, cfg.elit_min_mask_prob, cfg.elit_max_mask_prob))
+    if not len(p.budgets):
+        raise ConfigError("preview.budgets must name at least one budget (or be null for the defaults)")
+    for b in p.budgets:
+        try:
+            latents_per_window(b, cfg.group_size, grid * grid)
+        except ValueError as e:
+            raise ConfigError(f"preview.budgets: {e}") from None
+
+
 def _choice(node, key, allowed, prefix=""):
     value = node[key]
     if value not in allowed:
@@ -416,5 +483,8 @@ def model_kwargs(cfg, in_channels: int, input_size: int) -> dict:
         kwargs["stages"] = cfg.stages
     if cfg.encoder_depth is not None:
         kwargs["encoder_depth"] = cfg.encoder_depth
+    if is_elit(cfg.model):
+        kwargs.update(group_size=cfg.group_size, elit_min_mask_prob=cfg.elit_min_mask_prob,
+                      elit_max_mask_prob=cfg.elit_max_mask_prob)
     kwargs.update(dict(cfg.model_overrides))
     return kwargs

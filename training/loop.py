@@ -30,6 +30,7 @@ import torch
 
 from training.checkpoint import (atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints,
                                  remove_stale_temporaries)
+from training.budget import BudgetSampler
 from training.config import ConfigError, is_pixel_space
 from data.robust import CorruptSampleError
 from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
@@ -160,6 +161,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
 
     # ---- loop state (device tensors; read at log steps only)
     prepare = BatchPreparer(is_pixel_space(cfg), device, repa_features)
+    budgets = BudgetSampler(raw_model, cfg.seed)  # ELIT: the budget of every micro-batch
     logged_terms = ("proj_loss",) if cfg.proj_coeff > 0 else ()
     metrics = MetricWindow(S, device)
     last_ckpt, last_preview = resume_path, None
@@ -241,6 +243,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                     log.warning(f"WARNING: corrupt sample replaced (bad_samples=skip): {record['file']}: "
                                 f"{record['reason']}")
                 inputs = prepare(items, generator)
+                inputs.model_kwargs.update(budgets(step, a))
                 sync = contextlib.nullcontext() if a == A - 1 else accelerator.no_sync(model)
                 with sync:
                     out = objective(model, inputs.x, inputs.y, generator=generator,
@@ -262,6 +265,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                 sync_bad_samples()
                 values = metrics.read(accelerator, cfg.batch_size)
                 values["lr"] = optimizer.param_groups[0]["lr"]
+                values.update(budgets.log_values())
                 if bad_log.count:
                     values["bad_samples"] = bad_log.count
                 tracker.log_metrics(values, step)

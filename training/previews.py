@@ -2,8 +2,11 @@
 
 The noise and labels are drawn once (from `preview.seed`), so grids of different steps are
 directly comparable. Row `r` of the grid shows class `labels[r]` unless explicit per-sample
-`preview.labels` are given. Sampling runs inside `torch.random.fork_rng`, so previews never
-change the training random streams (exact resume does not depend on them).
+`preview.labels` are given. ELIT models are sampled at every budget of `preview.budgets` (in
+that order, ascending by default) from the same noise: one grid per budget, side by side, each
+under a bar whose green part is the budget's fraction of the latents. Sampling runs inside
+`torch.random.fork_rng`, so previews never change the training random streams (exact resume
+does not depend on them).
 """
 
 from __future__ import annotations
@@ -54,12 +57,32 @@ def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
         img.save(f, format="PNG")
 
 
+def side_by_side(grids: List[np.ndarray], gap: int = 8) -> np.ndarray:
+    """Equal-height (H, W_i, 3) uint8 grids -> one image, separated by white columns `gap` wide."""
+    parts = []
+    for g in grids:
+        parts += [g, np.full((g.shape[0], gap, 3), 255, dtype=np.uint8)]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+def with_budget_bar(grid: np.ndarray, fraction: float, height: int = 3) -> np.ndarray:
+    """`grid` under a bar `height` px tall whose left `fraction` of the width is filled (green on grey)."""
+    bar = np.full((height, grid.shape[1], 3), 64, dtype=np.uint8)
+    bar[:, :max(1, round(fraction * grid.shape[1]))] = (80, 200, 120)
+    return np.concatenate([bar, grid], axis=0)
+
+
 class PreviewMaker:
     """Samples a fixed preview batch from a model and writes PNG grids to `out_dir`."""
 
     def __init__(self, preview_cfg, *, num_classes: int, in_channels: int, stage_sizes: List[int],
-                 path_type: str, out_dir: str, device, vae=None, autocast_dtype=None, batch_size: int = 64):
+                 path_type: str, out_dir: str, device, vae=None, autocast_dtype=None, batch_size: int = 64,
+                 budget_fractions: Optional[List[float]] = None):
+        """budget_fractions: ELIT models only, the fraction of latents each of `preview.budgets`
+        keeps (drawn as the bar above its grid)."""
         self.cfg = preview_cfg
+        self.budgets = list(preview_cfg.get("budgets") or []) or [None]  # None: a model without budgets
+        self.budget_fractions = list(budget_fractions or [])
         self.out_dir = out_dir
         self.device = torch.device(device)
         self.vae = vae
@@ -87,7 +110,7 @@ class PreviewMaker:
         return torch.autocast("cuda", dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def sample(self, model) -> tuple[np.ndarray, list]:
+    def sample(self, model, inference_budget=None) -> tuple[np.ndarray, list]:
         """Returns (final images (N, H, W, 3) uint8, per coarse stage images or [])."""
         import samplers
 
@@ -107,7 +130,7 @@ class PreviewMaker:
                         thresholds=list(self.cfg.thresholds), method=self.cfg.method,
                         cfg_scale=float(self.cfg.cfg_scale), guidance_low=float(self.cfg.guidance_low),
                         guidance_high=float(self.cfg.guidance_high), path_type=self.path_type,
-                        generator=gen, return_previews=True)
+                        generator=gen, return_previews=True, inference_budget=inference_budget)
                 final, previews = out
                 from dfm import LaplacianPyramid
 
@@ -128,19 +151,20 @@ class PreviewMaker:
         return final, per_stage
 
     def __call__(self, model, step: int) -> dict:
-        """Sample, save `<out_dir>/<step:07d>.png` (and `_stages.png`); returns {name: (grid, path)}."""
-        final, per_stage = self.sample(model)
-        grid = make_grid(final, self.nrow)
+        """Sample, save `<out_dir>/<step:07d>.png` (and `_stages.png`, at the last budget); returns
+        {name: (grid, path)}."""
+        grids = []
+        for budget in self.budgets:
+            final, per_stage = self.sample(model, budget)
+            grids.append(make_grid(final, self.nrow))
+        if self.budget_fractions:
+            grids = [with_budget_bar(g, f) for g, f in zip(grids, self.budget_fractions)]
+        grid = side_by_side(grids)
         path = os.path.join(self.out_dir, f"{step:07d}.png")
         save_png(grid, path, self.cfg.upscale)
         out = {"samples": (grid, path)}
         if per_stage:
-            grids = [make_grid(imgs, self.nrow) for imgs in per_stage] + [grid]
-            gap = np.full((grid.shape[0], 8, 3), 255, dtype=np.uint8)
-            parts = []
-            for g in grids:
-                parts += [g, gap]
-            side = np.concatenate(parts[:-1], axis=1)
+            side = side_by_side([make_grid(imgs, self.nrow) for imgs in per_stage] + [make_grid(final, self.nrow)])
             spath = os.path.join(self.out_dir, f"{step:07d}_stages.png")
             save_png(side, spath, self.cfg.upscale)
             out["samples_stages"] = (side, spath)

@@ -217,10 +217,12 @@ def make_previewer(cfg, model, in_channels, exp_dir, device, is_main):
                               "Pass a local VAE folder (vae=/path/to/sd-vae-ft-ema) or turn previews off "
                               "with preview.num_samples=0.") from None
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    budgets = list(cfg.preview.get("budgets") or [])  # ELIT: the fraction of latents each keeps
+    fractions = [model.kept_latents(b) / model.group_size ** 2 for b in budgets]
     return PreviewMaker(cfg.preview, num_classes=cfg.num_classes, in_channels=in_channels,
                         stage_sizes=list(model.stage_sizes), path_type=cfg.path_type,
                         out_dir=os.path.join(exp_dir, "previews"), device=device, vae=vae,
-                        autocast_dtype=autocast)
+                        autocast_dtype=autocast, budget_fractions=fractions)
 
 
 def bad_sample_guard(cfg, dataset, exp_dir: str, num_processes: int):
