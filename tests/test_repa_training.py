@@ -383,3 +383,21 @@ def test_benchmark_counts_the_encoder_in_the_training_row():
     model = tiny_model("SiT-S/2", z_dims=[48], encoder_depth=1)
     expected = 3 * forward_flops_per_image(model) / 1e9 + repa["encoder_gflop_per_image"]
     assert repa["train_gflop_per_image"] == pytest.approx(expected)
+
+
+def test_multi_budget_elit_repa_through_train(repa_data, encoder_file, tmp_path):
+    """ELIT + REPA through the trainer: budgets drawn per step, the projector on the head output,
+    bit-exact after a kill/resume."""
+    elit = dict(model="ELIT-SiT-S/2", exp_name="elit", group_size=2, elit_min_mask_prob=0.0,
+                elit_max_mask_prob=0.75, max_train_steps=4, checkpointing_steps=2,
+                model_overrides="{depth: 4, hidden_size: 64, num_heads: 4}")
+    straight = train(repa_config(repa_data, tmp_path / "a", encoder_file, **elit))
+    train(repa_config(repa_data, tmp_path / "b", encoder_file, **elit), stop_after_step=3)
+    resumed = train(repa_config(repa_data, tmp_path / "b", encoder_file, **elit))
+    proj = _proj_losses(straight.exp_dir)
+    assert sorted(proj) == [1, 2, 3, 4] and all(v != 0 for v in proj.values())
+    assert proj == _proj_losses(resumed.exp_dir)
+    ref, got = load_ckpt(straight.last_checkpoint), load_ckpt(resumed.last_checkpoint)
+    assert ref["arch"]["z_dims"] == [48] and ref["arch"]["name"] == "ELIT-SiT-S/2"
+    for key in ref["ema"]:
+        assert torch.equal(ref["ema"][key], got["ema"][key]), key
