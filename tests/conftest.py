@@ -64,3 +64,14 @@ def one_thread():
 @pytest.fixture
 def make_tiny_model():
     return tiny_model
+
+
+def read_tree(folder) -> dict:
+    """{relative path: bytes} of every file under `folder` (byte-identity checks of outputs)."""
+    out = {}
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out

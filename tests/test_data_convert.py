@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import data.convert as convert_mod
 from data.convert import convert_dataset
+from conftest import read_tree
 
 
 def make_tree(root) -> dict:
@@ -58,15 +59,6 @@ def converted(tree, tmp_path_factory):
     summary = convert_dataset(src, dest, resolution=(32, 32), workers=2, progress=False)
     return dest, summary
 
-
-def _read_tree(folder):
-    out = {}
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
 
 def _png(dest, idx):
@@ -143,7 +135,7 @@ def test_interrupted_run_resumes_to_identical_output(tree, converted, tmp_path, 
 
     summary = convert_dataset(src, dest, resolution=(32, 32), workers=2, progress=False)
     assert summary["already_done"] == 4 and summary["written"] == 5
-    assert _read_tree(dest) == _read_tree(dest_full)
+    assert read_tree(dest) == read_tree(dest_full)
 
     with pytest.raises(ValueError, match="other settings"):
         convert_dataset(src, dest, resolution=(16, 16), workers=1, progress=False)
@@ -165,7 +157,7 @@ def test_zip_source_and_zip_dest(tree, converted, tmp_path):
     assert not os.path.exists(zdest + ".partial")
     with zipfile.ZipFile(zdest) as zf:
         names = set(zf.namelist())
-        for rel, content in _read_tree(dest_full).items():
+        for rel, content in read_tree(dest_full).items():
             if rel != "conversion_report.json":
                 assert zf.read(rel) == content, rel
     assert "conversion_report.json" in names and os.path.isfile(zdest + ".conversion_report.json")
@@ -201,7 +193,7 @@ def test_cli_convert(tree, converted, tmp_path, capsys):
     assert dataset_tools.main(argv) == 0
     out = capsys.readouterr().out
     assert "9 images written" in out and "skipped b_cls/corrupt.jpg" in out
-    assert _read_tree(dest) == _read_tree(converted[0])
+    assert read_tree(dest) == read_tree(converted[0])
 
     assert dataset_tools.main(["convert", "--source", str(tmp_path / "missing"), "--dest", dest]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from PIL import Image
 
 import data
 from evaluation.stats_file import load_statistics
+from conftest import read_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("build_data", os.path.join(REPO, "experiments", "study", "build_data.py"))
@@ -20,15 +21,6 @@ spec.loader.exec_module(build_data)
 CLASSES = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
            "motorcycle"]
 
-
-def _tree(folder):
-    out = {}
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +39,10 @@ def built(tmp_path_factory):
 
 
 def test_two_builds_are_byte_identical_and_the_seed_matters(built, tmp_path):
-    first, second = _tree(built / "a"), _tree(built / "b")
+    first, second = read_tree(built / "a"), read_tree(built / "b")
     assert len(first) == 8 * 5 + 2 + 3 and first == second  # PNGs, 2 dataset.json, crops, info, swd npz
     build_data.build(str(tmp_path / "c"), train_per_class=3, heldout_per_class=2, seed=6)
-    assert _tree(tmp_path / "c")["train/00000/img00000000.png"] != first["train/00000/img00000000.png"]
+    assert read_tree(tmp_path / "c")["train/00000/img00000000.png"] != first["train/00000/img00000000.png"]
 
 
 def test_labels_classes_and_pixels_come_from_the_right_photograph(built):
