@@ -26,12 +26,14 @@ def tiny_config(data_dir, output_dir, **overrides):
 
 
 def read_losses(exp_dir):
-    """{step: loss} from metrics.jsonl (the last record of a step wins, as after a resume)."""
+    """{step: loss} from metrics.jsonl (the last record of a step wins, as after a resume; evaluation
+    records, which carry no loss, are skipped)."""
     losses = {}
     with open(os.path.join(exp_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
-            losses[rec["step"]] = rec["loss"]
+            if "loss" in rec:
+                losses[rec["step"]] = rec["loss"]
     return losses
 
 
