@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from evaluation.compare import read_metrics
-from evaluation.stats_file import ReferenceStatistics, save_statistics
 from evaluation.swd import swd
 from training.config import ConfigError
 from training.demo_data import write_demo_dataset
 from training.loop import train
 
-from train_helpers import load_ckpt, read_losses, tiny_config
+from train_helpers import load_ckpt, read_losses, swd_reference, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,20 +24,12 @@ def tiny_data(tmp_path_factory):
                               images_per_class=10, seed=0)
 
 
-def _ref(path, resolution=16, count=12, seed=1):
-    images = np.random.default_rng(seed).integers(0, 256, (count, resolution, resolution, 3), dtype=np.uint8)
-    save_statistics(ReferenceStatistics({"swd_images": images}, {"num_images": count, "resolution": [resolution] * 2,
-                                                                  "inception": None, "dinov2": None,
-                                                                  "swd": {"num_images": count, "seed": 0}}), path)
-    return str(path), images
-
-
 EVAL = {"eval_every": 2, "eval_num_samples": 6, "eval_metrics": "[swd]", "eval_sampler.num_steps_per_scale": "[2,2]",
         "eval_sampler.batch_size": 4}
 
 
 def test_eval_keeps_weights_bit_identical_and_writes_metrics(tiny_data, tmp_path):
-    ref, ref_images = _ref(tmp_path / "ref.npz")
+    ref, ref_images = swd_reference(tmp_path / "ref.npz")
     out = str(tmp_path / "out")
     plain = train(tiny_config(tiny_data, out, exp_name="plain"))
     evald = train(tiny_config(tiny_data, out, exp_name="eval", eval_ref_stats=ref, **EVAL))
@@ -77,8 +68,8 @@ def test_eval_keeps_weights_bit_identical_and_writes_metrics(tiny_data, tmp_path
 
 
 def test_eval_bad_input_is_one_config_error_before_training(tiny_data, tmp_path):
-    ref, _ = _ref(tmp_path / "ref.npz")
-    ref8, _ = _ref(tmp_path / "ref8.npz", resolution=8)
+    ref, _ = swd_reference(tmp_path / "ref.npz")
+    ref8, _ = swd_reference(tmp_path / "ref8.npz", resolution=8)
     out = str(tmp_path / "out")
     with pytest.raises(ConfigError, match="eval_ref_stats is not"):
         tiny_config(tiny_data, out, eval_every=2)

@@ -39,3 +39,16 @@ def read_losses(exp_dir):
 
 def load_ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def swd_reference(path, resolution=16, count=12, seed=1):
+    """A statistics file holding only `count` random uint8 `swd_images`; returns (path, images)."""
+    import numpy as np
+
+    from evaluation.stats_file import ReferenceStatistics, save_statistics
+
+    images = np.random.default_rng(seed).integers(0, 256, (count, resolution, resolution, 3), dtype=np.uint8)
+    meta = {"num_images": count, "resolution": [resolution] * 2, "inception": None, "dinov2": None,
+            "swd": {"num_images": count, "seed": 0}}
+    save_statistics(ReferenceStatistics({"swd_images": images}, meta), str(path))
+    return str(path), images
