@@ -7,7 +7,9 @@
 one JSON object per line: ``step`` (int, optimiser steps done) and ``images_seen`` (int, training
 images consumed over all ranks) are required; every other key with a number is a metric
 (``fid``, ``sfid``, ``fdd``, ``swd``, ``swd_<res>``, ...; null or missing = not evaluated then).
-A step that appears twice (an evaluation repeated after a resume) keeps the last line. A final
+The lines of one step are merged into one record (the trainer writes its training losses
+and, at evaluation steps, the metrics as separate lines); a key written twice for a step (an
+evaluation repeated after a resume) keeps the last value. A final
 line without its newline (a write cut short) is ignored; any other unreadable line is an error.
 :func:`append_metrics` writes a record; :func:`plot_convergence` redraws ``convergence.png``.
 
@@ -50,7 +52,8 @@ def metrics_path(run: str) -> str:
 
 
 def read_metrics(run: str) -> List[Dict[str, object]]:
-    """The records of a run's ``metrics.jsonl``, sorted by step, one per step (the last wins)."""
+    """The records of a run's ``metrics.jsonl``, sorted by step, one per step: the records of a step
+    are merged (the trainer writes its losses and its evaluation as two lines), later values win."""
     path = metrics_path(run)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file; a run folder holds {METRICS_FILE} once it has been evaluated")
@@ -71,7 +74,7 @@ def read_metrics(run: str) -> List[Dict[str, object]]:
                 continue  # the last write was cut short
             raise ValueError(f"{path}:{number}: not a metrics record ({type(exc).__name__}: {exc}); expected "
                              f'{{"step": int, "images_seen": int, "<metric>": float, ...}}') from None
-        by_step[step] = record
+        by_step.setdefault(step, {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 

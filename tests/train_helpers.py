@@ -28,12 +28,14 @@ def tiny_config(data_dir, output_dir, **overrides):
 
 
 def read_losses(exp_dir):
-    """{step: loss} from metrics.jsonl (the last record of a step wins, as after a resume)."""
+    """{step: loss} from metrics.jsonl (the last record of a step wins, as after a resume; evaluation
+    records, which carry no loss, are skipped)."""
     losses = {}
     with open(os.path.join(exp_dir, "metrics.jsonl")) as f:
         for line in f:
             rec = json.loads(line)
-            losses[rec["step"]] = rec["loss"]
+            if "loss" in rec:
+                losses[rec["step"]] = rec["loss"]
     return losses
 
 
@@ -50,3 +52,16 @@ def run_torchrun(argv, nproc=2, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
            *argv]
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def swd_reference(path, resolution=16, count=12, seed=1):
+    """A statistics file holding only `count` random uint8 `swd_images`; returns (path, images)."""
+    import numpy as np
+
+    from evaluation.stats_file import ReferenceStatistics, save_statistics
+
+    images = np.random.default_rng(seed).integers(0, 256, (count, resolution, resolution, 3), dtype=np.uint8)
+    meta = {"num_images": count, "resolution": [resolution] * 2, "inception": None, "dinov2": None,
+            "swd": {"num_images": count, "seed": 0}}
+    save_statistics(ReferenceStatistics({"swd_images": images}, meta), str(path))
+    return str(path), images

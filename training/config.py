@@ -113,6 +113,25 @@ class PreviewConfig:
 
 
 @dataclass
+class EvalSamplerConfig:
+    """The sampler of the evaluations during training (`eval_every`); the keys of generate.py."""
+    num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
+        "sampler steps per stage; null = the preview's"))
+    thresholds: Optional[List[float]] = field(default=None, metadata=_help(
+        "stage hand-over times (length S-1); null = the preview's"))
+    method: str = field(default="euler", metadata=_help("euler | heun | sde"))
+    cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
+    guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
+    guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
+    inference_budget: Optional[float] = field(default=None, metadata=_help(
+        "ELIT models: budget of the conditional pass (fraction in (0, 1] or latent count); null = the model's"))
+    labels: str = field(default="balanced", metadata=_help("balanced | random (generation/labels.py)"))
+    seed: int = field(default=0, metadata=_help(
+        "seed of the evaluation noise and labels (sample i depends on (seed, i) only)"))
+    batch_size: int = field(default=64, metadata=_help("images per sampler call on each process"))
+
+
+@dataclass
 class TrainConfig:
     # --- model ---
     model: str = field(default="DFM-SiT-XL/2", metadata=_help(
@@ -207,6 +226,19 @@ class TrainConfig:
         "auto (newest complete checkpoint in the experiment, if any) | none | STEP (that step's checkpoint "
         "in this experiment) | path to a checkpoint"))
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    # --- evaluation during training (training/evaluator.py) ---
+    eval_every: int = field(default=0, metadata=_help(
+        "score the EMA model every N steps (and at the end) into metrics.jsonl + convergence.png; 0 = off"))
+    eval_num_samples: int = field(default=10_000, metadata=_help("images per evaluation, split over the processes"))
+    eval_metrics: List[str] = field(default_factory=lambda: ["fdd"], metadata=_help(
+        "any of fid, sfid, fdd, swd"))
+    eval_ref_stats: Optional[str] = field(default=None, metadata=_help(
+        "reference statistics (.npz of `python -m evaluation.ref_stats`, or the study's heldout_swd.npz)"))
+    eval_inception_weights: Optional[str] = field(default=None, metadata=_help(
+        "Inception weights file for fid/sfid; null = the torch.hub cache"))
+    eval_dinov2_weights: Optional[str] = field(default=None, metadata=_help(
+        "DINOv2 ViT-L/14 weights file for fdd; null = the Hugging Face cache"))
+    eval_sampler: EvalSamplerConfig = field(default_factory=EvalSamplerConfig)
 
 
 def config_docs() -> str:
@@ -357,24 +389,7 @@ def resolve_config(cfg) -> "OmegaConf":
     p = cfg.preview
     if p.num_samples < 0:
         raise ConfigError(f"preview.num_samples must be >= 0, got {p.num_samples}")
-    steps, thresholds = default_preview_schedule(S)
-    if p.num_steps_per_scale is None:
-        p.num_steps_per_scale = steps
-        if p.thresholds is None:
-            p.thresholds = thresholds
-    if p.thresholds is None:
-        p.thresholds = thresholds
-    p.num_steps_per_scale = [int(n) for n in p.num_steps_per_scale]
-    p.thresholds = [float(x) for x in p.thresholds]
-    if len(p.num_steps_per_scale) != S or any(n < 1 for n in p.num_steps_per_scale):
-        raise ConfigError(f"preview.num_steps_per_scale needs {S} positive entries (one per stage), "
-                          f"got {list(p.num_steps_per_scale)}")
-    if len(p.thresholds) != S - 1:
-        raise ConfigError(f"preview.thresholds needs {S - 1} entries for {S} stages, got {list(p.thresholds)}")
-    if any(not 0 < x < 1 for x in p.thresholds) or any(
-            a <= b for a, b in zip(p.thresholds, p.thresholds[1:])):
-        raise ConfigError(f"preview.thresholds must be strictly decreasing inside (0, 1), got {list(p.thresholds)}")
-    _choice(p, "method", ("euler", "heun", "sde"), prefix="preview.")
+    _check_schedule(p, *default_preview_schedule(S), S, "preview.")
     if p.labels is not None:
         bad = [label for label in p.labels if not 0 <= label <= cfg.num_classes]
         if bad or not len(p.labels):
@@ -385,6 +400,8 @@ def resolve_config(cfg) -> "OmegaConf":
     if p.nrow is not None and p.nrow < 1:
         raise ConfigError(f"preview.nrow must be >= 1, got {p.nrow}")
     _resolve_preview_budgets(cfg, size // patch)
+
+    _check_eval(cfg, S)
 
     # --- output ---
     if cfg.exp_name is None or cfg.exp_name == "":
@@ -467,6 +484,55 @@ def _resolve_preview_budgets(cfg, grid: int) -> None:
             latents_per_window(b, cfg.group_size, grid * grid)
         except ValueError as e:
             raise ConfigError(f"preview.budgets: {e}") from None
+
+
+def _check_schedule(node, steps, thresholds, S: int, prefix: str) -> None:
+    """Fill a sampler group's null `num_steps_per_scale` / `thresholds` with the given defaults
+    and check them and `method` (ConfigError naming `prefix` + key)."""
+    if node.num_steps_per_scale is None:
+        node.num_steps_per_scale = list(steps)
+        if node.thresholds is None:
+            node.thresholds = list(thresholds)
+    if node.thresholds is None:
+        node.thresholds = list(thresholds)
+    node.num_steps_per_scale = [int(n) for n in node.num_steps_per_scale]
+    node.thresholds = [float(x) for x in node.thresholds]
+    if len(node.num_steps_per_scale) != S or any(n < 1 for n in node.num_steps_per_scale):
+        raise ConfigError(f"{prefix}num_steps_per_scale needs {S} positive entries (one per stage), "
+                          f"got {list(node.num_steps_per_scale)}")
+    if len(node.thresholds) != S - 1:
+        raise ConfigError(f"{prefix}thresholds needs {S - 1} entries for {S} stages, got {list(node.thresholds)}")
+    if any(not 0 < x < 1 for x in node.thresholds) or any(
+            a <= b for a, b in zip(node.thresholds, node.thresholds[1:])):
+        raise ConfigError(f"{prefix}thresholds must be strictly decreasing inside (0, 1), got {list(node.thresholds)}")
+    _choice(node, "method", ("euler", "heun", "sde"), prefix=prefix)
+
+
+def _check_eval(cfg, S: int) -> None:
+    """The evaluation keys (files and weights are checked when the evaluator is built, before training)."""
+    from evaluation.stats_file import METRICS
+
+    if cfg.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0 = no evaluation), got {cfg.eval_every}")
+    metrics = list(cfg.eval_metrics or [])
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics or len(set(metrics)) < len(metrics):
+        raise ConfigError(f"eval_metrics must be a non-empty list of distinct names from {list(METRICS)}, "
+                          f"got {metrics}")
+    e = cfg.eval_sampler
+    _check_schedule(e, cfg.preview.num_steps_per_scale, cfg.preview.thresholds, S, "eval_sampler.")
+    _choice(e, "labels", ("balanced", "random"), prefix="eval_sampler.")
+    if e.batch_size < 1:
+        raise ConfigError(f"eval_sampler.batch_size must be >= 1, got {e.batch_size}")
+    if cfg.eval_every == 0:
+        return
+    if not cfg.eval_ref_stats:
+        raise ConfigError("eval_every is set but eval_ref_stats is not: pass the reference statistics file "
+                          "(`python -m evaluation.ref_stats` output, e.g. eval_ref_stats=ref/imagenet256.npz)")
+    if not os.path.isfile(str(cfg.eval_ref_stats)):
+        raise ConfigError(f"eval_ref_stats: no such file {cfg.eval_ref_stats!r}")
+    if cfg.eval_num_samples < 2:
+        raise ConfigError(f"eval_num_samples must be >= 2, got {cfg.eval_num_samples}")
 
 
 def _choice(node, key, allowed, prefix=""):

@@ -32,6 +32,7 @@ from training.checkpoint import (atomic_torch_save, checkpoint_path, list_checkp
                                  remove_stale_temporaries)
 from training.budget import BudgetSampler
 from training.config import ConfigError, is_pixel_space
+from training.evaluator import make_evaluator
 from data.robust import CorruptSampleError
 from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
                              describe_write_error)
@@ -144,6 +145,8 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
 
     # ---- previews (loads the VAE for latent runs: fails here, before any training), logging
     previewer = make_previewer(cfg, raw_model, in_channels, exp_dir, device, is_main)
+    evaluator = make_evaluator(cfg, exp_dir=exp_dir, device=device, rank=rank, num_processes=P, log=log,
+                               gather=lambda part: _gather_objects(accelerator, part))
     config_dict = config_to_dict(cfg)
     if is_main:
         save_config(cfg, os.path.join(exp_dir, "config.yaml"))
@@ -266,6 +269,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                 values = metrics.read(accelerator, cfg.batch_size)
                 values["lr"] = optimizer.param_groups[0]["lr"]
                 values.update(budgets.log_values())
+                values["images_seen"] = step * cfg.batch_size
                 if bad_log.count:
                     values["bad_samples"] = bad_log.count
                 tracker.log_metrics(values, step)
@@ -279,6 +283,8 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
             if cfg.preview.num_samples > 0 and (
                     (cfg.sampling_steps and step % cfg.sampling_steps == 0) or step == cfg.max_train_steps):
                 preview(step)
+            if evaluator is not None:
+                evaluator.maybe_run(ema_model, step, tracker)
     if last_saved_step != step:
         save(step)
     log.info(f"done: {step} steps in {time.time() - t_start:.1f} s; checkpoint {last_ckpt}"

@@ -1,0 +1,113 @@
+"""Mean ± std over seeds of the study's SWD curves: one PNG and one markdown table.
+
+    python experiments/study/summarize.py --sit RUN ... --dfm RUN ... [--floor floor.json] --out DIR
+        [--metric swd] [--names SiT DFM-SiT]
+
+Writes ``DIR/study_<metric>.png`` (each model's mean curve with a ±1 std band, the real-vs-real
+floor as a band) and ``DIR/study_table.md``: the mean ± std (sample std, ddof=1) at every
+evaluated step the runs share, the best value of each model's mean curve, and the steps each
+run of one model needs to reach the other model's best mean value (first evaluated step at
+least as good, ``evaluation.compare.steps_to_reach``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from evaluation.compare import _figure, _save_figure, best, curve, read_metrics, steps_to_reach  # noqa: E402
+
+
+def seed_curves(runs: Sequence[str], metric: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(steps, values (seeds, steps)) over the steps every run evaluated."""
+    curves = [curve(read_metrics(run), metric) for run in runs]
+    common = sorted(set.intersection(*[set(xs.tolist()) for xs, _ in curves]))
+    if not common:
+        raise ValueError(f"the runs {list(runs)} share no evaluated step of {metric!r}")
+    values = np.array([[ys[list(xs).index(s)] for s in common] for xs, ys in curves])
+    return np.array(common), values
+
+
+def _std(values: np.ndarray) -> np.ndarray:
+    return values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(values.shape[1])
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None, out_dir: str) -> str:
+    """Write the PNG and the table; returns the table text."""
+    data = {name: seed_curves(runs, metric) for name, runs in models.items()}
+    names = list(models)
+    steps = sorted(set.intersection(*[set(xs.tolist()) for xs, _ in data.values()]))
+    lines = [f"{metric} (x1e3, lower is better): mean ± std over seeds "
+             + ", ".join(f"{n}: {len(models[n])} seeds" for n in names), "",
+             "| step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for s in steps:
+        cells = []
+        for n in names:
+            xs, v = data[n]
+            i = list(xs).index(s)
+            cells.append(_pm(v[:, i].mean(), _std(v)[i]))
+        lines.append(f"| {s:.0f} | " + " | ".join(cells) + " |")
+    if floor:
+        lines += ["", f"Real-vs-real floor (training crops vs held-out, {floor['num_images']} images, "
+                      f"{floor['repeats']} subsets): {_pm(floor['mean'], floor['std'])}"]
+    lines += ["", "| run | reaches the best mean of | (value at step) | at step |", "|---|---|---|---|"]
+    for target in names:
+        xs_t, v_t = data[target]
+        value, at = best(xs_t, v_t.mean(axis=0))
+        for n in names:
+            if n == target:
+                continue
+            xs, v = data[n]
+            for run, ys in zip(models[n], v):
+                reached = steps_to_reach(xs, ys, value)
+                lines.append(f"| {os.path.basename(os.path.normpath(run))} | {target} | {value:.1f} at {at:.0f} | "
+                             + (f"{reached:.0f}" if reached is not None else "not reached") + " |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "study_table.md"), "w") as f:
+        f.write(text)
+
+    fig, axes = _figure(1, 1)
+    ax = axes[0, 0]
+    for n in names:
+        xs, v = data[n]
+        mean, std = v.mean(axis=0), _std(v)
+        ax.plot(xs, mean, marker="o", markersize=3, label=f"{n} (mean of {len(v)})")
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+    if floor:
+        ax.axhline(floor["mean"], color="gray", linestyle="--", label="real vs real")
+        ax.axhspan(floor["mean"] - floor["std"], floor["mean"] + floor["std"], color="gray", alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save_figure(fig, os.path.join(out_dir, f"study_{metric}.png"))
+    return text
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sit", nargs="+", required=True, help="the SiT run folders (one per seed)")
+    parser.add_argument("--dfm", nargs="+", required=True, help="the DFM-SiT run folders (one per seed)")
+    parser.add_argument("--names", nargs=2, default=["SiT", "DFM-SiT"])
+    parser.add_argument("--floor", default=None, help="floor.json of floor.py")
+    parser.add_argument("--metric", default="swd")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    floor = json.load(open(args.floor)) if args.floor else None
+    print(summarize({args.names[0]: args.sit, args.names[1]: args.dfm}, args.metric, floor, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""experiments/study/summarize.py: mean ± std over seeds and the steps to reach the other model's best."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("summarize", os.path.join(REPO, "experiments", "study", "summarize.py"))
+summarize = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(summarize)
+
+
+def _run(folder, values, every=100):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for i, v in enumerate(values, 1):
+            f.write(json.dumps({"step": i * every, "images_seen": i * every * 32, "loss": 1.0}) + "\n")
+            f.write(json.dumps({"step": i * every, "images_seen": i * every * 32, "swd": v}) + "\n")
+    return str(folder)
+
+
+def test_mean_std_table_and_crossings(tmp_path):
+    sit = [_run(tmp_path / f"sit_s{s}", v) for s, v in enumerate([[90, 60, 40], [100, 70, 50], [110, 80, 60]])]
+    dfm = [_run(tmp_path / f"dfm_s{s}", v) for s, v in enumerate([[70, 45, 30], [80, 55, 35]])]
+    floor = {"num_images": 8, "repeats": 3, "mean": 10.0, "std": 1.0}
+    text = summarize.summarize({"SiT": sit, "DFM": dfm}, "swd", floor, str(tmp_path))
+    assert f"| 200 | 70.0 ± {np.std([60, 70, 80], ddof=1):.1f} | 50.0 ± {np.std([45, 55], ddof=1):.1f} |" in text
+    assert "floor" in text and "10.0 ± 1.0" in text
+    # SiT's best mean is 50 at step 300: dfm_s0 gets there at 200 (45), dfm_s1 at 300 (35)
+    assert "| dfm_s0 | SiT | 50.0 at 300 | 200 |" in text and "| dfm_s1 | SiT | 50.0 at 300 | 300 |" in text
+    # DFM's best mean is 32.5: no SiT seed reaches it
+    assert text.count("not reached") == 3
+    with open(tmp_path / "study_swd.png", "rb") as f:
+        assert f.read(4) == b"\x89PNG"

@@ -1,0 +1,156 @@
+"""Metrics during training (`eval_every`): EMA model -> generation's sampler -> images -> scores.
+
+Built once at start (:func:`make_evaluator`, before any training step: missing or incompatible
+reference statistics, missing Inception / DINOv2 weights and a VAE that cannot load are one
+`ConfigError` there). Every `eval_every` steps and at the last step the loop calls it:
+
+* sample `i` of `0 .. eval_num_samples-1` is generated exactly as generate.py would with
+  `eval_sampler.seed`: its noise (`generation.noise.initial_noise`), SDE noise
+  (`sde_generators`) and label (`generation.labels.class_labels`) depend on (seed, i) only,
+  so every evaluation of a run (and every run) scores the same noise; process `r` of `P`
+  generates the indices `r, r + P, ...`;
+* `samplers.sample` integrates (the one sampler of the codebase), the pyramid is recomposed and
+  decoded to uint8 (`data.vae.samples_to_uint8`; pixel-space runs need no VAE);
+* `evaluation.online.OnlineEvaluator` scores each process's share and the main process
+  combines them, then logs `{"images_seen", <metric>: value, ...}` through the run's tracker
+  (so the values land in wandb / tensorboard and `metrics.jsonl` beside the training losses)
+  and redraws `<run>/convergence.png` (`evaluation.compare.plot_convergence`).
+
+All sampling runs inside `torch.random.fork_rng` with explicitly seeded generators: evaluation
+never changes the training random streams (a run with and without `eval_every` has
+bit-identical weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from training.config import ConfigError, is_pixel_space
+
+
+class TrainingEvaluator:
+    """`evaluator.maybe_run(ema_model, step, tracker)` in the loop; `evaluator(model)` scores once."""
+
+    def __init__(self, cfg, scorer, *, num_classes: int, path_type: str, device, rank: int, num_processes: int,
+                 exp_dir: str, log=None, vae=None, autocast_dtype=None, gather=None):
+        self.every, self.max_steps, self.batch_size = int(cfg.eval_every), int(cfg.max_train_steps), int(cfg.batch_size)
+        self.log = log
+        self.sampler = cfg.eval_sampler
+        self.metrics = list(cfg.eval_metrics)
+        self.num_samples = int(cfg.eval_num_samples)
+        self.scorer, self.num_classes, self.path_type = scorer, num_classes, path_type
+        self.device, self.rank, self.P = torch.device(device), rank, num_processes
+        self.exp_dir, self.vae, self.autocast_dtype = exp_dir, vae, autocast_dtype
+        self.gather = gather or (lambda obj: [obj])
+        import warnings
+
+        with warnings.catch_warnings():  # an uneven class split is fine for a metric
+            warnings.simplefilter("ignore")
+            from generation.labels import class_labels
+
+            self.labels = class_labels(self.num_samples, num_classes, int(self.sampler.seed), self.sampler.labels)
+
+    def _autocast(self):
+        if self.autocast_dtype is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def generate(self, model, indices: List[int]) -> np.ndarray:
+        """uint8 (len(indices), H, W, 3) images of the given sample indices (deterministic per index)."""
+        import samplers
+        from data.vae import samples_to_uint8
+        from dfm import LaplacianPyramid
+        from generation.noise import initial_noise, sde_generators
+
+        e = self.sampler
+        shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
+        pyramid = LaplacianPyramid(len(shapes))
+        extra = {} if e.inference_budget is None else {"inference_budget": e.inference_budget}
+        out = []
+        for lo in range(0, len(indices), int(e.batch_size)):
+            batch = indices[lo:lo + int(e.batch_size)]
+            noise = [n.to(self.device) for n in initial_noise(int(e.seed), batch, shapes)]
+            y = self.labels[batch].to(self.device)
+            generator = sde_generators(int(e.seed), batch, device=self.device) if e.method == "sde" else None
+            with self._autocast():
+                final = samplers.sample(
+                    model, noise, y, num_steps_per_scale=list(e.num_steps_per_scale), thresholds=list(e.thresholds),
+                    method=e.method, cfg_scale=float(e.cfg_scale), guidance_low=float(e.guidance_low),
+                    guidance_high=float(e.guidance_high), path_type=self.path_type, generator=generator, **extra)
+            out.append(samples_to_uint8(self.vae, pyramid.recompose([f.float() for f in final])))
+        if not out:
+            size = model.stage_sizes[-1] * (1 if self.vae is None else 8)
+            return np.zeros((0, size, size, 3), np.uint8)
+        return np.concatenate(out)
+
+    def maybe_run(self, model, step: int, tracker) -> Optional[Dict[str, float]]:
+        """At every `eval_every`-th step and the last: score `model` and (main process) record the values."""
+        if step % self.every and step != self.max_steps:
+            return None
+        values = self(model)
+        if values is not None:
+            record_evaluation(tracker, self.exp_dir, values, self.metrics, step, step * self.batch_size, self.log)
+        return values
+
+    def __call__(self, model) -> Optional[Dict[str, float]]:
+        """Score `model` (the EMA copy); returns the metrics on the main process, None elsewhere."""
+        t0 = time.time()
+        was_training = model.training
+        model.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            images = self.generate(model, list(range(self.rank, self.num_samples, self.P)))
+            parts = self.gather(self.scorer.partial(images))
+        model.train(was_training)
+        if self.rank != 0:
+            return None
+        values = self.scorer.finish(parts)
+        values["eval_seconds"] = time.time() - t0
+        return values
+
+
+def make_evaluator(cfg, *, exp_dir: str, device, rank: int, num_processes: int, log=None,
+                   gather=None) -> Optional[TrainingEvaluator]:
+    """The evaluator of `eval_every` (None when it is 0); ConfigError on any input problem."""
+    if not cfg.eval_every:
+        return None
+    from evaluation.npz import EvaluationError
+    from evaluation.online import OnlineEvaluator
+
+    resolution = cfg.resolution
+    try:
+        scorer = OnlineEvaluator(cfg.eval_ref_stats, list(cfg.eval_metrics), (resolution, resolution), device=device,
+                                 inception_weights=cfg.eval_inception_weights, dinov2_weights=cfg.eval_dinov2_weights)
+    except (EvaluationError, ValueError, OSError) as e:
+        raise ConfigError(f"eval_ref_stats / eval_metrics: {e}") from None
+    vae = None
+    if not is_pixel_space(cfg):
+        import data.vae as dvae
+
+        try:
+            vae = dvae.load_vae(cfg.vae, device=device)
+        except (RuntimeError, FileNotFoundError, OSError) as e:
+            raise ConfigError(f"vae: cannot load {cfg.vae!r} to decode the evaluation samples: {e}") from None
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    return TrainingEvaluator(cfg, scorer, num_classes=cfg.num_classes, path_type=cfg.path_type, device=device,
+                             rank=rank, num_processes=num_processes, exp_dir=exp_dir, log=log, vae=vae,
+                             autocast_dtype=autocast, gather=gather)
+
+
+def record_evaluation(tracker, exp_dir: str, values: Dict[str, float], metrics: List[str], step: int,
+                      images_seen: int, log) -> None:
+    """Main process: the values to the tracker + metrics.jsonl, convergence.png redrawn, one log line."""
+    from evaluation.compare import plot_convergence
+
+    tracker.log_metrics({"images_seen": int(images_seen), **values}, step)
+    log.info(f"eval step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    try:
+        plot_convergence(exp_dir, metrics=metrics)
+    except Exception as e:  # a plot never stops training
+        log.warning(f"WARNING: convergence.png not drawn ({type(e).__name__}: {e})")
