@@ -4,7 +4,7 @@
         [--metric swd] [--names SiT DFM-SiT]
 
 Writes ``DIR/study_<metric>.png`` (each model's mean curve with a ±1 std band, the real-vs-real
-floor as a band) and ``DIR/study_table.md``: the mean ± std (sample std, ddof=1) at every
+floor as a band) and ``DIR/study_<metric>.md``: the mean ± std (sample std, ddof=1) at every
 evaluated step the runs share, the best value of each model's mean curve, and the steps each
 run of one model needs to reach the other model's best mean value (first evaluated step at
 least as good, ``evaluation.compare.steps_to_reach``).
@@ -42,8 +42,20 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def floor_of(floor: dict | None, metric: str) -> dict | None:
+    """floor.py's result for ``metric`` (``swd`` or a level ``swd_<res>`` from its per-level values)."""
+    if not floor or metric == "swd":
+        return floor
+    values = [r[metric] for r in floor.get("per_level", []) if metric in r]
+    if not values:
+        return None
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return dict(floor, mean=float(np.mean(values)), std=std)
+
+
 def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None, out_dir: str) -> str:
     """Write the PNG and the table; returns the table text."""
+    floor = floor_of(floor, metric)
     data = {name: seed_curves(runs, metric) for name, runs in models.items()}
     names = list(models)
     steps = sorted(set.intersection(*[set(xs.tolist()) for xs, _ in data.values()]))
@@ -73,7 +85,7 @@ def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None,
                 lines.append(f"| {os.path.basename(os.path.normpath(run))} | {target} | {value:.1f} at {at:.0f} | "
                              + (f"{reached:.0f}" if reached is not None else "not reached") + " |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "study_table.md"), "w") as f:
+    with open(os.path.join(out_dir, f"study_{metric}.md"), "w") as f:
         f.write(text)
 
     fig, axes = _figure(1, 1)
