@@ -1,7 +1,7 @@
 """Mean ± std over seeds of the study's SWD curves: one PNG and one markdown table.
 
     python experiments/study/summarize.py --sit RUN ... --dfm RUN ... [--floor floor.json] --out DIR
-        [--metric swd] [--names SiT DFM-SiT]
+        [--metric swd] [--names SiT DFM-SiT] [--group NAME RUN ... [--group ...]]
 
 Writes ``DIR/study_<metric>.png`` (each model's mean curve with a ±1 std band, the real-vs-real
 floor as a band) and ``DIR/study_<metric>.md``: the mean ± std (sample std, ddof=1) at every
@@ -111,13 +111,20 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sit", nargs="+", required=True, help="the SiT run folders (one per seed)")
     parser.add_argument("--dfm", nargs="+", required=True, help="the DFM-SiT run folders (one per seed)")
+    parser.add_argument("--group", nargs="+", action="append", default=[], metavar="NAME RUN",
+                        help="a further model: its name, then its run folders (repeatable)")
     parser.add_argument("--names", nargs=2, default=["SiT", "DFM-SiT"])
     parser.add_argument("--floor", default=None, help="floor.json of floor.py")
     parser.add_argument("--metric", default="swd")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     floor = json.load(open(args.floor)) if args.floor else None
-    print(summarize({args.names[0]: args.sit, args.names[1]: args.dfm}, args.metric, floor, args.out))
+    models = {args.names[0]: args.sit, args.names[1]: args.dfm}
+    for group in args.group:
+        if len(group) < 2:
+            parser.error("--group needs a name and at least one run folder")
+        models[group[0]] = group[1:]
+    print(summarize(models, args.metric, floor, args.out))
     return 0
 
 
