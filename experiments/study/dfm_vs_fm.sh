@@ -41,6 +41,8 @@ sit_runs=(); dfm_runs=()
 for seed in $SEEDS; do sit_runs+=("$RUNS/sit_s$seed"); dfm_runs+=("$RUNS/dfm_sit_s$seed"); done
 "$PY" -m evaluation.compare "${sit_runs[@]}" "${dfm_runs[@]}" --metric swd --out "$OUT/compare_swd.png" \
   --table "$OUT/compare_swd.md" > /dev/null
-"$PY" experiments/study/summarize.py --sit "${sit_runs[@]}" --dfm "${dfm_runs[@]}" --floor "$OUT/floor.json" \
-  --out "$OUT"
-echo "wrote $OUT/study_swd.png, $OUT/study_table.md, $OUT/compare_swd.png, $OUT/compare_swd.md"
+for metric in swd swd_32 swd_16; do  # the mean and the two pyramid levels (32 px detail, 16 px)
+  "$PY" experiments/study/summarize.py --sit "${sit_runs[@]}" --dfm "${dfm_runs[@]}" --floor "$OUT/floor.json" \
+    --metric "$metric" --out "$OUT" > /dev/null
+done
+echo "wrote $OUT/study_swd{,_32,_16}.{png,md}, $OUT/compare_swd.png, $OUT/compare_swd.md"

@@ -1,10 +1,10 @@
 """Mean ± std over seeds of the study's SWD curves: one PNG and one markdown table.
 
     python experiments/study/summarize.py --sit RUN ... --dfm RUN ... [--floor floor.json] --out DIR
-        [--metric swd] [--names SiT DFM-SiT]
+        [--metric swd] [--names SiT DFM-SiT] [--group NAME RUN ... [--group ...]]
 
 Writes ``DIR/study_<metric>.png`` (each model's mean curve with a ±1 std band, the real-vs-real
-floor as a band) and ``DIR/study_table.md``: the mean ± std (sample std, ddof=1) at every
+floor as a band) and ``DIR/study_<metric>.md``: the mean ± std (sample std, ddof=1) at every
 evaluated step the runs share, the best value of each model's mean curve, and the steps each
 run of one model needs to reach the other model's best mean value (first evaluated step at
 least as good, ``evaluation.compare.steps_to_reach``).
@@ -42,8 +42,20 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def floor_of(floor: dict | None, metric: str) -> dict | None:
+    """floor.py's result for ``metric`` (``swd`` or a level ``swd_<res>`` from its per-level values)."""
+    if not floor or metric == "swd":
+        return floor
+    values = [r[metric] for r in floor.get("per_level", []) if metric in r]
+    if not values:
+        return None
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return dict(floor, mean=float(np.mean(values)), std=std)
+
+
 def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None, out_dir: str) -> str:
     """Write the PNG and the table; returns the table text."""
+    floor = floor_of(floor, metric)
     data = {name: seed_curves(runs, metric) for name, runs in models.items()}
     names = list(models)
     steps = sorted(set.intersection(*[set(xs.tolist()) for xs, _ in data.values()]))
@@ -73,7 +85,7 @@ def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None,
                 lines.append(f"| {os.path.basename(os.path.normpath(run))} | {target} | {value:.1f} at {at:.0f} | "
                              + (f"{reached:.0f}" if reached is not None else "not reached") + " |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "study_table.md"), "w") as f:
+    with open(os.path.join(out_dir, f"study_{metric}.md"), "w") as f:
         f.write(text)
 
     fig, axes = _figure(1, 1)
@@ -99,13 +111,20 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sit", nargs="+", required=True, help="the SiT run folders (one per seed)")
     parser.add_argument("--dfm", nargs="+", required=True, help="the DFM-SiT run folders (one per seed)")
+    parser.add_argument("--group", nargs="+", action="append", default=[], metavar="NAME RUN",
+                        help="a further model: its name, then its run folders (repeatable)")
     parser.add_argument("--names", nargs=2, default=["SiT", "DFM-SiT"])
     parser.add_argument("--floor", default=None, help="floor.json of floor.py")
     parser.add_argument("--metric", default="swd")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
     floor = json.load(open(args.floor)) if args.floor else None
-    print(summarize({args.names[0]: args.sit, args.names[1]: args.dfm}, args.metric, floor, args.out))
+    models = {args.names[0]: args.sit, args.names[1]: args.dfm}
+    for group in args.group:
+        if len(group) < 2:
+            parser.error("--group needs a name and at least one run folder")
+        models[group[0]] = group[1:]
+    print(summarize(models, args.metric, floor, args.out))
     return 0
 
 
