@@ -170,8 +170,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     last_ckpt, last_preview = resume_path, None
     last_saved_step = start_step if resumed else -1
     step = start_step
-
-    bad_written = bad_log.count
+    bad_written = bad_log.count  # files listed in bad_samples.json so far
 
     def sync_bad_samples() -> None:
         """Stop every rank on a corrupt sample (bad_samples=error; any rank may hold it), or
