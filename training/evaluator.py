@@ -22,15 +22,14 @@ bit-identical weights).
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from training.config import ConfigError, is_pixel_space
+from training.config import ConfigError
+from training.previews import autocast_dtype, cuda_autocast
 
 
 class TrainingEvaluator:
@@ -56,9 +55,7 @@ class TrainingEvaluator:
             self.labels = class_labels(self.num_samples, num_classes, int(self.sampler.seed), self.sampler.labels)
 
     def _autocast(self):
-        if self.autocast_dtype is None or self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return cuda_autocast(self.device, self.autocast_dtype)
 
     @torch.no_grad()
     def generate(self, model, indices: List[int]) -> np.ndarray:
@@ -116,8 +113,10 @@ class TrainingEvaluator:
 
 
 def make_evaluator(cfg, *, exp_dir: str, device, rank: int, num_processes: int, log=None,
-                   gather=None) -> Optional[TrainingEvaluator]:
-    """The evaluator of `eval_every` (None when it is 0); ConfigError on any input problem."""
+                   gather=None, vae=None) -> Optional[TrainingEvaluator]:
+    """The evaluator of `eval_every` (None when it is 0); ConfigError on any input problem.
+    `vae`: the run's decoder (the loop loads it once for previews and evaluation); loaded here
+    when not given."""
     if not cfg.eval_every:
         return None
     from evaluation.npz import EvaluationError
@@ -129,18 +128,13 @@ def make_evaluator(cfg, *, exp_dir: str, device, rank: int, num_processes: int, 
                                  inception_weights=cfg.eval_inception_weights, dinov2_weights=cfg.eval_dinov2_weights)
     except (EvaluationError, ValueError, OSError) as e:
         raise ConfigError(f"eval_ref_stats / eval_metrics: {e}") from None
-    vae = None
-    if not is_pixel_space(cfg):
-        import data.vae as dvae
+    if vae is None:
+        from training.setup import load_decoder_vae
 
-        try:
-            vae = dvae.load_vae(cfg.vae, device=device)
-        except (RuntimeError, FileNotFoundError, OSError) as e:
-            raise ConfigError(f"vae: cannot load {cfg.vae!r} to decode the evaluation samples: {e}") from None
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        vae = load_decoder_vae(cfg, device)
     return TrainingEvaluator(cfg, scorer, num_classes=cfg.num_classes, path_type=cfg.path_type, device=device,
                              rank=rank, num_processes=num_processes, exp_dir=exp_dir, log=log, vae=vae,
-                             autocast_dtype=autocast, gather=gather)
+                             autocast_dtype=autocast_dtype(cfg.mixed_precision), gather=gather)
 
 
 def record_evaluation(tracker, exp_dir: str, values: Dict[str, float], metrics: List[str], step: int,

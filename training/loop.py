@@ -41,8 +41,8 @@ from training.repa import RepaFeatures, load_run_encoders
 from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
 from training.sampler import ResumableBatchSampler
 from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
-                            make_previewer, open_training_dataset, resume_target, world_size_from_env,
-                            write_demo_data)
+                            load_decoder_vae, make_previewer, open_training_dataset, previews_on, resume_target,
+                            world_size_from_env, write_demo_data)
 from utils.config import config_to_dict, save_config
 from utils.progress import progress_bar
 
@@ -144,9 +144,10 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
         persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
 
     # ---- previews (loads the VAE for latent runs: fails here, before any training), logging
-    previewer = make_previewer(cfg, raw_model, in_channels, exp_dir, device, is_main)
+    vae = load_decoder_vae(cfg, device) if previews_on(cfg, is_main) or cfg.eval_every else None
+    previewer = make_previewer(cfg, raw_model, in_channels, exp_dir, device, is_main, vae)
     evaluator = make_evaluator(cfg, exp_dir=exp_dir, device=device, rank=rank, num_processes=P, log=log,
-                               gather=lambda part: _gather_objects(accelerator, part))
+                               gather=lambda part: _gather_objects(accelerator, part), vae=vae)
     config_dict = config_to_dict(cfg)
     if is_main:
         save_config(cfg, os.path.join(exp_dir, "config.yaml"))

@@ -72,6 +72,18 @@ def with_budget_bar(grid: np.ndarray, fraction: float, height: int = 3) -> np.nd
     return np.concatenate([bar, grid], axis=0)
 
 
+def autocast_dtype(mixed_precision: str):
+    """The sampling dtype of a run's `mixed_precision` (None: full precision)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
+def cuda_autocast(device: torch.device, dtype):
+    """Autocast for sampling on a GPU in `dtype`; a no-op on the CPU or without a dtype."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
 class PreviewMaker:
     """Samples a fixed preview batch from a model and writes PNG grids to `out_dir`."""
 
@@ -105,9 +117,7 @@ class PreviewMaker:
         return samples_to_uint8(self.vae, x)
 
     def _autocast(self):
-        if self.autocast_dtype is None or self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return cuda_autocast(self.device, self.autocast_dtype)
 
     @torch.no_grad()
     def sample(self, model, inference_budget=None) -> tuple[np.ndarray, list]:

@@ -200,23 +200,32 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
     return TrainState(model, ema_model, EMA(model, ema_model, cfg.ema_decay), optimizer, schedule, start_step)
 
 
-def make_previewer(cfg, model, in_channels, exp_dir, device, is_main):
-    """The preview maker (rank 0), or None. Loads the VAE for latent runs: fails here, before training."""
-    if cfg.preview.num_samples <= 0 or not is_main:
+def previews_on(cfg, is_main: bool) -> bool:
+    return cfg.preview.num_samples > 0 and is_main
+
+
+def load_decoder_vae(cfg, device):
+    """The VAE that decodes previews and evaluation samples (None for pixel-space runs); loaded
+    once per process, before training, so a missing VAE fails here."""
+    if is_pixel_space(cfg):
         return None
-    from training.previews import PreviewMaker
+    import data.vae as dvae
 
-    vae = None
-    if not is_pixel_space(cfg):
-        import data.vae as dvae
+    try:
+        return dvae.load_vae(cfg.vae, device=device)
+    except (RuntimeError, FileNotFoundError, OSError) as e:
+        raise ConfigError(f"vae: cannot load {cfg.vae!r} to decode the previews and evaluation samples: {e}\n"
+                          "Pass a local VAE folder (vae=/path/to/sd-vae-ft-ema), or turn previews off with "
+                          "preview.num_samples=0 (and evaluation with eval_every=0).") from None
 
-        try:
-            vae = dvae.load_vae(cfg.vae, device=device)
-        except (RuntimeError, FileNotFoundError, OSError) as e:
-            raise ConfigError(f"vae: cannot load {cfg.vae!r} to decode the previews: {e}\n"
-                              "Pass a local VAE folder (vae=/path/to/sd-vae-ft-ema) or turn previews off "
-                              "with preview.num_samples=0.") from None
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+
+def make_previewer(cfg, model, in_channels, exp_dir, device, is_main, vae=None):
+    """The preview maker (rank 0), or None. `vae`: the run's decoder (load_decoder_vae)."""
+    if not previews_on(cfg, is_main):
+        return None
+    from training.previews import PreviewMaker, autocast_dtype
+
+    autocast = autocast_dtype(cfg.mixed_precision)
     budgets = list(cfg.preview.get("budgets") or [])  # ELIT: the fraction of latents each keeps
     fractions = [model.kept_latents(b) / model.group_size ** 2 for b in budgets]
     return PreviewMaker(cfg.preview, num_classes=cfg.num_classes, in_channels=in_channels,
