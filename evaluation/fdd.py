@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .inception import WeightsError, host_reachable, strict_fp32
+from utils.hub import HubUnavailable, hub_file
+
+from .inception import WeightsError, strict_fp32
 
 DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"
 DINOV2_IMAGE_SIZE = 224
@@ -40,7 +42,6 @@ def resolve_dinov2_weights(model_name: str = DEFAULT_DINOV2_MODEL, weights_path:
         if not os.path.isfile(weights_path):
             raise WeightsError(f"--dinov2-weights {weights_path}: no such file")
         return weights_path
-    import huggingface_hub
     import timm
 
     cfg = timm.models.get_pretrained_cfg(model_name)
@@ -48,19 +49,12 @@ def resolve_dinov2_weights(model_name: str = DEFAULT_DINOV2_MODEL, weights_path:
     if not repo_id:
         raise WeightsError(f"--dinov2-model {model_name}: timm knows no pretrained weights for it; pass --dinov2-weights")
     filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
-    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename)
-    if isinstance(cached, str):
-        return cached
-    how_to = (f"download https://huggingface.co/{repo_id}/resolve/main/{filename} (timm format) or Meta's "
-              f"dinov2_vitl14_pretrain.pth and pass --dinov2-weights PATH")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
-    if offline or not host_reachable(huggingface_hub.constants.ENDPOINT):
-        raise WeightsError(f"the DINOv2 weights ({repo_id}) are not cached and the Hugging Face Hub is "
-                           f"unreachable{' (HF_HUB_OFFLINE is set)' if offline else ''}; {how_to}")
     try:
-        return huggingface_hub.hf_hub_download(repo_id, filename, etag_timeout=10)
-    except Exception as exc:
-        raise WeightsError(f"downloading the DINOv2 weights failed ({exc}); {how_to}") from None
+        return hub_file(repo_id, filename)
+    except HubUnavailable as exc:
+        raise WeightsError(f"the DINOv2 weights: {exc}; download https://huggingface.co/{repo_id}/resolve/main/"
+                           f"{filename} (timm format) or Meta's dinov2_vitl14_pretrain.pth and pass "
+                           "--dinov2-weights PATH") from None
 
 
 def interpolate_pos_embed_like_hub(pos_embed: torch.Tensor, grid: int,

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from utils.hub import host_reachable
+
 from .npz import EvaluationError
 
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
@@ -55,17 +57,6 @@ def strict_fp32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def host_reachable(url: str, timeout: float = 5.0) -> bool:
-    """Whether a TCP connection to the host of ``url`` opens within ``timeout`` seconds."""
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def default_inception_weights_path() -> str:

@@ -191,19 +191,19 @@ class FrozenEncoder:
 
 def _hub_weights(names: Sequence[str]) -> List[str]:
     """Paths of the cached (downloaded if needed) timm/<model> weights; fails before any model is built."""
-    from huggingface_hub import hf_hub_download
+    from utils.hub import HubUnavailable, hub_file
 
-    files, missing, reasons = [], [], set()
+    files, missing, reasons = [], [], []
     for name in names:
         try:
-            files.append(hf_hub_download(f"timm/{ENCODERS[name][0]}", "model.safetensors"))
-        except Exception as err:  # offline, no network, no cache: one message that says what to do
+            files.append(hub_file(f"timm/{ENCODERS[name][0]}", "model.safetensors"))
+        except HubUnavailable as err:  # offline, no network, no cache: one message that says what to do
             missing.append(name)
-            reasons.add(type(err).__name__)
+            reasons.append(str(err))
     if missing:
         raise FileNotFoundError(f"enc_type {','.join(names)} without encoder_weights: the weights of "
-                                f"{', '.join(missing)} are not in the local hub cache and could not be downloaded "
-                                f"({', '.join(sorted(reasons))}); {_download_hint(names)}")
+                                f"{', '.join(missing)} are not available "
+                                f"({'; '.join(reasons)}); {_download_hint(names)}")
     return files
 
 
