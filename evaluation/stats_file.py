@@ -29,7 +29,6 @@ resolution or of other feature-extractor weights (compared by SHA-256).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -40,6 +39,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from utils.atomic import atomic_write
+from utils.checksum import file_sha256
 
 from .npz import InputError
 
@@ -57,11 +57,7 @@ def weights_identity(path: str) -> Dict[str, object]:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime)
     if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
+        _HASHES[key] = file_sha256(path)
     return {"file": os.path.basename(path), "sha256": _HASHES[key], "bytes": st.st_size}
 
 
