@@ -173,25 +173,26 @@ def _parse_value(defaults_type, key: str, raw: str) -> Any:
 
 # ----------------------------------------------------------------------------- merging
 
+def _is_free_dict(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict or tp is Any
+
+
 def _set(cfg: DictConfig, defaults_type, key: str, value: Any, where: str) -> None:
     """cfg[key] = value (dicts merge into dicts), validated by omegaconf; ValueError on failure."""
-    if isinstance(value, Mapping):
-        tp = _field_type(defaults_type, key.split("."))
-        if tp is None:
-            pass  # unknown key: let omegaconf raise below
-        elif dataclasses.is_dataclass(tp):
+    tp = _field_type(defaults_type, key.split("."))
+    if isinstance(value, Mapping) and tp is not None:  # (an unknown key: omegaconf raises below)
+        if dataclasses.is_dataclass(tp):
             for sub, sub_value in value.items():
                 _set(cfg, defaults_type, f"{key}.{sub}", sub_value, where)
             return
-        elif not (tp is dict or typing.get_origin(tp) is dict or tp is Any):
+        if not _is_free_dict(tp):
             raise ValueError(f"Config key '{key}' in {where} takes a single value, got a mapping {dict(value)!r}.")
-    elif _field_type(defaults_type, key.split(".")) is not None and dataclasses.is_dataclass(
-            _field_type(defaults_type, key.split("."))) and value is not None:
+    elif dataclasses.is_dataclass(tp) and value is not None:
         raise ValueError(f"Config key '{key}' in {where} must be a mapping, got {value!r}.")
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
     except OmegaConfBaseException as e:
-        if _field_type(defaults_type, key.split(".")) is None and not _inside_free_dict(defaults_type, key):
+        if tp is None and not _inside_free_dict(defaults_type, key):
             raise ValueError(f"Unknown config key '{key}' in {where}.{_suggest(defaults_type, key)}") from None
         msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
         raise ValueError(f"Invalid value for config key '{key}' in {where}: {msg}") from None
@@ -200,8 +201,7 @@ def _set(cfg: DictConfig, defaults_type, key: str, value: Any, where: str) -> No
 def _inside_free_dict(defaults_type, key: str) -> bool:
     parts = key.split(".")
     for n in range(1, len(parts)):
-        tp = _field_type(defaults_type, parts[:n])
-        if tp is dict or typing.get_origin(tp) is dict or tp is Any:
+        if _is_free_dict(_field_type(defaults_type, parts[:n])):
             return True
     return False
 
