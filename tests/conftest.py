@@ -75,3 +75,16 @@ def read_tree(folder) -> dict:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, folder)] = f.read()
     return out
+
+
+SMALL_DINOV2 = "vit_small_patch14_dinov2.lvd142m"
+
+
+def save_random_dinov2_weights(path) -> str:
+    """A random timm DINOv2-S state dict at `path` (LayerScale set to 0.2 so the blocks matter)."""
+    import timm
+
+    state = timm.create_model(SMALL_DINOV2, pretrained=False, num_classes=0).state_dict()
+    state = {k: torch.full_like(v, 0.2) if k.endswith(".gamma") else v for k, v in state.items()}
+    torch.save(state, path)
+    return str(path)

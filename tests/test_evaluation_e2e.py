@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-import timm
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
@@ -19,8 +18,8 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 from evaluation import evaluate as evaluate_module
 from evaluation.fdd import load_dinov2, preprocess_for_dinov2
 from evaluation.inception import save_random_inception_weights
+from conftest import SMALL_DINOV2, save_random_dinov2_weights
 
-SMALL_DINOV2 = "vit_small_patch14_dinov2.lvd142m"
 
 
 def _gradient_images(n, seed, size=16):
@@ -89,9 +88,7 @@ def _precision_recall_float64(ref, smp, k=3):
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("evaluation_e2e")
     weights = save_random_inception_weights(str(folder / "inception.pth"), seed=0)
-    dino = timm.create_model(SMALL_DINOV2, pretrained=False, num_classes=0).state_dict()
-    dino = {k: torch.full_like(v, 0.2) if k.endswith(".gamma") else v for k, v in dino.items()}
-    torch.save(dino, folder / "dinov2.pth")
+    save_random_dinov2_weights(folder / "dinov2.pth")
     ref, smp = _test_batches()
     np.savez(folder / "ref.npz", arr_0=ref)
     np.savez(folder / "samples.npz", arr_0=smp)

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
@@ -24,9 +23,9 @@ from evaluation.npz import InputError
 from evaluation.online import OnlineEvaluator
 from evaluation.stats_file import check_compatible, load_statistics
 from evaluation.swd import swd
+from conftest import SMALL_DINOV2, save_random_dinov2_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_DINOV2 = "vit_small_patch14_dinov2.lvd142m"
 
 
 def _images(n, seed, size=16):
@@ -71,9 +70,7 @@ def _cat(outputs, key=None):
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref_stats")
     inception = save_random_inception_weights(str(tmp / "inception.pth"), seed=0)
-    dino = timm.create_model(SMALL_DINOV2, pretrained=False, num_classes=0).state_dict()
-    dino = {k: torch.full_like(v, 0.2) if k.endswith(".gamma") else v for k, v in dino.items()}
-    torch.save(dino, tmp / "dinov2.pth")
+    save_random_dinov2_weights(tmp / "dinov2.pth")
     ref, smp = _images(5, seed=0), _images(4, seed=1)
     folder = _write_dataset(tmp / "ref", ref)
     np.savez(tmp / "ref.npz", arr_0=ref)
