@@ -89,16 +89,21 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class PreviewConfig:
+class SamplerSettings:
+    """Solver and guidance keys shared by the preview and evaluation samplers (as in generate.py)."""
+    method: str = field(default="euler", metadata=_help("euler | heun | sde"))
+    cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
+    guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
+    guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
+
+
+@dataclass
+class PreviewConfig(SamplerSettings):
     num_samples: int = field(default=16, metadata=_help("images in each preview grid (0 = no previews)"))
     num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
         "sampler steps per stage; null = [50] for S=1, [40,10] for S=2, [40]+[10]*(S-1) for S>=3"))
     thresholds: Optional[List[float]] = field(default=None, metadata=_help(
         "stage hand-over times tau_0 > ... (length S-1); null = [0.1] for S=2, 0.1/2^i for S>=3"))
-    method: str = field(default="euler", metadata=_help("euler | heun | sde"))
-    cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
-    guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
-    guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
     labels: Optional[List[int]] = field(default=None, metadata=_help(
         "class labels of the preview samples (cycled); null = one class per grid row (8 fixed ImageNet "
         "classes for 1000 classes, else 0, 1, 2, ...)"))
@@ -113,16 +118,12 @@ class PreviewConfig:
 
 
 @dataclass
-class EvalSamplerConfig:
+class EvalSamplerConfig(SamplerSettings):
     """The sampler of the evaluations during training (`eval_every`); the keys of generate.py."""
     num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
         "sampler steps per stage; null = the preview's"))
     thresholds: Optional[List[float]] = field(default=None, metadata=_help(
         "stage hand-over times (length S-1); null = the preview's"))
-    method: str = field(default="euler", metadata=_help("euler | heun | sde"))
-    cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
-    guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
-    guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
     inference_budget: Optional[float] = field(default=None, metadata=_help(
         "ELIT models: budget of the conditional pass (fraction in (0, 1] or latent count); null = the model's"))
     labels: str = field(default="balanced", metadata=_help("balanced | random (generation/labels.py)"))
