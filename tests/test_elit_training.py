@@ -14,7 +14,7 @@ from training.demo_data import write_demo_dataset
 from training.loop import train
 from training.rng import shared_generator
 
-from train_helpers import load_ckpt, read_losses, tiny_argv, tiny_config, run_torchrun
+from train_helpers import assert_same_weights, load_ckpt, read_losses, run_torchrun, tiny_argv, tiny_config
 
 LEVELS = [0.25, 0.5, 0.75, 1.0]  # group_size 2: k = 1 .. 4 of the 4 latents per window
 # a 4x4 token grid (16 px, patch 4) in 2x2 windows; head 1 block, core 1, tail 2 (S default)
@@ -62,9 +62,7 @@ def test_multi_budget_elit_trains_logs_its_budgets_and_resumes_bit_exactly(tiny_
             {k: v for k, v in ref[s].items() if k not in ("time", "images_per_sec")}, s
     a = load_ckpt(os.path.join(out, "cut", "checkpoints", "0000006.pt"))
     b = load_ckpt(straight.last_checkpoint)
-    for key in b["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert_same_weights(a, b)
     assert b["arch"]["elit_max_mask_prob"] == 0.75 and b["arch"]["group_size"] == 2
 
 

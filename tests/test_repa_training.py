@@ -17,7 +17,7 @@ from conftest import save_tiny_vae
 from training.config import ConfigError, parse_config
 from training.loop import train
 
-from train_helpers import load_ckpt, read_losses, run_torchrun
+from train_helpers import assert_same_weights, load_ckpt, read_losses, run_torchrun
 
 TINY_ENCODER = dict(depth=2, embed_dim=48, num_heads=2)
 NUM_ITEMS = 16
@@ -232,10 +232,7 @@ def test_kill_and_resume_is_bit_exact_with_repa(repa_data, encoder_file, tmp_pat
     resumed = train(repa_config(repa_data, tmp_path, encoder_file, exp_name="cut", **steps))
     assert resumed.steps == 4
     ref, got = load_ckpt(straight.last_checkpoint), load_ckpt(resumed.last_checkpoint)
-    for part in ("model", "ema"):
-        assert ref[part].keys() == got[part].keys()
-        for key in ref[part]:
-            assert torch.equal(ref[part][key], got[part][key]), (part, key)
+    assert_same_weights(ref, got)
     assert read_losses(straight.exp_dir) == read_losses(resumed.exp_dir)
     assert _proj_losses(straight.exp_dir) == _proj_losses(resumed.exp_dir)
 
@@ -399,5 +396,4 @@ def test_multi_budget_elit_repa_through_train(repa_data, encoder_file, tmp_path)
     assert proj == _proj_losses(resumed.exp_dir)
     ref, got = load_ckpt(straight.last_checkpoint), load_ckpt(resumed.last_checkpoint)
     assert ref["arch"]["z_dims"] == [48] and ref["arch"]["name"] == "ELIT-SiT-S/2"
-    for key in ref["ema"]:
-        assert torch.equal(ref["ema"][key], got["ema"][key]), key
+    assert_same_weights(ref, got)

@@ -13,7 +13,7 @@ from training.config import ConfigError
 from training.demo_data import write_demo_dataset
 from training.loop import train
 
-from train_helpers import load_ckpt, read_losses, swd_reference, tiny_config
+from train_helpers import assert_same_weights, load_ckpt, read_losses, swd_reference, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -34,10 +34,7 @@ def test_eval_keeps_weights_bit_identical_and_writes_metrics(tiny_data, tmp_path
     plain = train(tiny_config(tiny_data, out, exp_name="plain"))
     evald = train(tiny_config(tiny_data, out, exp_name="eval", eval_ref_stats=ref, **EVAL))
     a, b = load_ckpt(plain.last_checkpoint), load_ckpt(evald.last_checkpoint)
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert_same_weights(a, b)
     assert read_losses(plain.exp_dir) == read_losses(evald.exp_dir)
 
     records = read_metrics(evald.exp_dir)

@@ -12,7 +12,7 @@ from training.config import ConfigError, parse_config
 from training.demo_data import write_demo_dataset
 from training.loop import train
 
-from train_helpers import load_ckpt, read_losses, tiny_argv, tiny_config
+from train_helpers import assert_same_weights, load_ckpt, read_losses, tiny_argv, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,12 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_data(tmp_path_factory):
     return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
                               images_per_class=10, seed=0)
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_exact_resume_and_auto_resume_past_truncated_checkpoint(tiny_data, tmp_path):
@@ -58,8 +52,7 @@ def test_exact_resume_and_auto_resume_past_truncated_checkpoint(tiny_data, tmp_p
     assert sorted(ref_losses) == [1, 2, 3, 4, 5, 6] and len(set(ref_losses.values())) == 6
     for name in ("cut", "trunc"):
         got = load_ckpt(os.path.join(out, name, "checkpoints", "0000006.pt"))
-        _assert_same_state(got["model"], ref["model"])
-        _assert_same_state(got["ema"], ref["ema"])
+        assert_same_weights(got, ref)
         assert got["opt"]["state"][0]["step"] == ref["opt"]["state"][0]["step"] == 6
         assert read_losses(os.path.join(out, name)) == ref_losses  # bit-identical losses
     # the checkpoint format of docs/API_CONTRACT.md

@@ -12,7 +12,7 @@ from training.demo_data import write_demo_dataset
 from training.rng import micro_batch_seed, seed_micro_batch
 from utils.atomic import atomic_write
 
-from train_helpers import tiny_argv
+from train_helpers import assert_same_weights, tiny_argv
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,7 @@ def test_bad_samples_error_names_the_file_and_skip_resumes_exactly(tiny_data, tm
     resumed = train(parse_config(tiny_argv(data, out, exp_name="cut", **steps)))
     a = torch.load(straight.last_checkpoint, weights_only=True)
     b = torch.load(resumed.last_checkpoint, weights_only=True)
-    for key in a["ema"]:
-        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert_same_weights(a, b)
     import json
 
     with open(os.path.join(out, "straight", "bad_samples.json")) as f:

@@ -65,3 +65,11 @@ def swd_reference(path, resolution=16, count=12, seed=1):
             "swd": {"num_images": count, "seed": 0}}
     save_statistics(ReferenceStatistics({"swd_images": images}, meta), str(path))
     return str(path), images
+
+
+def assert_same_weights(a: dict, b: dict, parts=("model", "ema")) -> None:
+    """Two training checkpoints hold bit-identical weights (same keys, torch.equal tensors)."""
+    for part in parts:
+        assert a[part].keys() == b[part].keys(), part
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
