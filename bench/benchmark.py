@@ -180,7 +180,7 @@ def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, t
         with autocast:
             out = samplers.sample(model, noise, y, num_steps_per_scale=steps_per_scale, thresholds=thresholds,
                                   inference_budget=budget)
-        return dfm.LaplacianPyramid(model.num_stages).recompose(out)
+        return dfm.pyramid_of(model).recompose(out)
 
     run()  # warm-up (and compilation)
     synchronize(device)

@@ -37,12 +37,15 @@ class FlowMatchingObjective:
     ``j < k`` low-noise times ``sigmoid(N(loc, scale))``, stage ``k`` the ``weighting``
     distribution, stages ``j > k`` ``t = 1`` with their input zeroed and loss masked; sum the
     per-stage mean-squared errors over active stages and average over the batch.
+    ``stage_scales`` (SPEC §11): stage s is trained on ``c_s * P_s`` (the model's
+    ``stage_scales``; None = the reference).
     """
 
     def __init__(self, num_stages: int, stage_weights: Optional[Sequence[float]] = None,
                  stage_sampling: str = "per_batch", weighting: str = "uniform",
                  path_type: str = "linear", earlier_stage_loc: float = -2.0,
-                 earlier_stage_scale: float = 1.0, proj_coeff: float = 0.0):
+                 earlier_stage_scale: float = 1.0, proj_coeff: float = 0.0,
+                 stage_scales: Optional[Sequence[float]] = None):
         if stage_sampling not in STAGE_SAMPLING:
             raise ValueError(f"stage_sampling must be one of {STAGE_SAMPLING}, got {stage_sampling!r}")
         if weighting not in WEIGHTINGS:
@@ -51,7 +54,7 @@ class FlowMatchingObjective:
             raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
         if earlier_stage_scale <= 0:
             raise ValueError(f"earlier_stage_scale must be > 0, got {earlier_stage_scale}")
-        self.pyramid = LaplacianPyramid(num_stages)
+        self.pyramid = LaplacianPyramid(num_stages, stage_scales)  # stage s trains on c_s * P_s
         self.num_stages = num_stages
         weights = default_stage_weights(num_stages) if stage_weights is None else stage_weights
         self.stage_weights = validate_stage_weights(weights, num_stages)

@@ -1,11 +1,18 @@
 """Laplacian-pyramid decomposition of images or latents into S stages (SPEC §2).
 
-Stage 0 is the coarsest level; stage S-1 has the input's resolution. There is no per-level
-normalisation, so ``recompose(decompose(x)) == x`` up to float rounding.
+Stage 0 is the coarsest level; stage S-1 has the input's resolution. The reference has no
+per-level normalisation, so ``recompose(decompose(x)) == x`` up to float rounding.
+
+Stage calibration (SPEC §11, ours): with ``scales = [c_0, ..., c_{S-1}]`` the pyramid's levels
+are ``c_s * P_s`` -- the space in which stage s is trained and sampled. ``decompose`` applies the
+scales right after the decomposition and ``recompose`` removes them right before recomposing, so
+this class is the one place that knows about them. ``scales=None`` is the reference pyramid, bit
+for bit (no multiplication at all).
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import math
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +34,39 @@ def up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=(2 * h, 2 * w), mode="bilinear", align_corners=False)
 
 
-class LaplacianPyramid:
-    """S-level Laplacian pyramid. ``S = 1`` is the identity (plain flow matching)."""
+def check_stage_scales(scales, num_stages: int) -> Optional[List[float]]:
+    """None, or ``scales`` as a list of ``num_stages`` positive finite floats (ValueError otherwise)."""
+    if scales is None:
+        return None
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):
+        raise ValueError(f"stage_scales must be null or a list of {num_stages} positive numbers, got {scales!r}")
+    if len(scales) != num_stages:
+        raise ValueError(f"stage_scales needs one entry per stage ({num_stages}), got {list(scales)}")
+    try:
+        values = [float(c) for c in scales]
+    except (TypeError, ValueError):
+        raise ValueError(f"stage_scales must be numbers, got {list(scales)}") from None
+    if any(isinstance(c, bool) for c in scales) or not all(math.isfinite(c) and c > 0 for c in values):
+        raise ValueError(f"stage_scales must be positive finite numbers, got {list(scales)}")
+    return values
 
-    def __init__(self, num_stages: int):
+
+class LaplacianPyramid:
+    """S-level Laplacian pyramid. ``S = 1`` is the identity (plain flow matching).
+
+    ``scales``: optional per-level multipliers (stage calibration, see the module docstring).
+    """
+
+    def __init__(self, num_stages: int, scales: Optional[Sequence[float]] = None):
         if not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
         self.num_stages = num_stages
+        self.scales = check_stage_scales(scales, num_stages)
+
+    def coarsest(self, num_stages: int) -> "LaplacianPyramid":
+        """The pyramid of the first ``num_stages`` levels (with their scales): recomposes a
+        partial pyramid, e.g. the sampler's preview after stage ``num_stages - 1``."""
+        return LaplacianPyramid(num_stages, None if self.scales is None else self.scales[:num_stages])
 
     def check_size(self, height: int, width: int | None = None) -> None:
         """Raise a ValueError unless both sides halve exactly ``S - 1`` times."""
@@ -59,13 +92,23 @@ class LaplacianPyramid:
             levels[s] = cur - up(low)
             cur = low
         levels[0] = cur
+        if self.scales is not None:
+            levels = [level * c for level, c in zip(levels, self.scales)]
         return levels
 
     def recompose(self, levels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Inverse of :meth:`decompose`: list of S levels (coarsest first) -> (B, C, H, W)."""
         if len(levels) != self.num_stages:
             raise ValueError(f"expected {self.num_stages} pyramid levels, got {len(levels)}")
+        if self.scales is not None:
+            levels = [level / c for level, c in zip(levels, self.scales)]
         cur = levels[0]
         for s in range(1, self.num_stages):
             cur = up(cur) + levels[s]
         return cur
+
+
+def pyramid_of(model) -> LaplacianPyramid:
+    """The pyramid whose (scaled) levels ``model``'s stages live in: ``model.num_stages`` levels
+    and ``model.stage_scales`` (None for models trained without stage calibration)."""
+    return LaplacianPyramid(model.num_stages, getattr(model, "stage_scales", None))

@@ -80,7 +80,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     """Run the sweep; returns the JSON record (also written to ``<out>/budget_sweep.json``)."""
     import samplers
     from bench.flops import counted_forward_flops
-    from dfm import LaplacianPyramid
+    from dfm import pyramid_of
     from omegaconf import OmegaConf
     from training.previews import make_grid, save_png
     from utils.atomic import atomic_write
@@ -103,14 +103,15 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     if not 0 <= class_label < model.num_classes:
         raise GenerationError(f"--class-label must be in [0, {model.num_classes}), got {class_label}")
     cfg = resolve_config(cfg, arch_name=model.arch.get("name", model_name), num_stages=model.num_stages,
-                         num_classes=model.num_classes, input_size=model.input_size, ckpt_config=train_config)
+                         num_classes=model.num_classes, input_size=model.input_size, ckpt_config=train_config,
+                         stage_scales=model.stage_scales)
     try:
         levels = sweep_budgets(model, budgets, all_levels)
     except ValueError as error:
         raise GenerationError(f"--budgets: {error}") from None
     out = out or os.path.join("results", "budget_sweep", os.path.splitext(os.path.basename(ckpt))[0])
     decoder = Decoder(cfg.vae, model.in_channels, dev)
-    pyramid = LaplacianPyramid(model.num_stages)
+    pyramid = pyramid_of(model)
     indices = list(range(num_seeds))
     stage_shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
     noise = [n.to(dev) for n in initial_noise(seed, indices, stage_shapes)]

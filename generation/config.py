@@ -80,6 +80,9 @@ class GenerateConfig:
         "(cheap CFG); null: both passes at inference_budget (plain CFG)")
     autoguidance: bool = _help("ELIT: the low-budget guiding pass keeps the real label instead of the null "
                                "label (needs unconditional_inference_budget)", False)
+    stage_scales: Any = _help(
+        "stage calibration (SPEC §11) is read from the checkpoint: null or auto = the checkpoint's; a list "
+        "(or none) is checked against it and a mismatch is an error")
     path_type: Optional[str] = _help("linear | cosine (null: from the checkpoint, else linear)")
     vae: Optional[str] = _help("ft-ema | ft-mse | a local folder | none for pixel models "
                                "(null: from the checkpoint, else ft-ema)")
@@ -133,7 +136,7 @@ GENERATE_ALIASES = {
 }
 # Keys generate.py takes from a training config given with --train-config (below --config).
 _TRAIN_KEYS = {"model": "model", "stages": "stages", "stages_count": "stages", "num_classes": "num_classes",
-               "path_type": "path_type", "vae": "vae", "resolution": "resolution"}
+               "path_type": "path_type", "vae": "vae", "resolution": "resolution", "stage_scales": "stage_scales"}
 
 
 def train_config_layer(train_config: dict) -> dict:
@@ -203,11 +206,11 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_classes: int,
-                   input_size: int, ckpt_config: dict | None) -> DictConfig:
+                   input_size: int, ckpt_config: dict | None, stage_scales=None) -> DictConfig:
     """Fill every null key from the model / checkpoint config and check it against the model.
 
-    arch_name, num_stages, num_classes, input_size: of the loaded model. ckpt_config: the
-    training config stored in our checkpoints (None for published ones).
+    arch_name, num_stages, num_classes, input_size, stage_scales: of the loaded model.
+    ckpt_config: the training config stored in our checkpoints (None for published ones).
     """
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     ckpt_config = ckpt_config or {}
@@ -223,6 +226,7 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
     if out.num_classes is not None and out.num_classes != num_classes:
         fail("num_classes", f"{out.num_classes} given, but the checkpoint's model has {num_classes} classes")
     out.num_classes = num_classes
+    out.stage_scales = _check_stage_scales(out.stage_scales, stage_scales)
 
     # Null sampler settings: the schedule the training previews use (SPEC section 5 for S <= 2).
     from training.config import default_preview_schedule
@@ -256,6 +260,27 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
     if out.run_name is None:
         out.run_name = default_run_name(out)
     return out
+
+
+def _check_stage_scales(given, stored):
+    """The model's stage scales (they come with the weights); a given value must agree."""
+    if given is None or (isinstance(given, str) and given.lower() == "auto"):
+        return stored
+    if isinstance(given, str) and given.lower() == "none":
+        given = None
+    given_list = None if given is None else list(given)
+    try:
+        same = (given_list is None and stored is None) or (
+            given_list is not None and stored is not None and len(given_list) == len(stored)
+            and all(math.isclose(float(a), float(b), rel_tol=1e-6) for a, b in zip(given_list, stored)))
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise GenerationError(
+            f"config key 'stage_scales': {given_list if given_list is not None else 'none'} given, but the "
+            f"checkpoint's model was trained with {stored if stored is not None else 'none (no stage calibration)'}; "
+            "stage scales come with the weights: drop the key (or set it to auto)")
+    return stored
 
 
 def _checkpoint_tag(ckpt: str) -> str:

@@ -129,7 +129,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, ctx: DistContext) -> dict:
-    from dfm import LaplacianPyramid
+    from dfm import pyramid_of
     from utils.config import save_config
 
     set_precision(cfg.precision)
@@ -137,7 +137,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
                                                trust_checkpoint=cfg.trust_checkpoint)
     cfg = resolve_config(cfg, arch_name=model.arch.get("name", cfg.model), num_stages=model.num_stages,
                          num_classes=model.num_classes, input_size=model.input_size,
-                         ckpt_config=train_config)
+                         ckpt_config=train_config, stage_scales=model.stage_scales)
     check_model_budgets(model, cfg)
     N, size = cfg.num_samples, cfg.resolution
     run_dir = Path(cfg.sample_dir) / cfg.run_name
@@ -176,7 +176,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     ctx.barrier()
 
     model.eval()
-    pyramid = LaplacianPyramid(model.num_stages)
+    pyramid = pyramid_of(model)  # the model's stage scales, if it was trained with them
     stage_shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
     labels = class_labels(N, cfg.num_classes, cfg.seed, cfg.labels)
 

@@ -26,7 +26,7 @@ MODEL_NAMES = [f"{prefix}SiT-{size}/{p}" for prefix in PREFIXES for size in SIZE
 DEFAULT_DFM_STAGES = 2
 OVERRIDES = {"input_size", "in_channels", "num_classes", "stages", "qk_norm", "class_dropout_prob",
              "z_dims", "encoder_depth", "projector_dim", "depth", "hidden_size", "num_heads",
-             "mlp_ratio", "time_flip"}
+             "mlp_ratio", "time_flip", "stage_scales"}
 ELIT_OVERRIDES = {"group_size", "elit_min_mask_prob", "elit_max_mask_prob", "elit_tail_depth"}
 _NAME = re.compile(r"^(DFM-)?(ELIT-)?SiT-(S|B|L|XL)/(2|4|8)$")
 
@@ -55,7 +55,8 @@ def create_model(name: str, **overrides) -> SiT:
     Overrides: input_size (full-resolution side; 32 = 256 px latents), in_channels (4),
     num_classes (1000), stages (DFM only, default 2), qk_norm, class_dropout_prob (0.1),
     z_dims (REPA projector output dims), encoder_depth, and depth/hidden_size/num_heads/
-    mlp_ratio for small experiments. ELIT models also take group_size (default: the token
+    mlp_ratio for small experiments, stage_scales (stage calibration, SPEC §11: one positive
+    multiplier per pyramid level, stored in ``arch``; None = the reference). ELIT models also take group_size (default: the token
     grid / 4), elit_min_mask_prob / elit_max_mask_prob (default 0 / 0: one budget, all
     latents), elit_tail_depth (default 4 for L/XL, 2 for S/B); their encoder_depth (head
     blocks) defaults to 8. ``create_model(**model.arch)`` rebuilds a model.
@@ -81,6 +82,8 @@ def create_model(name: str, **overrides) -> SiT:
     config.update(overrides)
     if "z_dims" in config:
         config["z_dims"] = [int(z) for z in config["z_dims"]]
+    if "stage_scales" in config:  # stored in arch as plain floats (checkpoint and safetensors header)
+        config["stage_scales"] = [float(c) for c in config["stage_scales"]]
     if elit:
         if "group_size" not in config:
             config["group_size"] = _default_group_size(config.get("input_size", 32), patch)

@@ -10,6 +10,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from dfm.pyramid import check_stage_scales
+
 from models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, SiTBlock, StageFinalLayers,
                            StagePatchEmbedders, StageTimestepEmbedders, TimestepEmbedder,
                            build_projector, sincos_pos_embed_2d, unpatchify)
@@ -27,7 +29,8 @@ class SiT(nn.Module):
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, stages: int = 1,
                  multistage: bool = False, qk_norm: bool = False, z_dims: Sequence[int] = (),
-                 encoder_depth: int = 8, projector_dim: int = 2048, time_flip: bool = False):
+                 encoder_depth: int = 8, projector_dim: int = 2048, time_flip: bool = False,
+                 stage_scales: Optional[Sequence[float]] = None):
         super().__init__()
         if not multistage and stages != 1:
             raise ValueError(f"a plain SiT has exactly 1 stage, got stages={stages}; use a DFM-SiT model")
@@ -52,6 +55,9 @@ class SiT(nn.Module):
         self.time_flip = time_flip
         self.grid = input_size // patch_size
         self.stage_sizes = [input_size // 2 ** (stages - 1 - s) for s in range(stages)]
+        # Stage calibration (SPEC §11): the per-level multipliers of the space the stages were
+        # trained in. Not used by forward; the pyramid applies and removes them (dfm.pyramid_of).
+        self.stage_scales = check_stage_scales(stage_scales, stages)
         self.arch: dict = {}  # filled in by models.create_model
 
         if multistage:

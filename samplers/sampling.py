@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from dfm.paths import score_from_velocity
-from dfm.pyramid import LaplacianPyramid
+from dfm.pyramid import pyramid_of
 from samplers.schedules import multistage_schedule, sde_schedule
 
 METHODS = ("euler", "heun", "sde")
@@ -141,8 +141,11 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
     only budget) for the conditional pass; ``unconditional_inference_budget`` turns CFG into cheap
     CFG (the unconditional pass at that budget); ``autoguidance`` keeps the real label in that
     low-budget pass (it needs ``unconditional_inference_budget``). See :class:`GuidedVelocity`.
-    Returns the list of S final per-stage tensors (float32); with ``return_previews`` also
-    ``previews``: previews[i] recomposes stages 0..i at the end of stage i's chunk.
+    Every stage lives in the model's (scaled) pyramid space (``model.stage_scales``, SPEC §11):
+    ``noise`` is N(0, I) there and the returned stages are there; ``dfm.pyramid_of(model)``
+    recomposes them. Returns the list of S final per-stage tensors (float32); with
+    ``return_previews`` also ``previews``: previews[i] recomposes stages 0..i at the end of stage
+    i's chunk (scales removed).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -168,6 +171,7 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
     times_model = times.to(device=xs[0].device, dtype=velocity.dtype)
     active_model = active.to(xs[0].device)
     previews = []
+    pyramid = pyramid_of(model)
     N = active.shape[0]
     for step in range(N):
         t_cur, t_next, on = times[step], times[step + 1], active[step]
@@ -197,8 +201,8 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
         xs = xs_next
         if return_previews and (step + 1) in chunk_ends and chunk_ends[step + 1] < S - 1:
             i = chunk_ends[step + 1]
-            previews.append(LaplacianPyramid(i + 1).recompose(xs[:i + 1]).float())
+            previews.append(pyramid.coarsest(i + 1).recompose(xs[:i + 1]).float())
     final = [x.float() for x in xs]
     if return_previews:
-        return final, previews + [LaplacianPyramid(S).recompose(final)]
+        return final, previews + [pyramid.recompose(final)]
     return final

@@ -122,7 +122,7 @@ def test_batch_features_equal_the_encoder_on_the_png_files(repa_data, encoder_fi
     import data
     from data.vae import sample_latents
     from models.encoders import load_encoders
-    from training.loop import BatchPreparer
+    from training.batch import BatchPreparer
     from training.repa import RepaFeatures
 
     ds = data.open_paired(str(repa_data / "data"), resolution=64)
@@ -155,7 +155,7 @@ def _tiny_repa_model(name, encoder_depth, **extra):
 def _fixed_batch(repa_data, encoder_file):
     import data
     from models.encoders import load_encoders
-    from training.loop import BatchPreparer
+    from training.batch import BatchPreparer
     from training.repa import RepaFeatures
 
     ds = data.open_paired(str(repa_data / "data"))

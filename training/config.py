@@ -165,6 +165,10 @@ class TrainConfig:
     stage_sampling: str = field(default="per_batch", metadata=_help("per_batch (reference) | per_sample"))
     earlier_stage_loc: float = field(default=-2.0, metadata=_help("earlier stages: t = sigmoid(N(loc, scale))"))
     earlier_stage_scale: float = field(default=1.0, metadata=_help("see earlier_stage_loc"))
+    stage_scales: Any = field(default=None, metadata=_help(
+        "stage calibration (SPEC §11): null = reference; [c_0, ..., c_{S-1}] trains and samples stage s on c_s * "
+        "P_s; auto = every level to the coarsest level's RMS, measured on the training data at the start "
+        "(training/calibration.py). Stored with the model"))
     weighting: str = field(default="lognormal", metadata=_help("timestep distribution: uniform | lognormal"))
     path_type: str = field(default="linear", metadata=_help("linear | cosine"))
     prediction: str = field(default="v", metadata=_help("model output; only v (velocity)"))
@@ -310,6 +314,9 @@ def resolve_config(cfg) -> "OmegaConf":
         cfg.stage_weights = dfm.validate_stage_weights(list(cfg.stage_weights), S)
     except ValueError as e:
         raise ConfigError(f"stage_weights: {e}") from None
+    from training.calibration import check_stage_scales_key
+
+    check_stage_scales_key(cfg)
     _choice(cfg, "stage_sampling", dfm.STAGE_SAMPLING)
     _choice(cfg, "weighting", dfm.WEIGHTINGS)
     _choice(cfg, "path_type", dfm.PATH_TYPES)

@@ -62,12 +62,12 @@ class TrainingEvaluator:
         """uint8 (len(indices), H, W, 3) images of the given sample indices (deterministic per index)."""
         import samplers
         from data.vae import samples_to_uint8
-        from dfm import LaplacianPyramid
+        from dfm import pyramid_of
         from generation.noise import initial_noise, sde_generators
 
         e = self.sampler
         shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
-        pyramid = LaplacianPyramid(len(shapes))
+        pyramid = pyramid_of(model)
         extra = {} if e.inference_budget is None else {"inference_budget": e.inference_budget}
         out = []
         for lo in range(0, len(indices), int(e.batch_size)):

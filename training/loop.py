@@ -23,14 +23,16 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from training.checkpoint import (atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints,
                                  remove_stale_temporaries)
+from training.batch import BatchPreparer
 from training.budget import BudgetSampler
+from training.calibration import run_stage_scales
 from training.config import ConfigError, is_pixel_space
 from training.evaluator import make_evaluator
 from data.robust import CorruptSampleError
@@ -109,14 +111,14 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     # ---- model, EMA, optimizer, LR schedule, objective
     import dfm
 
-    repa_kwargs = {"z_dims": repa_features.z_dims()} if repa_features.encoders else None
-    state = build_train_state(cfg, in_channels, input_size, device, ckpt, resume_path,
-                              extra_model_kwargs=repa_kwargs)
+    cfg.stage_scales = run_stage_scales(cfg, dataset, ckpt, is_pixel_space(cfg), log)  # `auto` measured here
+    extra = {"stage_scales": cfg.stage_scales, **({"z_dims": repa_features.z_dims()} if repa_features.encoders else {})}
+    state = build_train_state(cfg, in_channels, input_size, device, ckpt, resume_path, extra_model_kwargs=extra)
     raw_model, ema_model, optimizer = state.model, state.ema_model, state.optimizer
     objective = dfm.FlowMatchingObjective(
         S, stage_weights=list(cfg.stage_weights), stage_sampling=cfg.stage_sampling,
         weighting=cfg.weighting, path_type=cfg.path_type, earlier_stage_loc=cfg.earlier_stage_loc,
-        earlier_stage_scale=cfg.earlier_stage_scale, proj_coeff=cfg.proj_coeff)
+        earlier_stage_scale=cfg.earlier_stage_scale, proj_coeff=cfg.proj_coeff, stage_scales=raw_model.stage_scales)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
 
     # ---- random streams and data position
@@ -296,46 +298,6 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
 
 
 # ----------------------------------------------------------------------------- pieces of the step
-
-@dataclass
-class ModelInputs:
-    """One micro-batch as the objective takes it: x (B, C, H, W) scaled latents or pixels in
-    [-1, 1], y (B,) labels; `encoder_features` (REPA: one (B, T, D) tensor per encoder) and
-    `model_kwargs` (extra forward arguments, e.g. ELIT's `inference_budget`) where used."""
-    x: torch.Tensor
-    y: torch.Tensor
-    encoder_features: Optional[list] = None
-    model_kwargs: dict = field(default_factory=dict)
-
-
-class BatchPreparer:
-    """A loader batch's columns `[items, labels]` -> ModelInputs on the device: pixels are scaled to [-1, 1];
-    latent moments become posterior samples `(mean + std * eps) * 0.18215` drawn from the
-    micro-batch's generator. REPA batches `(images uint8, moments, labels)` also get the frozen
-    encoders' features of the images (`features`: a `training.repa.RepaFeatures`)."""
-
-    def __init__(self, pixel_space: bool, device, features=None):
-        self.pixel_space = pixel_space
-        self.device = device
-        self.features = features
-
-    def __call__(self, items, generator: torch.Generator) -> ModelInputs:
-        encoder_features = None
-        if len(items) == 3:  # REPA: the clean image is the encoder's view
-            images, x, y = items
-            encoder_features = self.features(images.to(self.device, non_blocking=True))
-        else:
-            x, y = items
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        if self.pixel_space:
-            x = x.float() / 127.5 - 1.0
-        else:
-            import data.vae as dvae
-
-            x = dvae.sample_latents(x, generator=generator)
-        return ModelInputs(x, y, encoder_features=encoder_features)
-
 
 class MetricWindow:
     """Device-side sums of the loss terms between two log steps (no host synchronisation), and

@@ -142,10 +142,7 @@ class PreviewMaker:
                         guidance_high=float(self.cfg.guidance_high), path_type=self.path_type,
                         generator=gen, return_previews=True, inference_budget=inference_budget)
                 final, previews = out
-                from dfm import LaplacianPyramid
-
-                full = LaplacianPyramid(len(final)).recompose(final)
-                images = self._decode(full)
+                images = self._decode(previews[-1])  # the full recomposition (scales removed)
                 finals.append(images)
                 if self.cfg.show_stages:
                     H = images.shape[1]
