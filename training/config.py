@@ -23,7 +23,7 @@ from utils.config import Alias, config_to_dict, load_config
 # Architecture keys a config may override (tiny demo / test models). Shapes that follow from
 # the data (input_size, in_channels, num_classes) and keys with their own config entry are not
 # allowed here.
-MODEL_OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "mlp_ratio")
+MODEL_OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "mlp_ratio", "elit_tail_depth")
 VAE_NONE = ("none", "", None)
 LR_SCHEDULERS = ("constant", "constant_with_linear_warmup")
 REFERENCE_GROUP_SIZE = 4  # the reference's elit_group_size default: accepted (and dropped) for non-ELIT models
@@ -345,6 +345,8 @@ def resolve_config(cfg) -> "OmegaConf":
                 f"model_overrides.{key} is not allowed"
                 + (f"; set the top-level key '{hint}' instead" if hint else "")
                 + f". Allowed: {list(MODEL_OVERRIDE_KEYS)}")
+    if "elit_tail_depth" in cfg.model_overrides and not is_elit(cfg.model):
+        raise ConfigError(f"model_overrides.elit_tail_depth is an ELIT key, but {cfg.model} is not an ELIT model")
 
     # --- shapes ---
     pixel = is_pixel_space(cfg)
