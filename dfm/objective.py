@@ -38,14 +38,17 @@ class FlowMatchingObjective:
     distribution, stages ``j > k`` ``t = 1`` with their input zeroed and loss masked; sum the
     per-stage mean-squared errors over active stages and average over the batch.
     ``stage_scales`` (SPEC §11): stage s is trained on ``c_s * P_s`` (the model's
-    ``stage_scales``; None = the reference).
+    ``stage_scales``; None = the reference). ``stage_time_shift``: when stage k is the trained
+    stage its time is ``sigmoid(logit(t) + shift_k)`` (lognormal: logit-normal(shift_k, 1));
+    None = the reference.
     """
 
     def __init__(self, num_stages: int, stage_weights: Optional[Sequence[float]] = None,
                  stage_sampling: str = "per_batch", weighting: str = "uniform",
                  path_type: str = "linear", earlier_stage_loc: float = -2.0,
                  earlier_stage_scale: float = 1.0, proj_coeff: float = 0.0,
-                 stage_scales: Optional[Sequence[float]] = None):
+                 stage_scales: Optional[Sequence[float]] = None,
+                 stage_time_shift: Optional[Sequence[float]] = None):
         if stage_sampling not in STAGE_SAMPLING:
             raise ValueError(f"stage_sampling must be one of {STAGE_SAMPLING}, got {stage_sampling!r}")
         if weighting not in WEIGHTINGS:
@@ -64,19 +67,28 @@ class FlowMatchingObjective:
         self.earlier_stage_loc = float(earlier_stage_loc)
         self.earlier_stage_scale = float(earlier_stage_scale)
         self.proj_coeff = float(proj_coeff)
+        if stage_time_shift is not None and len(stage_time_shift) != num_stages:
+            raise ValueError(f"stage_time_shift needs one entry per stage ({num_stages}), got {list(stage_time_shift)}")
+        self.stage_time_shift = None if stage_time_shift is None else [float(v) for v in stage_time_shift]
         self._weights_on_device = {}  # one host-to-device copy per device, not one per step
 
-    def _stage_weights(self, device) -> torch.Tensor:
-        key = torch.device("cpu") if device is None else torch.device(device)
+    def _on_device(self, name: str, values, device) -> torch.Tensor:
+        key = (name, torch.device("cpu") if device is None else torch.device(device))
         if key not in self._weights_on_device:
-            self._weights_on_device[key] = torch.tensor(self.stage_weights, dtype=torch.float32, device=key)
+            self._weights_on_device[key] = torch.tensor(values, dtype=torch.float32, device=key[1])
         return self._weights_on_device[key]
+
+    def _stage_weights(self, device) -> torch.Tensor:
+        return self._on_device("weights", self.stage_weights, device)
 
     def sample_times(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
         """Draw ``(t, active)``: t (B, S) float32, active (B, S) bool (stage j active iff j <= k)."""
         S = self.num_stages
         k = sample_stages(batch_size, self._stage_weights(device), self.stage_sampling, generator)
         t_main = sample_timesteps(batch_size, self.weighting, self.path_type, device, generator)
+        if self.stage_time_shift is not None:
+            shift = self._on_device("time_shift", self.stage_time_shift, device)[k]
+            t_main = torch.sigmoid(torch.logit(t_main) + shift)
         t_early = sample_logit_normal((batch_size, S), self.earlier_stage_loc,
                                       self.earlier_stage_scale, device, generator)
         index = torch.arange(S, device=device)[None, :]

@@ -245,3 +245,35 @@ def test_generate_samples_with_the_checkpoint_scales_and_refuses_others(tmp_path
     with pytest.raises(GenerationError, match=r"trained with none"):
         run(load_config(GenerateConfig, ["--ckpt", plain, "stage_scales=[1,3]", "num_samples=1",
                                          f"sample_dir={tmp_path / 'o2'}"]))
+
+
+# ----------------------------------------------------------------------------- per-stage time shift
+
+def test_stage_time_shift_moves_the_trained_stage_logit_normal_only():
+    from scipy import stats
+
+    n = 4000
+    x = torch.zeros(n, 1, 4, 4)
+    model = Recorder(2, lambda xs, t: [torch.zeros_like(v) for v in xs])
+    objective = FlowMatchingObjective(2, stage_weights=[0.5, 0.5], stage_sampling="per_sample",
+                                      weighting="lognormal", stage_time_shift=[0.0, 1.5])
+    objective(model, x, torch.zeros(n, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    t, active = model.t.double(), model.active
+    trained1 = active[:, 1]
+    trained0 = ~active[:, 1]
+    logit = torch.log(t / (1 - t))
+    assert stats.kstest(logit[trained1, 1].numpy(), stats.norm(loc=1.5).cdf).pvalue > 1e-3
+    assert stats.kstest(logit[trained0, 0].numpy(), stats.norm(loc=0.0).cdf).pvalue > 1e-3
+    # no shift: the reference draws, bit for bit
+    a, b = Recorder(2, model.predict), Recorder(2, model.predict)
+    FlowMatchingObjective(2, weighting="lognormal")(a, x[:16], torch.zeros(16, dtype=torch.long),
+                                                    generator=torch.Generator().manual_seed(1))
+    FlowMatchingObjective(2, weighting="lognormal", stage_time_shift=None)(
+        b, x[:16], torch.zeros(16, dtype=torch.long), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.t, b.t)
+
+
+def test_bad_stage_time_shift_is_one_line(tiny_data, tmp_path):
+    for value in ("[1.0]", "[0.0,.nan]"):
+        with pytest.raises(ConfigError, match="stage_time_shift needs 2 finite numbers"):
+            tiny_config(tiny_data, str(tmp_path), stage_time_shift=value)

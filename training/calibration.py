@@ -19,8 +19,17 @@ AUTO_BATCH = 64
 
 
 def check_stage_scales_key(cfg) -> None:
-    """Normalise and check `cfg.stage_scales` (None, "auto" or a list of S positive finite floats)."""
+    """Normalise and check `cfg.stage_scales` (None, "auto" or a list of S positive finite floats)
+    and `cfg.stage_time_shift` (None or S finite floats)."""
+    import math
+
     import dfm
+
+    shift = cfg.stage_time_shift
+    if shift is not None:
+        if len(shift) != cfg.stages or not all(math.isfinite(float(v)) for v in shift):
+            raise ConfigError(f"stage_time_shift needs {cfg.stages} finite numbers (one per stage), got {list(shift)}")
+        cfg.stage_time_shift = [float(v) for v in shift]
 
     value = cfg.stage_scales
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):

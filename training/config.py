@@ -169,6 +169,9 @@ class TrainConfig:
         "stage calibration (SPEC §11): null = reference; [c_0, ..., c_{S-1}] trains and samples stage s on c_s * "
         "P_s; auto = every level to the coarsest level's RMS, measured on the training data at the start "
         "(training/calibration.py). Stored with the model"))
+    stage_time_shift: Optional[List[float]] = field(default=None, metadata=_help(
+        "per-stage logit shift of the trained stage's time: t = sigmoid(logit(t) + shift_s) (lognormal: "
+        "logit-normal(shift_s, 1); > 0 = noisier); null = reference"))
     weighting: str = field(default="lognormal", metadata=_help("timestep distribution: uniform | lognormal"))
     path_type: str = field(default="linear", metadata=_help("linear | cosine"))
     prediction: str = field(default="v", metadata=_help("model output; only v (velocity)"))

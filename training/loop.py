@@ -118,7 +118,8 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     objective = dfm.FlowMatchingObjective(
         S, stage_weights=list(cfg.stage_weights), stage_sampling=cfg.stage_sampling,
         weighting=cfg.weighting, path_type=cfg.path_type, earlier_stage_loc=cfg.earlier_stage_loc,
-        earlier_stage_scale=cfg.earlier_stage_scale, proj_coeff=cfg.proj_coeff, stage_scales=raw_model.stage_scales)
+        earlier_stage_scale=cfg.earlier_stage_scale, proj_coeff=cfg.proj_coeff, stage_scales=raw_model.stage_scales,
+        stage_time_shift=cfg.stage_time_shift)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
 
     # ---- random streams and data position
