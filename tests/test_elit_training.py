@@ -131,11 +131,35 @@ def test_pixel_dfm_elit_trains_and_previews_three_budgets(tiny_data, tmp_path):
     assert "input_token_editor.adapters.0.learned_query_embed" in ckpt["model"]
     image = np.asarray(Image.open(run.last_preview))
     panel = 2 * (16 + 2) + 2  # a 2x2 grid of 16 px images with 2 px padding
-    assert image.shape == (3 + panel, 3 * panel + 2 * 8, 3)  # 3 grids under their budget bars, 2 gaps
+    band = image.shape[0] - (3 + panel)  # the caption band above: budget, latents, FLOPs of each column
+    assert band > 20 and image.shape[1:] == (3 * panel + 2 * 8, 3)  # 3 grids under their budget bars, 2 gaps
+    assert (image[:band] == 255).mean() > 0.5 and (image[:band] < 128).any()  # white band, dark text
+    image = image[band:]
     bars = image[:3, :, 1]
     for i, fraction in enumerate([0.25, 0.5, 1.0]):
         filled = (bars[1, i * (panel + 8):i * (panel + 8) + panel] == 200).sum()
         assert filled == round(fraction * panel)
+
+
+def test_preview_captions_name_each_budget_and_its_counted_flops(tmp_path):
+    import models
+    from bench.flops import counted_forward_flops
+    from training.setup import make_previewer
+
+    cfg = tiny_config(str(tmp_path), str(tmp_path), **{**ELIT, "model": "DFM-ELIT-SiT-S/4", "preview.num_steps_per_scale": "[2, 2]",
+                                                          "preview.num_samples": 4})
+    model = models.create_model("DFM-ELIT-SiT-S/4", input_size=16, in_channels=3, num_classes=2, depth=4,
+                                hidden_size=64, num_heads=4, encoder_depth=1, group_size=2, elit_min_mask_prob=0.0,
+                                elit_max_mask_prob=0.75)
+    maker = make_previewer(cfg, model, 3, str(tmp_path), "cpu", True)
+    assert maker.budget_flops == [counted_forward_flops(model, b) for b in (0.25, 0.5, 1.0)]
+    assert maker.budget_flops[0] < maker.budget_flops[1] < maker.budget_flops[2]
+    grids = [np.zeros((10, 20, 3), np.uint8)] * 3
+    from training.previews import side_by_side
+
+    saved = maker._captioned(side_by_side(grids), grids)
+    assert saved.shape[1] == 3 * 20 + 2 * 8 and saved.shape[0] > 10  # upscale 1 + the band
+    assert maker._captioned(side_by_side(grids[:1]), grids[:1]).shape[0] == saved.shape[0]
 
 
 def test_single_budget_elit_gets_its_one_budget(tiny_data, tmp_path):

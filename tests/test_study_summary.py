@@ -27,9 +27,12 @@ def test_mean_std_table_and_crossings(tmp_path):
     text = summarize.summarize({"SiT": sit, "DFM": dfm}, "swd", floor, str(tmp_path))
     assert f"| 200 | 70.0 ± {np.std([60, 70, 80], ddof=1):.1f} | 50.0 ± {np.std([45, 55], ddof=1):.1f} |" in text
     assert "floor" in text and "10.0 ± 1.0" in text
-    # SiT's best mean is 50 at step 300: dfm_s0 gets there at 200 (45), dfm_s1 at 300 (35)
-    assert "| dfm_s0 | SiT | 50.0 at 300 | 200 |" in text and "| dfm_s1 | SiT | 50.0 at 300 | 300 |" in text
+    # SiT's final mean is 50 at step 300: dfm_s0 gets there at 200 (45; interpolated 100 + 20/25 * 100
+    # = 180), dfm_s1 at 300 (35; interpolated 200 + 5/20 * 100 = 225)
+    assert "Steps to reach SiT's final mean value 50.0 (step 300)" in text
+    assert "| DFM | dfm_s0 | 200 | 180 | 0.60 |" in text and "| DFM | dfm_s1 | 300 | 225 | 0.75 |" in text
+    assert f"| DFM | mean of 2 | | | **{np.mean([180 / 300, 225 / 300]):.2f}** |" in text
     # DFM's best mean is 32.5: no SiT seed reaches it
-    assert text.count("not reached") == 3
+    assert "| DFM | 32.5 (300) | not reached, not reached, not reached |" in text
     with open(tmp_path / "study_swd.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"

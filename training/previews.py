@@ -65,6 +65,21 @@ def side_by_side(grids: List[np.ndarray], gap: int = 8) -> np.ndarray:
     return np.concatenate(parts[:-1], axis=1)
 
 
+def label_band(width: int, labels: List[tuple], font_size: int = 16) -> np.ndarray:
+    """A white (H, width, 3) uint8 band holding each `(x_center, text)` label (multi-line text,
+    centred; PIL's default font at `font_size` px) -- the captions above image columns."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    line = font.getbbox("Ag")[3] + 4
+    lines = max((text.count("\n") + 1 for _, text in labels), default=1)
+    band = Image.new("RGB", (width, line * lines + 8), "white")
+    draw = ImageDraw.Draw(band)
+    for x, text in labels:
+        draw.multiline_text((x, 4), text, fill="black", font=font, anchor="ma", align="center", spacing=4)
+    return np.asarray(band)
+
+
 def with_budget_bar(grid: np.ndarray, fraction: float, height: int = 3) -> np.ndarray:
     """`grid` under a bar `height` px tall whose left `fraction` of the width is filled (green on grey)."""
     bar = np.full((height, grid.shape[1], 3), 64, dtype=np.uint8)
@@ -89,12 +104,14 @@ class PreviewMaker:
 
     def __init__(self, preview_cfg, *, num_classes: int, in_channels: int, stage_sizes: List[int],
                  path_type: str, out_dir: str, device, vae=None, autocast_dtype=None, batch_size: int = 64,
-                 budget_fractions: Optional[List[float]] = None):
+                 budget_fractions: Optional[List[float]] = None, budget_flops: Optional[List[float]] = None):
         """budget_fractions: ELIT models only, the fraction of latents each of `preview.budgets`
-        keeps (drawn as the bar above its grid)."""
+        keeps (drawn as the bar above its grid); budget_flops: the FLOPs of one forward pass on
+        one image at each budget (written above each grid of the saved PNG)."""
         self.cfg = preview_cfg
         self.budgets = list(preview_cfg.get("budgets") or []) or [None]  # None: a model without budgets
         self.budget_fractions = list(budget_fractions or [])
+        self.budget_flops = list(budget_flops or [])
         self.out_dir = out_dir
         self.device = torch.device(device)
         self.vae = vae
@@ -157,6 +174,20 @@ class PreviewMaker:
         per_stage = [np.concatenate([b[i] for b in stages]) for i in range(len(stages[0]))] if stages and stages[0] else []
         return final, per_stage
 
+    def _captioned(self, grid: np.ndarray, grids: List[np.ndarray], gap: int = 8) -> np.ndarray:
+        """The grid as saved: upscaled by `preview.upscale` (nearest) and, for ELIT models, under a
+        band naming each budget column's budget, latent fraction and FLOPs per forward."""
+        k = int(self.cfg.upscale)
+        big = grid.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else grid
+        if not self.budget_flops:
+            return big
+        labels, x = [], 0
+        for g, budget, fraction, flops in zip(grids, self.budgets, self.budget_fractions, self.budget_flops):
+            labels.append(((x + g.shape[1] // 2) * k,
+                           f"budget {budget:g} ({fraction:.0%} of latents)\n{flops / 1e6:.4g} MFLOPs / forward"))
+            x += g.shape[1] + gap
+        return np.concatenate([label_band(big.shape[1], labels), big], axis=0)
+
     def __call__(self, model, step: int) -> dict:
         """Sample, save `<out_dir>/<step:07d>.png` (and `_stages.png`, at the last budget); returns
         {name: (grid, path)}."""
@@ -168,7 +199,7 @@ class PreviewMaker:
             grids = [with_budget_bar(g, f) for g, f in zip(grids, self.budget_fractions)]
         grid = side_by_side(grids)
         path = os.path.join(self.out_dir, f"{step:07d}.png")
-        save_png(grid, path, self.cfg.upscale)
+        save_png(self._captioned(grid, grids), path)
         out = {"samples": (grid, path)}
         if per_stage:
             side = side_by_side([make_grid(imgs, self.nrow) for imgs in per_stage] + [make_grid(final, self.nrow)])

@@ -228,10 +228,14 @@ def make_previewer(cfg, model, in_channels, exp_dir, device, is_main, vae=None):
     autocast = autocast_dtype(cfg.mixed_precision)
     budgets = list(cfg.preview.get("budgets") or [])  # ELIT: the fraction of latents each keeps
     fractions = [model.kept_latents(b) / model.group_size ** 2 for b in budgets]
+    if budgets:
+        from bench.flops import counted_forward_flops
+
+        flops = [counted_forward_flops(model, b) for b in budgets]
     return PreviewMaker(cfg.preview, num_classes=cfg.num_classes, in_channels=in_channels,
                         stage_sizes=list(model.stage_sizes), path_type=cfg.path_type,
                         out_dir=os.path.join(exp_dir, "previews"), device=device, vae=vae,
-                        autocast_dtype=autocast, budget_fractions=fractions)
+                        autocast_dtype=autocast, budget_fractions=fractions, budget_flops=flops if budgets else None)
 
 
 def bad_sample_guard(cfg, dataset, exp_dir: str, num_processes: int):

@@ -5,9 +5,10 @@
 
 Writes ``DIR/study_<metric>.png`` (each model's mean curve with a ±1 std band, the real-vs-real
 floor as a band) and ``DIR/study_<metric>.md``: the mean ± std (sample std, ddof=1) at every
-evaluated step the runs share, the best value of each model's mean curve, and the steps each
-run of one model needs to reach the other model's best mean value (first evaluated step at
-least as good, ``evaluation.compare.steps_to_reach``).
+evaluated step the runs share; the steps each run of the other models needs to reach the first
+model's (``--sit``) final mean value, as the first evaluated step at least as good and
+interpolated linearly (``evaluation.compare.steps_to_reach``), with the ratio to the first
+model's step; and the step at which the first model's runs reach each other model's best mean.
 """
 from __future__ import annotations
 
@@ -53,6 +54,43 @@ def floor_of(floor: dict | None, metric: str) -> dict | None:
     return dict(floor, mean=float(np.mean(values)), std=std)
 
 
+def _crossings(models: Dict[str, Sequence[str]], data: dict) -> List[str]:
+    """Steps each run needs to reach the first model's final mean value, and each model's best mean
+    value reached by the first model's runs: first evaluated step at least as good, and the linear
+    interpolation between that evaluation and the one before (``steps_to_reach``); the ratio is
+    that step over the step at which the first model's mean curve is there."""
+    names = list(models)
+    ref = names[0]
+    xs_r, v_r = data[ref]
+    final, final_step = float(v_r.mean(axis=0)[-1]), float(xs_r[-1])
+    lines = ["", f"Steps to reach {ref}'s final mean value {final:.1f} (step {final_step:.0f}); ratio = steps "
+                 f"needed / {final_step:.0f}:", "",
+             "| model | run | first evaluation at least as good | interpolated | ratio |", "|---|---|---|---|---|"]
+    for n in names[1:]:
+        xs, v = data[n]
+        ratios = []
+        for run, ys in zip(models[n], v):
+            first = steps_to_reach(xs, ys, final)
+            interp = steps_to_reach(xs, ys, final, interpolate=True)
+            ratio = interp / final_step if interp is not None else None
+            ratios.append(ratio)
+            lines.append(f"| {n} | {os.path.basename(os.path.normpath(run))} | "
+                         f"{'not reached' if first is None else f'{first:.0f}'} | "
+                         f"{'—' if interp is None else f'{interp:.0f}'} | {'—' if ratio is None else f'{ratio:.2f}'} |")
+        reached = [r for r in ratios if r is not None]
+        if len(reached) == len(ratios):
+            lines.append(f"| {n} | mean of {len(ratios)} | | | **{np.mean(reached):.2f}** |")
+    lines += ["", f"Each model's best mean value, and the step at which {ref}'s runs reach it:", "",
+              f"| model | best mean (step) | {ref} runs reach it at (interpolated) |", "|---|---|---|"]
+    for n in names[1:]:
+        xs, v = data[n]
+        value, at = best(xs, v.mean(axis=0))
+        steps = [steps_to_reach(xs_r, ys, value, interpolate=True) for ys in v_r]
+        lines.append(f"| {n} | {value:.1f} ({at:.0f}) | "
+                     + ", ".join("not reached" if s is None else f"{s:.0f}" for s in steps) + " |")
+    return lines
+
+
 def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None, out_dir: str) -> str:
     """Write the PNG and the table; returns the table text."""
     floor = floor_of(floor, metric)
@@ -72,18 +110,7 @@ def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None,
     if floor:
         lines += ["", f"Real-vs-real floor (training crops vs held-out, {floor['num_images']} images, "
                       f"{floor['repeats']} subsets): {_pm(floor['mean'], floor['std'])}"]
-    lines += ["", "| run | reaches the best mean of | (value at step) | at step |", "|---|---|---|---|"]
-    for target in names:
-        xs_t, v_t = data[target]
-        value, at = best(xs_t, v_t.mean(axis=0))
-        for n in names:
-            if n == target:
-                continue
-            xs, v = data[n]
-            for run, ys in zip(models[n], v):
-                reached = steps_to_reach(xs, ys, value)
-                lines.append(f"| {os.path.basename(os.path.normpath(run))} | {target} | {value:.1f} at {at:.0f} | "
-                             + (f"{reached:.0f}" if reached is not None else "not reached") + " |")
+    lines += _crossings(models, data)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, f"study_{metric}.md"), "w") as f:
         f.write(text)
