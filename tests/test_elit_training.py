@@ -146,8 +146,8 @@ def test_preview_captions_name_each_budget_and_its_counted_flops(tmp_path):
     from bench.flops import counted_forward_flops
     from training.setup import make_previewer
 
-    cfg = tiny_config(str(tmp_path), str(tmp_path), **{**ELIT, "model": "DFM-ELIT-SiT-S/4", "preview.num_steps_per_scale": "[2, 2]",
-                                                          "preview.num_samples": 4})
+    cfg = tiny_config(str(tmp_path), str(tmp_path), **{**ELIT, "model": "DFM-ELIT-SiT-S/4",
+                                                       "preview.num_steps_per_scale": "[2, 2]", "preview.num_samples": 4})
     model = models.create_model("DFM-ELIT-SiT-S/4", input_size=16, in_channels=3, num_classes=2, depth=4,
                                 hidden_size=64, num_heads=4, encoder_depth=1, group_size=2, elit_min_mask_prob=0.0,
                                 elit_max_mask_prob=0.75)
