@@ -9,7 +9,8 @@ from typing import Dict, Optional
 import torch
 
 from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name
-from models.weights_io import UntrustedCheckpointError, is_safetensors, read_weights_file, torch_load_cpu
+from models.weights_io import (UntrustedCheckpointError, describe_globals, is_safetensors, read_weights_file,
+                               torch_load_cpu)
 from utils.checksum import verify_file
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -41,6 +42,28 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False, verify: bool = Tr
     except Exception as error:  # noqa: BLE001 - torch and safetensors fail in many ways
         raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error} "
                          "(truncated or not a PyTorch/safetensors file?)") from error
+
+
+def read_weights(path: str, what: str) -> dict:
+    """A third-party weights file (Inception, DINOv2, a VAE's ``.bin``) as a dict of tensors on CPU.
+
+    Read by :func:`read_checkpoint` (``weights_only=True`` / safetensors), so no code from the
+    file runs. Genuine weights hold only tensors, so a file that needs full unpickling is refused
+    outright (UntrustedCheckpointError, no trust option); ``what`` names the file's role in the
+    messages (``"the Inception weights"``). Other failures: ValueError / FileNotFoundError.
+    """
+    try:
+        state = read_checkpoint(path)
+    except UntrustedCheckpointError as error:
+        raise UntrustedCheckpointError(
+            f"refusing to load {what} {path}: besides tensors the file names Python objects "
+            f"({describe_globals(error.names)}), and unpickling them would run code from it (arbitrary code "
+            "execution); genuine weights hold only tensors, so download the file again from its source",
+            error.names) from None
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{what} {path}: holds {'no tensors' if isinstance(state, dict) else type(state).__name__}, "
+                         "not a state dict of tensors")
+    return state
 
 
 def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:

@@ -8,22 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_, tiny_model
+from conftest import Payload, randomize_, tiny_model
 from models import load_pretrained, read_checkpoint
 from models.weights_io import UntrustedCheckpointError, export_checkpoint, export_weights
 from training.checkpoint import (atomic_torch_save, checkpoint_path, find_resume_checkpoint, load_checkpoint,
                                  prune_checkpoints, remove_stale_temporaries, select_resume_checkpoint)
 from utils.checksum import ChecksumMismatchError, sidecar_path
-
-
-class _Payload:
-    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker could run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _same_outputs(a, b, model):
@@ -40,7 +30,7 @@ def test_reduce_payload_does_not_run(tmp_path, zip_format):
     model = tiny_model("SiT-S/2")
     marker = tmp_path / "pwned"
     path = str(tmp_path / "evil.pt")
-    torch.save({"ema": model.state_dict(), "extra": _Payload(marker)}, path,
+    torch.save({"ema": model.state_dict(), "extra": Payload(marker)}, path,
                _use_new_zipfile_serialization=zip_format)
     with pytest.raises(UntrustedCheckpointError) as info:
         load_pretrained(path)
@@ -100,7 +90,7 @@ def test_generate_loader_reads_safetensors_and_refuses_payloads(tmp_path):
     assert train_config == {"cfg_prob": 0.1}
     marker = tmp_path / "pwned"
     evil = str(tmp_path / "evil.pt")
-    torch.save({"ema": ema.state_dict(), "x": _Payload(marker)}, evil)
+    torch.save({"ema": ema.state_dict(), "x": Payload(marker)}, evil)
     with pytest.raises(GenerationError, match="--trust-checkpoint"):
         load_sampling_model(evil, None, True, torch.device("cpu"))
     assert not marker.exists()
