@@ -25,7 +25,7 @@ from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, reso
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
 from .metrics import PR_NEIGHBOURHOOD, feature_statistics, frechet_distance, inception_score, precision_recall
 from .npz import EvaluationError, InputError, NpzImageBatch, check_same_resolution, read_reference_statistics
-from .online import frechet_scores
+from .online import SAMPLES, frechet_scores
 from .stats_file import check_compatible, is_statistics_file, load_statistics
 from .swd import swd as sliced_wasserstein
 
@@ -137,9 +137,10 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
             return feature_statistics(feats["pool"]), feature_statistics(feats["spatial"])
 
         (ref_pool, ref_spatial), (smp_pool, smp_spatial) = stats(ref_stats, ref_feats), stats(sample_stats, smp_feats)
+        names = (f"{SAMPLES} ({sample_path})", f"the statistics of {ref_path}")
         results: Dict[str, object] = {
-            "fid": frechet_distance(*smp_pool, *ref_pool, method=fid_method),
-            "sfid": frechet_distance(*smp_spatial, *ref_spatial, method=fid_method),
+            "fid": frechet_distance(*smp_pool, *ref_pool, method=fid_method, names=names),
+            "sfid": frechet_distance(*smp_spatial, *ref_spatial, method=fid_method, names=names),
             "inception_score": inception_score(smp_feats["logits"]),
         }
         results["precision"], results["recall"] = precision_recall(
@@ -150,7 +151,8 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
             ref_dino = extract_features(ref, dino, batch_size, desc="reference (DINOv2)", progress=progress)
             smp_dino = extract_features(samples, dino, batch_size, desc="samples (DINOv2)", progress=progress)
             results["fdd"] = frechet_distance(*feature_statistics(smp_dino["features"]),
-                                              *feature_statistics(ref_dino["features"]), method=fid_method)
+                                              *feature_statistics(ref_dino["features"]), method=fid_method,
+                                              names=names)
             results["dinov2_model"] = dinov2_model
 
     if swd:
