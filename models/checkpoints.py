@@ -142,8 +142,9 @@ def convert_official_sit(state: Dict[str, torch.Tensor], patch_size: int, channe
     return state
 
 
-def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Optional[str] = None) -> None:
-    """Load weights, raising one ValueError that names missing/unexpected/mis-shaped keys."""
+def check_state_dict_fits(model, state: Dict[str, torch.Tensor], looks_like: Optional[str] = None) -> None:
+    """Raise one ValueError naming missing/unexpected/mis-shaped keys; ``model`` may live on the
+    meta device (only its keys and shapes are read)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -162,7 +163,29 @@ def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Op
         if looks_like:
             parts.append(f"the checkpoint looks like {looks_like}")
         raise ValueError("; ".join(parts))
+
+
+def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Optional[str] = None) -> None:
+    """Load weights, raising one ValueError that names missing/unexpected/mis-shaped keys."""
+    check_state_dict_fits(model, state, looks_like)
     model.load_state_dict(state)
+
+
+_BUILD_SIZES = ("depth", "hidden_size", "input_size", "stages", "z_dims")
+
+
+def check_arch_sizes(arch: dict, guess: dict, stored: bool) -> None:
+    """The sizes that cost modules or CPU memory even on the meta device (blocks, stages, REPA
+    projectors, the sin-cos position table) must be those of the tensors (``guess`` =
+    :func:`infer_arch`). A crafted ``arch`` (depth 100000) ends here, before anything is built."""
+    implied = {"stages": 1, "z_dims": []}  # what weights without those keys hold
+    wrong = [f"{key}={arch[key]!r} where the tensors say {guess.get(key, implied.get(key))!r}"
+             for key in _BUILD_SIZES if key in arch and arch[key] != guess.get(key, implied.get(key))]
+    if wrong:
+        what = "stored in the checkpoint" if stored else "asked for"
+        why = "; its arch metadata is damaged or was edited" if stored else ""
+        raise ValueError(f"the architecture {what} ({arch.get('name')}) does not match the checkpoint's tensors: "
+                         f"{', '.join(wrong)}{why}, so no model was built")
 
 
 def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = True, *,
@@ -199,7 +222,9 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     if isinstance(checkpoint.get("arch"), dict) and name is None:
         arch = dict(checkpoint["arch"])
         arch.update(overrides)
+        stored = not set(overrides) & set(_BUILD_SIZES)
     else:
+        stored = False
         arch = {k: v for k, v in guess.items() if k != "official_sit"}
         if name is not None:
             _check_elit_name(name, guess["name"])
@@ -210,6 +235,12 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     if guess["official_sit"] and not arch.get("time_flip"):
         state = convert_official_sit(state, int(arch["name"].rsplit("/", 1)[1]), guess["in_channels"])
         arch["time_flip"] = True
+    # Sizes first, then the whole key/shape list on the meta device: memory is allocated only for
+    # an architecture that the tensors fill exactly.
+    check_arch_sizes(arch, guess, stored)
+    with torch.device("meta"):
+        skeleton = create_model(**arch)
+    check_state_dict_fits(skeleton, state, looks_like)
     model = create_model(**arch)
-    load_state_dict_strict(model, state, looks_like)
+    model.load_state_dict(state)
     return model.eval()
