@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from utils.progress import progress_bar
 
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, reported_write_errors
 
 from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
@@ -268,7 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, reason in results.get("not_computed", {}).items():
             print(f"note: {name} {reason}", file=sys.stderr)
         if args.out:
-            write_json_atomic(results, args.out)
+            with reported_write_errors(args.out, EvaluationError):
+                write_json_atomic(results, args.out)
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from data.datasets import open_dataset
 from data.robust import CorruptSampleError, ReplaceBadSamples
+from utils.atomic import reported_write_errors
 from utils.distributed import DistContext, setup_distributed
 
 from .fdd import DEFAULT_DINOV2_MODEL, DINOV2_IMAGE_SIZE, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
@@ -221,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             dinov2_weights=args.dinov2_weights, batch_size=args.batch_size, workers=args.workers, ctx=ctx,
             progress=not args.no_progress)
         if stats is not None:
-            save_statistics(stats, args.out)
+            with reported_write_errors(args.out, EvaluationError):
+                save_statistics(stats, args.out)
             print(f"wrote {args.out}: {stats.meta['num_images']} images at "
                   f"{stats.meta['resolution'][0]}x{stats.meta['resolution'][1]}, keys {sorted(stats.arrays)}")
     except EvaluationError as exc:

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import GenerationError, mismatched_keys, resolve_config, validate_config
+from utils.atomic import reported_write_errors
 from utils.distributed import DistContext, setup_distributed
 from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_temporaries,
                      write_npz_from_pngs, write_png_atomic)
@@ -117,17 +118,11 @@ def check_model_budgets(model, cfg: DictConfig) -> None:
         raise GenerationError(str(error)) from None  # the message names the key
 
 
-@contextlib.contextmanager
 def writing(path):
     """An OSError while writing `path` (read-only folder, disk full, quota) ends in one GenerationError."""
-    try:
-        yield
-    except OSError as error:
-        from training.errors import describe_write_error
-
-        raise GenerationError(f"cannot write {path}: {describe_write_error(error)}; the complete PNGs written so "
-                              "far are kept and a rerun of the same command resumes from them (free space or "
-                              "fix the permissions first), or choose another sample_dir") from None
+    return reported_write_errors(path, GenerationError, "; the complete PNGs written so far are kept and a rerun of "
+                                 "the same command resumes from them (free space or fix the permissions first), or "
+                                 "choose another sample_dir")
 
 
 def check_sample_dir(sample_dir: str) -> None:

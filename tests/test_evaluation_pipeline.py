@@ -118,3 +118,19 @@ def test_non_finite_statistics_stop_with_one_line_naming_their_source(tmp_path, 
                                              r"\(1 of 4 values\), sigma \(7 of 16 values\)"):  # row and column 0
         evaluate_module.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz"), num_ref_pr=4,
                                  fid_method="sqrtm", progress=False)
+
+
+def test_out_json_that_cannot_be_written_is_one_line(tmp_path, fake_network, monkeypatch, capsys):
+    import errno
+    import os
+
+    _batches(tmp_path, stored=True)
+
+    def read_only(*args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(evaluate_module, "write_json_atomic", read_only)
+    out = tmp_path / "results.json"
+    assert evaluate_module.main([str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz"), "--num-ref-pr", "4",
+                                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write {out}: [Errno 30] Read-only file system"

@@ -145,3 +145,17 @@ def test_ref_stats_names_a_corrupt_png(images_with_a_corrupt_png, tmp_path, caps
     assert err.endswith(f"reference statistics need every image: fix or remove it (`python dataset_tools.py "
                         f"verify {folder}` lists all corrupt files)")
     assert not out.exists()
+
+
+def test_ref_stats_and_evaluate_out_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    out = tmp_path / "stats.npz"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ref_stats_cli, "save_statistics", full)
+    assert ref_stats_cli.main([str(tmp_path / "ref.npz"), "--out", str(out), "--no-inception", "--no-dinov2",
+                               "--swd-images", "2", "--device", "cpu", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write {out}: [Errno 28] No space left on device"

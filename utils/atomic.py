@@ -58,3 +58,24 @@ def atomic_write(path, mode: str = "wb", fsync: bool = False):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def describe_write_error(error: BaseException) -> str:
+    """A short reason for a failed write: `[Errno 28] No space left on device`, or torch's
+    zip-writer failures (`unexpected pos`, `file write failed`) named as what they mean."""
+    if isinstance(error, OSError):
+        return f"[Errno {error.errno}] {error.strerror}" if error.errno else str(error)
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "unexpected pos" in text or "write failed" in text or "inline_container" in text:
+        return "the write failed part-way (disk full or quota exceeded?)"
+    return text[:200]
+
+
+@contextlib.contextmanager
+def reported_write_errors(path, error_type, advice: str = ""):
+    """An OSError while writing ``path`` (read-only folder, disk full, quota) becomes one
+    ``error_type("cannot write <path>: [Errno 28] No space left on device<advice>")``."""
+    try:
+        yield
+    except OSError as error:
+        raise error_type(f"cannot write {path}: {describe_write_error(error)}{advice}") from None
