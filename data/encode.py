@@ -284,7 +284,7 @@ def _write_per_image_index(dataset, dest: str) -> None:
 def _write_packed_index(dataset, dest: str, shard_size: int, settings) -> None:
     ranges = packed_fmt.shard_ranges(len(dataset), shard_size)
     first = os.path.join(dest, packed_fmt.shard_name(0))
-    latent_shape = np.load(first, mmap_mode="r").shape[1:] if os.path.isfile(first) else None
+    latent_shape = np.load(first, mmap_mode="r", allow_pickle=False).shape[1:] if os.path.isfile(first) else None
     for s, (_start, count) in enumerate(ranges):
         if not packed_fmt.shard_is_complete(dest, s, count, latent_shape):
             raise RuntimeError(f"shard {packed_fmt.shard_name(s)} in {dest!r} is missing or incomplete; rerun encode")

@@ -79,7 +79,7 @@ def shard_is_complete(folder: str, shard: int, count: int, item_shape=None) -> b
     if not os.path.isfile(path):
         return False
     try:
-        arr = np.load(path, mmap_mode="r")
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
         return False
     if item_shape is not None:
@@ -105,7 +105,7 @@ class PackedLatentDataset(Dataset):
         if index.get("format") != FORMAT_NAME:
             raise ValueError(f"{index_path!r} is not a {FORMAT_NAME} index")
         self.index = index
-        self.labels = np.load(os.path.join(self.path, "labels.npy"))
+        self.labels = np.load(os.path.join(self.path, "labels.npy"), allow_pickle=False)
         self.classes = index.get("classes")
         self.num_classes = int(index["num_classes"])
         self.item_shape = tuple(index["item_shape"])
@@ -122,7 +122,7 @@ class PackedLatentDataset(Dataset):
         if arr is None:
             info = self._shards[shard]
             try:
-                arr = np.load(os.path.join(self.path, info["file"]), mmap_mode="r")
+                arr = np.load(os.path.join(self.path, info["file"]), mmap_mode="r", allow_pickle=False)
             except FileNotFoundError:
                 raise ValueError("the shard file is missing") from None
             except (ValueError, OSError, EOFError) as e:

@@ -36,6 +36,11 @@ def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32
     full Stable Diffusion snapshot, also works). A missing local folder raises FileNotFoundError;
     a hub model that is neither cached nor downloadable raises RuntimeError. Set
     `HF_HUB_OFFLINE=1` to make that failure immediate instead of retrying the network.
+
+    Weights are read as safetensors whenever the folder (or the hub) has them; a folder with only
+    pickled `.bin` weights has each `.bin` read first by `models.checkpoints.read_weights`
+    (`weights_only=True`), so one that would run code is refused (RuntimeError) before diffusers
+    opens it (diffusers 0.42 also reads `.bin` with `weights_only=True`).
     """
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")  # diffusers' own call
     from diffusers.models import AutoencoderKL
@@ -54,7 +59,12 @@ def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32
                 "AutoencoderKL.save_pretrained (config.json + weights)"
             )
         try:
-            vae = AutoencoderKL.from_pretrained(expanded, subfolder=subfolder, torch_dtype=dtype)
+            use_safetensors = _vet_folder_weights(os.path.join(expanded, subfolder or ""))
+        except ValueError as exc:  # refused or unreadable .bin: the message names it
+            raise RuntimeError(str(exc)) from None
+        try:
+            vae = AutoencoderKL.from_pretrained(expanded, subfolder=subfolder, torch_dtype=dtype,
+                                                use_safetensors=use_safetensors)
         except Exception as exc:
             raise RuntimeError(f"could not load the VAE from folder {expanded!r}: {exc}") from exc
     elif os.path.exists(expanded):
@@ -64,7 +74,7 @@ def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32
                                 "stabilityai/sd-vae-ft-mse or a folder written by save_pretrained")
     else:
         try:
-            vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype, use_safetensors=True)
         except Exception as exc:
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             raise RuntimeError(
@@ -77,6 +87,20 @@ def load_vae(name_or_path: str, device="cpu", dtype: torch.dtype = torch.float32
     vae = vae.to(device=device).eval()
     vae.requires_grad_(False)
     return vae
+
+
+def _vet_folder_weights(folder: str) -> bool:
+    """True when `folder` holds safetensors weights (diffusers then reads only those); otherwise
+    every pickled `.bin` in it is read safely first: one ValueError names a file that would run
+    code when unpickled (or cannot be read)."""
+    names = os.listdir(folder)
+    if any(n.endswith(".safetensors") for n in names):
+        return True
+    from models.checkpoints import read_weights
+
+    for name in sorted(n for n in names if n.endswith(".bin")):
+        read_weights(os.path.join(folder, name), "the VAE weights")
+    return False
 
 
 def _vae_device_dtype(vae) -> tuple[torch.device, torch.dtype]:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from utils.progress import progress_bar
 
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, reported_write_errors
 
 from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
 from .metrics import PR_NEIGHBOURHOOD, feature_statistics, frechet_distance, inception_score, precision_recall
 from .npz import EvaluationError, InputError, NpzImageBatch, check_same_resolution, read_reference_statistics
-from .online import frechet_scores
+from .online import SAMPLES, frechet_scores
 from .stats_file import check_compatible, is_statistics_file, load_statistics
 from .swd import swd as sliced_wasserstein
 
@@ -137,9 +137,10 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
             return feature_statistics(feats["pool"]), feature_statistics(feats["spatial"])
 
         (ref_pool, ref_spatial), (smp_pool, smp_spatial) = stats(ref_stats, ref_feats), stats(sample_stats, smp_feats)
+        names = (f"{SAMPLES} ({sample_path})", f"the statistics of {ref_path}")
         results: Dict[str, object] = {
-            "fid": frechet_distance(*smp_pool, *ref_pool, method=fid_method),
-            "sfid": frechet_distance(*smp_spatial, *ref_spatial, method=fid_method),
+            "fid": frechet_distance(*smp_pool, *ref_pool, method=fid_method, names=names),
+            "sfid": frechet_distance(*smp_spatial, *ref_spatial, method=fid_method, names=names),
             "inception_score": inception_score(smp_feats["logits"]),
         }
         results["precision"], results["recall"] = precision_recall(
@@ -150,7 +151,8 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
             ref_dino = extract_features(ref, dino, batch_size, desc="reference (DINOv2)", progress=progress)
             smp_dino = extract_features(samples, dino, batch_size, desc="samples (DINOv2)", progress=progress)
             results["fdd"] = frechet_distance(*feature_statistics(smp_dino["features"]),
-                                              *feature_statistics(ref_dino["features"]), method=fid_method)
+                                              *feature_statistics(ref_dino["features"]), method=fid_method,
+                                              names=names)
             results["dinov2_model"] = dinov2_model
 
     if swd:
@@ -266,7 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, reason in results.get("not_computed", {}).items():
             print(f"note: {name} {reason}", file=sys.stderr)
         if args.out:
-            write_json_atomic(results, args.out)
+            with reported_write_errors(args.out, EvaluationError):
+                write_json_atomic(results, args.out)
     except EvaluationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from PIL import Image
 
 from utils.hub import HubUnavailable, hub_file
 
-from .inception import WeightsError, strict_fp32
+from .inception import WeightsError, first_line, strict_fp32
 
 DEFAULT_DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"
 DINOV2_IMAGE_SIZE = 224
@@ -91,23 +91,29 @@ def load_dinov2(model_name: str = DEFAULT_DINOV2_MODEL, weights_path: Optional[s
     (converted by timm's checkpoint filter). Without it, the Hugging Face cache or Hub is used.
     """
     import timm
-    from timm.models import load_state_dict
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    from models.checkpoints import read_weights
+    from models.weights_io import UntrustedCheckpointError
+
     path = resolve_dinov2_weights(model_name, weights_path)
+    try:
+        state = read_weights(path, "the DINOv2 weights")  # never timm's loader: no code from the file runs
+    except UntrustedCheckpointError as exc:
+        raise WeightsError(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise WeightsError(f"{path}: not loadable as {model_name} weights ({first_line(exc)})") from None
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=image_size)
     except Exception as exc:
         raise WeightsError(f"--dinov2-model {model_name}: cannot build it with timm ({exc})") from None
     try:
-        state = load_state_dict(path, weights_only=True)
         if "pos_embed" in state:
             grid = image_size // model.patch_embed.patch_size[0]
             state["pos_embed"] = interpolate_pos_embed_like_hub(state["pos_embed"], grid)
         model.load_state_dict(checkpoint_filter_fn(state, model))
     except Exception as exc:
-        raise WeightsError(f"{path}: not loadable as {model_name} weights ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise WeightsError(f"{path}: not loadable as {model_name} weights ({first_line(exc)})") from None
     return model.to(device).eval().requires_grad_(False)
 
 

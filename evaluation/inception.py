@@ -24,9 +24,9 @@ scope's own name, e.g. ``mixed_6/conv``, is its ReLU output.)
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
-import tempfile
 import urllib.parse
 from typing import Dict, Optional
 
@@ -45,6 +45,12 @@ SPATIAL_CHANNELS = 7
 
 class WeightsError(EvaluationError, RuntimeError):
     """Network weights that cannot be found, downloaded or loaded."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"`` of an exception from a library."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -94,18 +100,49 @@ def resolve_inception_weights(path: Optional[str] = None, timeout: float = 30.0)
     return cached
 
 
+class _InceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's network without torch-fidelity's file reading.
+
+    Its constructor loads the weights file with ``torch.load(weights_only=False)``, which runs
+    any code a crafted file carries. Here it is handed an empty dict we serialised ourselves and
+    its ``load_state_dict`` call is skipped; :func:`build_inception` loads the tensors that
+    :func:`models.checkpoints.read_weights` read safely.
+    """
+
+    def __init__(self, features):
+        empty = io.BytesIO()
+        torch.save({}, empty)
+        empty.seek(0)
+        super().__init__("inception-v3-compat", features, feature_extractor_weights_path=empty)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D102 - the constructor's call
+        return None
+
+
+def build_inception(weights_path: str, features=("2048", "logits_unbiased")) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception-v3 with the weights of ``weights_path``, read without running
+    code from the file (one :class:`WeightsError` for a file that is refused or does not fit)."""
+    from models.checkpoints import read_weights
+    from models.weights_io import UntrustedCheckpointError
+
+    try:
+        state = read_weights(weights_path, "the Inception weights")
+        model = _InceptionV3(list(features))
+        torch.nn.Module.load_state_dict(model, state)
+    except UntrustedCheckpointError as exc:
+        raise WeightsError(str(exc)) from None
+    except Exception as exc:  # not a weights file, or the state dict of another network
+        raise WeightsError(
+            f"{weights_path}: not loadable as torch-fidelity Inception weights ({first_line(exc)}); "
+            f"expected {INCEPTION_WEIGHTS_FILENAME} from {INCEPTION_WEIGHTS_URL}") from None
+    return model
+
+
 class InceptionFeatureExtractor:
     """``extractor(images)`` -> ADM's pool_3, spatial and logit features of uint8 NHWC images."""
 
     def __init__(self, weights_path: str, device: str | torch.device = "cpu"):
-        try:
-            model = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=weights_path)
-        except Exception as exc:  # torch.load / load_state_dict errors of a wrong file
-            raise WeightsError(
-                f"{weights_path}: not loadable as torch-fidelity Inception weights ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {INCEPTION_WEIGHTS_FILENAME} "
-                f"from {INCEPTION_WEIGHTS_URL}") from None
+        model = build_inception(weights_path)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self._spatial: Optional[torch.Tensor] = None
@@ -129,21 +166,13 @@ class InceptionFeatureExtractor:
         }
 
 
-class _KeepDefaultInit(FeatureExtractorInceptionV3):
-    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D102 - keep random init
-        return None
-
-
 def save_random_inception_weights(path: str, seed: int = 0) -> str:
     """Write randomly initialised weights of the same architecture to ``path`` (tests, smoke runs).
 
     He-normal convolutions and identity batch norms keep activations O(1) through the 94
     layers, so every feature (pool, spatial, logits) varies from image to image.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = os.path.join(tmp, "empty.pth")
-        torch.save({}, empty)
-        model = _KeepDefaultInit("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    model = _InceptionV3(["2048"])  # random init, no weights read
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, tensor in model.state_dict().items():

@@ -23,6 +23,8 @@ import torch
 from scipy import linalg
 from scipy.special import logsumexp
 
+from .npz import require_finite
+
 IS_SPLIT_SIZE = 5000
 PR_NEIGHBOURHOOD = 3
 PR_BATCH_SIZE = 10000
@@ -107,17 +109,21 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6, method: str = "sqrtm") -> float:
+                     eps: float = 1e-6, method: str = "sqrtm",
+                     names: Tuple[str, str] = ("the first statistics", "the second statistics")) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
     ``method="sqrtm"`` is ADM's computation (scipy Schur ``sqrtm``; ~15 s for 2048-d on two
     cores); ``"eigh"`` gives the same value for PSD covariances in a fraction of the time
-    (and an exact one where N < D makes the covariances singular).
+    (and an exact one where N < D makes the covariances singular). Non-finite statistics raise
+    one :class:`InputError` naming them by ``names`` (e.g. the samples', a reference file).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"Fréchet distance: mismatched statistics {mu1.shape}/{sigma1.shape} vs {mu2.shape}/{sigma2.shape}")
+    require_finite(names[0], mu=mu1, sigma=sigma1)
+    require_finite(names[1], mu=mu2, sigma=sigma2)
     if method == "sqrtm":
         tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps)
     elif method == "eigh":

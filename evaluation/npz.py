@@ -148,6 +148,22 @@ def _read_exactly(fp, size: int, path: str) -> bytes:
     return b"".join(chunks)
 
 
+def require_finite(where: str, **arrays) -> None:
+    """One :class:`InputError` naming ``where`` when a mean or covariance holds NaN or inf.
+
+    Checked wherever statistics are read or compared: scipy's ``sqrtm`` never returns on a
+    matrix with a NaN (and ignores Ctrl-C), and no distance of such statistics means anything.
+    """
+    bad = []
+    for name, array in arrays.items():
+        finite = np.isfinite(np.asarray(array, dtype=np.float64))
+        if not finite.all():
+            bad.append(f"{name} ({finite.size - int(finite.sum())} of {finite.size} values)")
+    if bad:
+        raise InputError(f"{where}: non-finite values (NaN or inf) in {', '.join(bad)}; a Fréchet distance of "
+                         "them is undefined (recompute the statistics, or check the feature weights)")
+
+
 def read_reference_statistics(path: str) -> Optional[Dict[str, np.ndarray]]:
     """The stored ``mu, sigma, mu_s, sigma_s`` of an ADM reference batch, or None.
 
@@ -162,7 +178,7 @@ def read_reference_statistics(path: str) -> Optional[Dict[str, np.ndarray]]:
     if missing:
         raise InputError(f"{path}: has stored 'mu' but lacks {missing}; an ADM reference batch stores "
                          f"all of {list(STAT_KEYS)} (or none, then they are computed from arr_0)")
-    with np.load(str(path)) as data:
+    with np.load(str(path), allow_pickle=False) as data:
         stats = {k: np.asarray(data[k], dtype=np.float64) for k in STAT_KEYS}
     for key, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
         sigma_key = key.replace("mu", "sigma")
@@ -170,6 +186,7 @@ def read_reference_statistics(path: str) -> Optional[Dict[str, np.ndarray]]:
             raise InputError(
                 f"{path}: stored {key}/{sigma_key} have shapes {stats[key].shape}/{stats[sigma_key].shape}, "
                 f"expected ({dim},)/({dim}, {dim}) (Inception pool_3 = 2048, mixed_6/conv[..., :7] = 2023)")
+    require_finite(f"{path}: stored statistics", **stats)
     return stats
 
 

@@ -27,6 +27,7 @@ from .npz import InputError
 from .stats_file import METRICS, ReferenceStatistics, check_compatible, load_statistics
 from .swd import swd
 
+SAMPLES = "the samples' statistics"
 # metric -> (feature name, stored mean key, stored covariance key)
 FRECHET = {"fid": ("pool", "mu", "sigma"), "sfid": ("spatial", "mu_s", "sigma_s"),
            "fdd": ("dinov2", "mu_dinov2", "sigma_dinov2")}
@@ -40,7 +41,7 @@ def frechet_scores(stats: ReferenceStatistics, samples: Dict[str, Tuple[np.ndarr
         if metric in FRECHET:
             feature, mu_key, sigma_key = FRECHET[metric]
             out[metric] = frechet_distance(*samples[feature], stats.arrays[mu_key], stats.arrays[sigma_key],
-                                           method=method)
+                                           method=method, names=(SAMPLES, f"reference statistics {stats.path}"))
     return out
 
 

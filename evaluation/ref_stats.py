@@ -26,12 +26,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from data.datasets import open_dataset
+from data.robust import CorruptSampleError, ReplaceBadSamples
+from utils.atomic import reported_write_errors
 from utils.distributed import DistContext, setup_distributed
 
 from .fdd import DEFAULT_DINOV2_MODEL, DINOV2_IMAGE_SIZE, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
 from .metrics import RunningStatistics
-from .npz import POOL_DIM, SPATIAL_DIM, EvaluationError, InputError, NpzImageBatch
+from .npz import POOL_DIM, SPATIAL_DIM, EvaluationError, InputError, NpzImageBatch, require_finite
 from .stats_file import ReferenceStatistics, save_statistics, weights_identity
 
 
@@ -48,11 +50,11 @@ class ImageSource:
         else:
             try:
                 self.dataset = open_dataset(self.path, kind="images")
+                _, h, w = self.dataset.item_shape  # that of the first readable image
             except (ValueError, FileNotFoundError) as exc:
                 raise InputError(f"{self.path}: {exc}; or pass an ADM .npz with arr_0") from None
             self.npz = None
             self.count = len(self.dataset)
-            _, h, w = self.dataset.item_shape
             self.resolution = (h, w)
 
     def __len__(self) -> int:
@@ -65,14 +67,28 @@ class ImageSource:
                 if b % world == rank:
                     yield batch
             return
-        loader = DataLoader(Subset(self.dataset, range(rank, self.count, world)), batch_size=batch_size,
-                            num_workers=workers, collate_fn=_stack_images)
-        yield from loader
+        # A corrupt image comes back flagged (ReplaceBadSamples), not as a worker's traceback.
+        loader = DataLoader(Subset(ReplaceBadSamples(self.dataset), range(rank, self.count, world)),
+                            batch_size=batch_size, num_workers=workers, collate_fn=_stack_flagged)
+        for images, bad in loader:
+            if bad:
+                self._item(bad[0])  # raises the one-line error naming the file
+                raise InputError(f"{self.dataset.sample_path(bad[0])}: a DataLoader worker could not read it, "
+                                 "although it reads here; check the storage and rerun")
+            yield images
+
+    def _item(self, index: int):
+        """Image ``index`` of the dataset; a corrupt one ends in an InputError naming its file."""
+        try:
+            return self.dataset[index]
+        except CorruptSampleError as error:
+            raise InputError(f"{error}; reference statistics need every image: fix or remove it "
+                             f"(`python dataset_tools.py verify {self.path}` lists all corrupt files)") from None
 
     def take(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 ``(len(indices), H, W, 3)`` of the images at sorted ``indices``."""
         if self.npz is None:
-            return _stack_images([self.dataset[int(i)] for i in indices])
+            return _stack_images([self._item(int(i)) for i in indices])
         wanted, parts, start = np.asarray(indices), [], 0
         for batch in self.npz.iter_batches(256, limit=int(wanted.max()) + 1 if len(wanted) else 0):
             sel = wanted[(wanted >= start) & (wanted < start + len(batch))] - start
@@ -83,6 +99,11 @@ class ImageSource:
 
 def _stack_images(items) -> np.ndarray:
     return np.stack([img.permute(1, 2, 0).numpy() for img, _label in items])
+
+
+def _stack_flagged(items):
+    """``(img, label, bad)`` items -> (uint8 NHWC images, indices of the corrupt ones)."""
+    return _stack_images([item[:2] for item in items]), [bad for *_, bad in items if bad >= 0]
 
 
 def swd_subset(count: int, num: int, seed: int) -> np.ndarray:
@@ -147,6 +168,7 @@ def compute_statistics(path: str, *, inception: bool = True, dinov2: bool = True
             if total[name].count != len(source):
                 raise EvaluationError(f"ranks saw {total[name].count} images, expected {len(source)}")
             arrays[mu_key], arrays[sigma_key] = total[name].finalize()
+            require_finite(f"the {name} statistics computed from {path}", mu=arrays[mu_key], sigma=arrays[sigma_key])
     if swd_images:
         indices = swd_subset(len(source), swd_images, seed)
         arrays["swd_images"] = source.take(indices)
@@ -200,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             dinov2_weights=args.dinov2_weights, batch_size=args.batch_size, workers=args.workers, ctx=ctx,
             progress=not args.no_progress)
         if stats is not None:
-            save_statistics(stats, args.out)
+            with reported_write_errors(args.out, EvaluationError):
+                save_statistics(stats, args.out)
             print(f"wrote {args.out}: {stats.meta['num_images']} images at "
                   f"{stats.meta['resolution'][0]}x{stats.meta['resolution'][1]}, keys {sorted(stats.arrays)}")
     except EvaluationError as exc:

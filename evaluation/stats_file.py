@@ -41,7 +41,7 @@ import numpy as np
 from utils.atomic import atomic_write
 from utils.checksum import file_sha256
 
-from .npz import InputError
+from .npz import InputError, require_finite
 
 STATS_FORMAT = "dfm-reference-statistics"
 STATS_VERSION = 1
@@ -121,6 +121,8 @@ def load_statistics(path: str) -> ReferenceStatistics:
         if mu in arrays and (arrays[mu].ndim != 1 or arrays[sigma].shape != arrays[mu].shape * 2):
             raise InputError(f"reference statistics {path}: {mu}/{sigma} have shapes "
                              f"{arrays[mu].shape}/{arrays[sigma].shape}, expected (D,)/(D, D)")
+        if mu in arrays:
+            require_finite(f"reference statistics {path}", **{mu: arrays[mu], sigma: arrays[sigma]})
     if "swd_images" in arrays:
         images = arrays["swd_images"]
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:3]) != tuple(meta["resolution"]):

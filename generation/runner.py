@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import GenerationError, mismatched_keys, resolve_config, validate_config
+from utils.atomic import reported_write_errors
 from utils.distributed import DistContext, setup_distributed
 from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_temporaries,
                      write_npz_from_pngs, write_png_atomic)
@@ -117,10 +118,28 @@ def check_model_budgets(model, cfg: DictConfig) -> None:
         raise GenerationError(str(error)) from None  # the message names the key
 
 
+def writing(path):
+    """An OSError while writing `path` (read-only folder, disk full, quota) ends in one GenerationError."""
+    return reported_write_errors(path, GenerationError, "; the complete PNGs written so far are kept and a rerun of "
+                                 "the same command resumes from them (free space or fix the permissions first), or "
+                                 "choose another sample_dir")
+
+
+def check_sample_dir(sample_dir: str) -> None:
+    """`sample_dir` (or the nearest existing folder above it) must be a folder, not a file."""
+    for path in (Path(sample_dir), *Path(sample_dir).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise GenerationError(f"sample_dir {sample_dir}: {path} is a file, not a folder; choose another "
+                                      "sample_dir (the samples go to <sample_dir>/<run_name>/)")
+            return
+
+
 def run(cfg: DictConfig) -> dict:
     """Generate the samples described by `cfg` (a GenerateConfig DictConfig); returns a summary:
     run_dir, npz (or None), generated (new images, all ranks), seconds, images_per_second."""
     validate_config(cfg)
+    check_sample_dir(cfg.sample_dir)
     ctx = setup_distributed()
     try:
         return _run(cfg, ctx)
@@ -158,11 +177,12 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     decoder = Decoder(cfg.vae, model.in_channels, ctx.device)  # before writing anything
     ctx.barrier()  # every rank has read config.yaml before rank 0 rewrites it
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(run_dir)
-        for tmp in npz_path.parent.glob(f".tmp-*-{npz_path.name}"):  # from a killed .npz write
-            tmp.unlink(missing_ok=True)
-        save_config(cfg, saved_config)
+        with writing(saved_config):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(run_dir)
+            for tmp in npz_path.parent.glob(f".tmp-*-{npz_path.name}"):  # from a killed .npz write
+                tmp.unlink(missing_ok=True)
+            save_config(cfg, saved_config)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model} ({n_params:,} parameters, {cfg.stages} stage(s)), "
               f"{'EMA' if cfg.use_ema else 'raw'} weights from {cfg.ckpt}", flush=True)
@@ -196,7 +216,8 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
             indices = mine[b * batch:(b + 1) * batch]
             images = generate_batch(model, cfg, indices, labels, stage_shapes, decoder, pyramid, ctx.device)
             for index, image in zip(indices, images):
-                write_png_atomic(png_path(run_dir, index), image)
+                with writing(png_path(run_dir, index)):
+                    write_png_atomic(png_path(run_dir, index), image)
             bar.update(len(indices))
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
@@ -211,7 +232,8 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
 
     if ctx.is_main:
         if cfg.save_npz:
-            write_npz_from_pngs(npz_path, run_dir, N, size, labels=labels.numpy())
+            with writing(npz_path):
+                write_npz_from_pngs(npz_path, run_dir, N, size, labels=labels.numpy())
             print(f"wrote {npz_path} (arr_0 uint8 {[N, size, size, 3]}, arr_1 labels)", flush=True)
         if not cfg.save_png:
             for i in range(N):

@@ -9,7 +9,8 @@ from typing import Dict, Optional
 import torch
 
 from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name
-from models.weights_io import UntrustedCheckpointError, is_safetensors, read_weights_file, torch_load_cpu
+from models.weights_io import (UntrustedCheckpointError, describe_globals, is_safetensors, read_weights_file,
+                               torch_load_cpu)
 from utils.checksum import verify_file
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -41,6 +42,28 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False, verify: bool = Tr
     except Exception as error:  # noqa: BLE001 - torch and safetensors fail in many ways
         raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error} "
                          "(truncated or not a PyTorch/safetensors file?)") from error
+
+
+def read_weights(path: str, what: str) -> dict:
+    """A third-party weights file (Inception, DINOv2, a VAE's ``.bin``) as a dict of tensors on CPU.
+
+    Read by :func:`read_checkpoint` (``weights_only=True`` / safetensors), so no code from the
+    file runs. Genuine weights hold only tensors, so a file that needs full unpickling is refused
+    outright (UntrustedCheckpointError, no trust option); ``what`` names the file's role in the
+    messages (``"the Inception weights"``). Other failures: ValueError / FileNotFoundError.
+    """
+    try:
+        state = read_checkpoint(path)
+    except UntrustedCheckpointError as error:
+        raise UntrustedCheckpointError(
+            f"refusing to load {what} {path}: besides tensors the file names Python objects "
+            f"({describe_globals(error.names)}), and unpickling them would run code from it (arbitrary code "
+            "execution); genuine weights hold only tensors, so download the file again from its source",
+            error.names) from None
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"{what} {path}: holds {'no tensors' if isinstance(state, dict) else type(state).__name__}, "
+                         "not a state dict of tensors")
+    return state
 
 
 def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
@@ -119,8 +142,9 @@ def convert_official_sit(state: Dict[str, torch.Tensor], patch_size: int, channe
     return state
 
 
-def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Optional[str] = None) -> None:
-    """Load weights, raising one ValueError that names missing/unexpected/mis-shaped keys."""
+def check_state_dict_fits(model, state: Dict[str, torch.Tensor], looks_like: Optional[str] = None) -> None:
+    """Raise one ValueError naming missing/unexpected/mis-shaped keys; ``model`` may live on the
+    meta device (only its keys and shapes are read)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -139,7 +163,29 @@ def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Op
         if looks_like:
             parts.append(f"the checkpoint looks like {looks_like}")
         raise ValueError("; ".join(parts))
+
+
+def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Optional[str] = None) -> None:
+    """Load weights, raising one ValueError that names missing/unexpected/mis-shaped keys."""
+    check_state_dict_fits(model, state, looks_like)
     model.load_state_dict(state)
+
+
+_BUILD_SIZES = ("depth", "hidden_size", "input_size", "stages", "z_dims")
+
+
+def check_arch_sizes(arch: dict, guess: dict, stored: bool) -> None:
+    """The sizes that cost modules or CPU memory even on the meta device (blocks, stages, REPA
+    projectors, the sin-cos position table) must be those of the tensors (``guess`` =
+    :func:`infer_arch`). A crafted ``arch`` (depth 100000) ends here, before anything is built."""
+    implied = {"stages": 1, "z_dims": []}  # what weights without those keys hold
+    wrong = [f"{key}={arch[key]!r} where the tensors say {guess.get(key, implied.get(key))!r}"
+             for key in _BUILD_SIZES if key in arch and arch[key] != guess.get(key, implied.get(key))]
+    if wrong:
+        what = "stored in the checkpoint" if stored else "asked for"
+        why = "; its arch metadata is damaged or was edited" if stored else ""
+        raise ValueError(f"the architecture {what} ({arch.get('name')}) does not match the checkpoint's tensors: "
+                         f"{', '.join(wrong)}{why}, so no model was built")
 
 
 def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = True, *,
@@ -176,7 +222,9 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     if isinstance(checkpoint.get("arch"), dict) and name is None:
         arch = dict(checkpoint["arch"])
         arch.update(overrides)
+        stored = not set(overrides) & set(_BUILD_SIZES)
     else:
+        stored = False
         arch = {k: v for k, v in guess.items() if k != "official_sit"}
         if name is not None:
             _check_elit_name(name, guess["name"])
@@ -187,6 +235,12 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     if guess["official_sit"] and not arch.get("time_flip"):
         state = convert_official_sit(state, int(arch["name"].rsplit("/", 1)[1]), guess["in_channels"])
         arch["time_flip"] = True
+    # Sizes first, then the whole key/shape list on the meta device: memory is allocated only for
+    # an architecture that the tensors fill exactly.
+    check_arch_sizes(arch, guess, stored)
+    with torch.device("meta"):
+        skeleton = create_model(**arch)
+    check_state_dict_fits(skeleton, state, looks_like)
     model = create_model(**arch)
-    load_state_dict_strict(model, state, looks_like)
+    model.load_state_dict(state)
     return model.eval()

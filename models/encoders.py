@@ -208,13 +208,24 @@ def _hub_weights(names: Sequence[str]) -> List[str]:
 
 
 def _create(name: str, input_size: int, weights: str, arch_overrides: dict) -> torch.nn.Module:
-    """The timm ViT of ``name`` at ``input_size`` px with the weights of the file ``weights``."""
+    """The timm ViT of ``name`` at ``input_size`` px with the weights of the file ``weights``.
+
+    The file is read here without running code from it (:func:`models.checkpoints.read_weights`)
+    and timm gets the tensors (``pretrained_cfg_overlay=dict(state_dict=...)``), so its checkpoint
+    filter (Meta's key names, the position-embedding resampling) runs as for a file it read.
+    """
     import timm
+
+    from models.checkpoints import read_weights
+    from models.weights_io import UntrustedCheckpointError
 
     timm_name = ENCODERS[name][0]
     try:
-        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=weights),
+        state = read_weights(weights, f"the encoder_weights of {name}")
+        return timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state),
                                  img_size=input_size, **arch_overrides)
+    except UntrustedCheckpointError:
+        raise  # its message says it all
     except (RuntimeError, KeyError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[:3]
         raise ValueError(f"encoder_weights: {weights!r} does not load into {name} ({timm_name}): "

@@ -50,19 +50,36 @@ def safe_globals() -> list:
 
 
 class UntrustedCheckpointError(ValueError):
-    """The file needs full unpickling (it names Python objects beyond tensors and plain data)."""
+    """The file needs full unpickling (it names Python objects beyond tensors and plain data).
+
+    ``names``: the objects it names (``builtins.open``, ...), as far as torch can list them.
+    """
+
+    def __init__(self, message: str, names=()):
+        super().__init__(message)
+        self.names = list(names)
 
 
 def is_safetensors(path: str) -> bool:
     return os.fspath(path).lower().endswith(".safetensors")
 
 
-def _untrusted_message(path: str, error: Exception) -> str:
+def unsafe_globals(path: str, error: Exception) -> list:
+    """The Python objects a refused pickle names (``builtins.open``, ...)."""
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - the legacy format: read the name from the error
-        names = re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
-    what = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") or "unknown objects"
+        return re.findall(r"GLOBAL (\S+) was not an allowed global", str(error))
+
+
+def describe_globals(names) -> str:
+    """``"builtins.open, os.system and 3 more"`` (at most six named)."""
+    names = list(names)
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "") or "unknown objects"
+
+
+def _untrusted_message(path: str, names) -> str:
+    what = describe_globals(names)
     return (f"refusing to fully unpickle checkpoint {path}: besides tensors and plain data it names Python "
             f"objects ({what}). Unpickling runs whatever code the file asks for (arbitrary code execution), "
             "so a malicious or tampered .pt can take over your account. If, and only if, you trust where this "
@@ -94,7 +111,8 @@ def torch_load_cpu(path: str, trust_checkpoint: bool = False):
         if not _is_weights_only_refusal(error):
             raise error
     if not trust_checkpoint:
-        raise UntrustedCheckpointError(_untrusted_message(path, error)) from None
+        names = unsafe_globals(path, error)
+        raise UntrustedCheckpointError(_untrusted_message(path, names), names) from None
     for kwargs in attempts:
         try:
             return torch.load(path, map_location="cpu", weights_only=False, **kwargs)

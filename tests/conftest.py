@@ -15,6 +15,22 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+class Payload:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def save_payload(path, marker, **tensors) -> str:
+    """A .pt/.pth/.bin at `path` holding `tensors` and a live Payload that would create `marker`."""
+    torch.save({**tensors, "extra": Payload(marker)}, str(path))
+    return str(path)
+
+
 def tiny_model(name="DFM-SiT-S/2", **overrides):
     """A small randomly initialised model for tests (16 tokens of width 64)."""
     from models import create_model

@@ -255,8 +255,10 @@ def test_reference_format_state_dict_loads(tmp_path):
     torch.testing.assert_close(inferred(xs[0], t[:, 0], y), named(xs[0], t[:, 0], y))
     with pytest.raises(ValueError, match="holds ELIT weights.*allowed names: ELIT-SiT-S/2, ELIT-SiT-S/4"):
         load_pretrained(str(path), "SiT-S/2")
-    with pytest.raises(ValueError, match="group_size must divide"):
-        load_pretrained(str(path), input_size=14, **depths)  # a 7x7 token grid, the checkpoint's g = 2
+    # a 7x7 token grid (where g = 2 could not divide it either) is refused before anything is built
+    with pytest.raises(ValueError, match=r"architecture asked for \(ELIT-SiT-S/2\) does not match the checkpoint's "
+                                         r"tensors: input_size=14 where the tensors say 16"):
+        load_pretrained(str(path), input_size=14, **depths)
     torch.save({"ema": sit.state_dict()}, tmp_path / "sit.pt")
     with pytest.raises(ValueError, match="no ELIT weights"):
         load_pretrained(str(tmp_path / "sit.pt"), "ELIT-SiT-S/2")

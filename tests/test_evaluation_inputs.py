@@ -120,3 +120,21 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, setup, message):
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert re.search(message, err)
+
+
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_statistics_file_with_non_finite_values_is_refused_when_read(tmp_path, bad):
+    from evaluation.metrics import frechet_distance
+    from evaluation.stats_file import ReferenceStatistics, load_statistics, save_statistics
+
+    mu = np.zeros(4)
+    mu[3] = bad
+    meta = {"num_images": 5, "resolution": [8, 8], "inception": None, "dinov2": None, "swd": None}
+    path = str(tmp_path / "stats.npz")
+    save_statistics(ReferenceStatistics({"mu_dinov2": mu, "sigma_dinov2": np.eye(4)}, meta), path)
+    with pytest.raises(InputError, match=re.escape(f"reference statistics {path}: non-finite values (NaN or inf) "
+                                                   "in mu_dinov2 (1 of 4 values)")):
+        load_statistics(path)
+    # the last guard before any square root, whichever caller forgot to check
+    with pytest.raises(InputError, match="^the second statistics: non-finite values .* in mu "):
+        frechet_distance(np.zeros(4), np.eye(4), mu, np.eye(4), method="sqrtm")

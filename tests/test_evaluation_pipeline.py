@@ -88,3 +88,49 @@ def test_negative_num_ref_pr_is_rejected(tmp_path, fake_network):
     _batches(tmp_path, stored=False)
     with pytest.raises(npz.InputError, match="--num-ref-pr"):
         evaluate_module.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz"), num_ref_pr=-1)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # np.cov of an inf
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_statistics_stop_with_one_line_naming_their_source(tmp_path, fake_network, monkeypatch, capsys,
+                                                                     bad):
+    """Never handed to sqrtm (which does not return on a 2048-d matrix with a NaN): stored ones are
+    refused when read, with the file's name; computed ones before the distance, as the samples'."""
+    ref, smp, stats = _batches(tmp_path, stored=True)
+    sigma = stats["sigma"].copy()
+    sigma[1, 2] = bad
+    np.savez(tmp_path / "bad_ref.npz", arr_0=ref, **{**stats, "sigma": sigma})
+    args = [str(tmp_path / "bad_ref.npz"), str(tmp_path / "smp.npz"), "--no-progress", "--device", "cpu"]
+    assert evaluate_module.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'bad_ref.npz'}: stored statistics: non-finite values (NaN or inf) in sigma "
+                   "(1 of 16 values); a Fréchet distance of them is undefined (recompute the statistics, or check "
+                   "the feature weights)")
+
+    class NonFiniteInception(FakeInception):  # a broken network: features of the samples overflow
+        def __call__(self, images):
+            out = super().__call__(images)
+            out["pool"][0, 0] = bad
+            return out
+
+    monkeypatch.setattr(evaluate_module, "InceptionFeatureExtractor", NonFiniteInception)
+    with pytest.raises(npz.InputError, match=r"^the samples' statistics \(.*smp.npz\): non-finite values .* in mu "
+                                             r"\(1 of 4 values\), sigma \(7 of 16 values\)"):  # row and column 0
+        evaluate_module.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz"), num_ref_pr=4,
+                                 fid_method="sqrtm", progress=False)
+
+
+def test_out_json_that_cannot_be_written_is_one_line(tmp_path, fake_network, monkeypatch, capsys):
+    import errno
+    import os
+
+    _batches(tmp_path, stored=True)
+
+    def read_only(*args):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(evaluate_module, "write_json_atomic", read_only)
+    out = tmp_path / "results.json"
+    assert evaluate_module.main([str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz"), "--num-ref-pr", "4",
+                                 "--out", str(out), "--no-progress", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: cannot write {out}: [Errno 30] Read-only file system"

@@ -8,22 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import randomize_, tiny_model
+from conftest import Payload, randomize_, tiny_model
 from models import load_pretrained, read_checkpoint
 from models.weights_io import UntrustedCheckpointError, export_checkpoint, export_weights
 from training.checkpoint import (atomic_torch_save, checkpoint_path, find_resume_checkpoint, load_checkpoint,
                                  prune_checkpoints, remove_stale_temporaries, select_resume_checkpoint)
 from utils.checksum import ChecksumMismatchError, sidecar_path
-
-
-class _Payload:
-    """Unpickling this calls open(marker, "w"): a stand-in for any code an attacker could run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _same_outputs(a, b, model):
@@ -40,7 +30,7 @@ def test_reduce_payload_does_not_run(tmp_path, zip_format):
     model = tiny_model("SiT-S/2")
     marker = tmp_path / "pwned"
     path = str(tmp_path / "evil.pt")
-    torch.save({"ema": model.state_dict(), "extra": _Payload(marker)}, path,
+    torch.save({"ema": model.state_dict(), "extra": Payload(marker)}, path,
                _use_new_zipfile_serialization=zip_format)
     with pytest.raises(UntrustedCheckpointError) as info:
         load_pretrained(path)
@@ -100,10 +90,61 @@ def test_generate_loader_reads_safetensors_and_refuses_payloads(tmp_path):
     assert train_config == {"cfg_prob": 0.1}
     marker = tmp_path / "pwned"
     evil = str(tmp_path / "evil.pt")
-    torch.save({"ema": ema.state_dict(), "x": _Payload(marker)}, evil)
+    torch.save({"ema": ema.state_dict(), "x": Payload(marker)}, evil)
     with pytest.raises(GenerationError, match="--trust-checkpoint"):
         load_sampling_model(evil, None, True, torch.device("cpu"))
     assert not marker.exists()
+
+
+def _crafted(tmp_path, fmt, **arch_changes):
+    """A tiny DFM-SiT-S/2 (depth 2) saved with an edited `arch`."""
+    model = randomize_(tiny_model("DFM-SiT-S/2"))
+    arch = {**model.arch, **arch_changes}
+    path = str(tmp_path / f"crafted.{fmt}")
+    if fmt == "safetensors":
+        export_weights(path, {"ema": model.state_dict()}, arch=arch)
+    else:
+        torch.save({"ema": model.state_dict(), "arch": arch}, path)
+    return path
+
+
+def _record_builds(monkeypatch):
+    """The device (cpu / meta) of every create_model call that model loading makes."""
+    from models import checkpoints
+
+    devices, real = [], checkpoints.create_model
+    monkeypatch.setattr(checkpoints, "create_model",
+                        lambda **arch: devices.append(torch.empty(0).device.type) or real(**arch))
+    return devices
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_crafted_arch_depth_is_one_error_before_anything_is_built(tmp_path, monkeypatch, capsys, fmt):
+    import generate
+
+    path = _crafted(tmp_path, fmt, depth=100000)
+    built = _record_builds(monkeypatch)
+    message = ("the architecture stored in the checkpoint (DFM-SiT-S/2) does not match the checkpoint's tensors: "
+               "depth=100000 where the tensors say 2; its arch metadata is damaged or was edited, so no model was built")
+    with pytest.raises(ValueError) as info:
+        load_pretrained(path)
+    assert str(info.value) == message
+    assert generate.main(["--ckpt", path, f"sample_dir={tmp_path / 'samples'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"generate.py: error: cannot load checkpoint {path} as the architecture its weights describe: {message}"
+    assert built == [] and not (tmp_path / "samples").exists()
+
+
+def test_other_arch_mismatches_are_found_on_the_meta_device(tmp_path, monkeypatch):
+    """A size that costs nothing to build on the meta device (a 10^9-row label table) is caught
+    by comparing keys and shapes there: no real allocation happens."""
+    built = _record_builds(monkeypatch)
+    with pytest.raises(ValueError, match=r"checkpoint does not match DFM-SiT-S/2; shape mismatches: "
+                                         r"y_embedder.embedding_table.weight \(11, 64\) vs \(1000000001, 64\)"):
+        load_pretrained(_crafted(tmp_path, "safetensors", num_classes=10 ** 9))
+    assert built == ["meta"]
+    load_pretrained(_crafted(tmp_path, "pt"))  # the genuine arch: checked on meta, then built for real
+    assert built == ["meta", "meta", "cpu"]
 
 
 def test_export_checkpoint_converts_a_pt(tmp_path):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from utils.atomic import temporary_folder
 
 # (name, RGB) per class; the shape is drawn by `_draw_shape`.
 CLASSES = [
@@ -102,7 +103,7 @@ def write_demo_dataset(path: str, resolution: int = 32, num_classes: int = 8,
                          "the demo dataset there (choose another data_dir or remove the folder)")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-demo-", dir=parent)
+    tmp = temporary_folder(parent, os.path.basename(os.path.abspath(path)))  # 0777 less the umask, like mkdir
     try:
         labels = []
         n = num_classes * images_per_class
