@@ -41,7 +41,7 @@ mkdir -p "$RUNS"
   if [ -f "'"$RUNS"'/${model}_s$seed/checkpoints/0002000.pt" ]; then exit 0; fi
   nice -n "'"$NICE"'" "'"$PY"'" train.py --config experiments/study/base.yaml --config "experiments/study/$model.yaml" \
     data_dir="'"$DATA"'/train" eval_ref_stats="'"$DATA"'/heldout_swd.npz" output_dir="'"$RUNS"'" \
-    seed="$seed" exp_name="${model}_s$seed" '"$EXTRA"' > "'"$RUNS"'/${model}_s$seed.out" 2>&1 \
+    seed="$seed" exp_name="${model}_s$seed" checkpointing_steps=250 checkpoints_total_limit=null '"$EXTRA"' > "'"$RUNS"'/${model}_s$seed.out" 2>&1 \
     && echo "$model seed $seed done: $(date -u +%H:%M:%S)"'
 
 nice -n "$NICE" "$PY" experiments/study/floor.py --data "$DATA" --num 256 --repeats 3 --out "$OUT/floor.json"
