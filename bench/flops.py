@@ -20,10 +20,9 @@ def counted_forward_flops(model, inference_budget=None, batch_size: int = 1) -> 
     for XL models); a model without ``arch`` is run itself on dummy inputs.
     """
     if getattr(model, "arch", None):
-        from models import create_model
+        from models.registry import skeleton_model
 
-        with torch.device("meta"):
-            model = create_model(**model.arch)
+        model = skeleton_model(**model.arch)
         device, dtype = torch.device("meta"), torch.float32
     else:
         param = next(model.parameters())

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 import torch
 
-from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name
+from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_model
 from models.weights_io import (UntrustedCheckpointError, describe_globals, is_safetensors, read_weights_file,
                                torch_load_cpu)
 from utils.checksum import verify_file
@@ -238,8 +238,7 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     # Sizes first, then the whole key/shape list on the meta device: memory is allocated only for
     # an architecture that the tensors fill exactly.
     check_arch_sizes(arch, guess, stored)
-    with torch.device("meta"):
-        skeleton = create_model(**arch)
+    skeleton = skeleton_model(**arch)
     check_state_dict_fits(skeleton, state, looks_like)
     model = create_model(**arch)
     model.load_state_dict(state)

@@ -195,3 +195,18 @@ def test_bad_model_arguments():
         create_model("SiT-B/2", stages=2)
     with pytest.raises(ValueError, match="unknown model option"):
         create_model("SiT-B/2", hidden=3)
+
+
+def test_skeleton_model_has_the_real_shapes_on_meta_and_leaves_nn_init_alone():
+    from models.registry import skeleton_model
+
+    normal = torch.nn.init.normal_
+    real = create_model("DFM-ELIT-SiT-S/4", input_size=16, depth=4, hidden_size=64, num_heads=4, encoder_depth=1,
+                        group_size=2)
+    skeleton = skeleton_model("DFM-ELIT-SiT-S/4", input_size=16, depth=4, hidden_size=64, num_heads=4,
+                              encoder_depth=1, group_size=2)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    assert all(p.is_meta for p in skeleton.parameters()) and skeleton.arch == real.arch
+    assert torch.nn.init.normal_ is normal  # the initialisers are back
+    x = torch.nn.init.normal_(torch.zeros(1000), std=1.0)
+    assert x.std() > 0.5

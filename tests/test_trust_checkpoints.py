@@ -109,12 +109,13 @@ def _crafted(tmp_path, fmt, **arch_changes):
 
 
 def _record_builds(monkeypatch):
-    """The device (cpu / meta) of every create_model call that model loading makes."""
+    """The device of every model that loading builds: "cpu" (create_model) or "meta" (skeleton_model)."""
     from models import checkpoints
 
-    devices, real = [], checkpoints.create_model
+    devices, real, skeleton = [], checkpoints.create_model, checkpoints.skeleton_model
     monkeypatch.setattr(checkpoints, "create_model",
                         lambda **arch: devices.append(torch.empty(0).device.type) or real(**arch))
+    monkeypatch.setattr(checkpoints, "skeleton_model", lambda **arch: devices.append("meta") or skeleton(**arch))
     return devices
 
 

@@ -32,16 +32,12 @@ def _final_value(run: str, metric: str, step: int | None):
 
 
 def _flops(run: str, budget=None) -> float:
-    import models
     from bench.flops import counted_forward_flops
+    from models.registry import skeleton_model
     from training.checkpoint import list_checkpoints, load_checkpoint
 
     arch = load_checkpoint(list_checkpoints(run)[-1][1])["arch"]
-    import torch
-
-    with torch.device("meta"):
-        model = models.create_model(**arch)
-    return float(counted_forward_flops(model, budget))
+    return float(counted_forward_flops(skeleton_model(**arch), budget))
 
 
 def _pm(values) -> str:
