@@ -167,3 +167,30 @@ def test_safetensors_export_loads_without_unpickling(tiny_data, tmp_path):
     ema = torch.load(result.last_checkpoint, weights_only=True)["ema"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, ema[key]), key
+
+
+def test_a_planted_checkpoint_with_a_negative_step_is_skipped_and_overwrites_nothing(tiny_data, tmp_path, capsys):
+    """`checkpoints/0000006.pt` without a sidecar holding steps=-7 once resumed at step -7 and then
+    overwrote the genuine checkpoints: now it is skipped (warning), the run continues from step 4,
+    the checkpoints 2 and 4 stay byte-identical, and the run ends where a straight run ends."""
+    from training.config import parse_config
+    from training.loop import train
+
+    out = str(tmp_path)
+    straight = train(parse_config(tiny_argv(tiny_data, out, exp_name="straight", max_train_steps=8)))
+    run = train(parse_config(tiny_argv(tiny_data, out, exp_name="planted", max_train_steps=4)))
+    folder = os.path.dirname(run.last_checkpoint)
+    genuine = {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+    planted = torch.load(run.last_checkpoint, weights_only=True)
+    planted["steps"] = -7
+    torch.save(planted, os.path.join(folder, "0000006.pt"))
+    capsys.readouterr()
+    resumed = train(parse_config(tiny_argv(tiny_data, out, exp_name="planted", max_train_steps=8)))
+    printed = capsys.readouterr().out
+    assert f"WARNING: skipping corrupt checkpoint {folder}/0000006.pt: {folder}/0000006.pt holds steps=-7" in printed
+    assert f"resuming from {folder}/0000004.pt at step 4" in printed
+    for name, data in genuine.items():
+        assert open(os.path.join(folder, name), "rb").read() == data, name
+    assert_same_weights(torch.load(straight.last_checkpoint, weights_only=True),
+                        torch.load(resumed.last_checkpoint, weights_only=True))
+    assert torch.load(os.path.join(folder, "0000006.pt"), weights_only=True)["steps"] == 6  # rewritten genuinely

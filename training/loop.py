@@ -209,7 +209,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
             _write_checkpoint({
                 "model": raw_model.state_dict(), "ema": ema_model.state_dict(), "opt": optimizer.state_dict(),
                 "arch": dict(raw_model.arch), "config": config_dict, "steps": step_now, "rng": states,
-                "data_position": sampler.position(step_now)}, path, last_ckpt)
+                "data_position": sampler.position(step_now)}, path, last_ckpt, start_step if resumed else None)
             if cfg.save_format == "safetensors":
                 _export_weights(exp_dir, step_now, raw_model, ema_model, config_dict, last_ckpt)
             removed = prune_checkpoints(exp_dir, cfg.checkpoints_total_limit)
@@ -398,9 +398,14 @@ class MetricWindow:
         return values
 
 
-def _write_checkpoint(payload: dict, path: str, last_good: Optional[str]) -> None:
+def _write_checkpoint(payload: dict, path: str, last_good: Optional[str], resumed_step: Optional[int]) -> None:
     """Atomic checkpoint write; a failure (disk full, quota, permissions) becomes one line that
-    names the file and the last good checkpoint, which the atomic write left untouched."""
+    names the file and the last good checkpoint, which the atomic write left untouched. A run
+    resumed at `resumed_step` writes only later steps: an earlier one would replace a checkpoint
+    of the run it continues (never expected; a guard against a wrong step count)."""
+    if resumed_step is not None and payload["steps"] <= resumed_step:
+        raise CheckpointWriteError(f"refusing to write checkpoint {path} for step {payload['steps']}: this run "
+                                   f"resumed at step {resumed_step} and writes only later steps")
     try:
         atomic_torch_save(payload, path)
     except (OSError, RuntimeError) as e:
