@@ -25,10 +25,12 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     from training.errors import TrainingStopped
     from training.loop import train
+    from training.preemption import PREEMPTED_EXIT_CODE
 
     try:
         cfg = parse_config(argv)
-        train(cfg)
+        if train(cfg).preempted:  # SIGTERM / SIGUSR1: checkpoint written, the line logged
+            return PREEMPTED_EXIT_CODE
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

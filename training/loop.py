@@ -37,6 +37,7 @@ from data.robust import CorruptSampleError
 from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
                              describe_write_error)
 from training.logger import RunLogger, log_error_to_file, setup_file_logger
+from training.preemption import Preemption
 from training.repa import RepaFeatures, load_run_encoders
 from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
 from training.sampler import ResumableBatchSampler
@@ -56,20 +57,23 @@ class TrainResult:
     last_checkpoint: Optional[str]
     last_preview: Optional[str]
     wall_time: float
+    preempted: Optional[str] = None  # the signal that stopped the run early ("SIGTERM", "SIGUSR1")
 
 
 def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
     """Run (or continue) the training described by the resolved config `cfg`.
 
     `stop_after_step` (tests) ends the run after that step without the final checkpoint or
-    preview, as if the job had been killed.
+    preview, as if the job had been killed. SIGTERM / SIGUSR1 end it after the current step with
+    a checkpoint (training/preemption.py); the result then names the signal in `preempted`.
     """
     threads = torch.get_num_threads()
     if cfg.cpu_threads:
         torch.set_num_threads(int(cfg.cpu_threads))
     logging.getLogger("dfm.train").handlers.clear()  # no log.txt of an earlier run in this process
     try:
-        return _train(cfg, stop_after_step)
+        with Preemption() as preemption:
+            return _train(cfg, stop_after_step, preemption)
     except (ConfigError, TrainingStopped) as error:
         log_error_to_file(f"error: {error}")
         raise
@@ -83,12 +87,13 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
         torch.set_num_threads(threads)
 
 
-def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
+def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> TrainResult:
     t_start = time.time()
     micro_batch = check_batch_split(cfg, world_size_from_env())
     accelerator = create_accelerator(cfg)
     rank, is_main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
     P, A, S = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.stages
+    preemption.connect(P)
     exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
     if is_main:
         os.makedirs(exp_dir, exist_ok=True)
@@ -237,7 +242,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     with progress_bar(total=cfg.max_train_steps, initial=step, disable=not is_main, desc="train",
                       dynamic_ncols=True) as bar:  # closed before any error line is printed
-        while step < cfg.max_train_steps:
+        while step < cfg.max_train_steps and not preemption.requested():  # polled once per step
             # ---- one optimizer step: A micro-batches, clip, AdamW, LR schedule, EMA
             for a in range(A):
                 seed_micro_batch(cfg.seed, step, a * P + rank, generator)
@@ -287,12 +292,12 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                 evaluator.maybe_run(ema_model, step, tracker)
     if last_saved_step != step:
         save(step)
-    log.info(f"done: {step} steps in {time.time() - t_start:.1f} s; checkpoint {last_ckpt}"
-             + (f"; samples {last_preview}" if last_preview else ""))
+    log.info(preemption.stop_line(step, last_ckpt) or f"done: {step} steps in {time.time() - t_start:.1f} s; "
+             f"checkpoint {last_ckpt}" + (f"; samples {last_preview}" if last_preview else ""))
     tracker.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(exp_dir, step, last_ckpt, last_preview, time.time() - t_start)
+    return TrainResult(exp_dir, step, last_ckpt, last_preview, time.time() - t_start, preemption.signal_name)
 
 
 # ----------------------------------------------------------------------------- pieces of the step
