@@ -194,3 +194,98 @@ def test_a_planted_checkpoint_with_a_negative_step_is_skipped_and_overwrites_not
     assert_same_weights(torch.load(straight.last_checkpoint, weights_only=True),
                         torch.load(resumed.last_checkpoint, weights_only=True))
     assert torch.load(os.path.join(folder, "0000006.pt"), weights_only=True)["steps"] == 6  # rewritten genuinely
+
+
+def _one_error_line(capsys):
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in captured.err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+def test_an_unusable_run_folder_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    """output_dir that is a file, read-only (EACCES / EROFS, simulated: root ignores chmod), an
+    exp_name too long for the file system, a disk already full for config.yaml (simulated)."""
+    import errno
+
+    import training.logger as tlog
+    import training.setup as tsetup
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert train_cli.main(tiny_argv(tiny_data, str(a_file), exp_name="run")) == 2
+    assert _one_error_line(capsys) == (
+        f"error: output_dir: cannot create the run folder {a_file}/run: [Errno 20] Not a directory ({a_file} is a "
+        "file, not a folder); choose another output_dir or exp_name")
+
+    long_name = "x" * 300
+    assert train_cli.main(tiny_argv(tiny_data, str(tmp_path), exp_name=long_name)) == 2
+    assert _one_error_line(capsys) == (
+        f"error: exp_name: {'x' * 32!r}... (300 bytes) is too long for a folder name in {tmp_path} ([Errno 36] File "
+        "name too long; most file systems allow 255 bytes); choose a shorter exp_name")
+
+    read_only = tmp_path / "read_only"
+    real_makedirs = os.makedirs
+
+    def makedirs(path, *args, **kwargs):  # what a folder without write permission answers
+        if str(path).startswith(str(read_only)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", makedirs)
+    assert train_cli.main(tiny_argv(tiny_data, str(read_only), exp_name="run")) == 2
+    assert _one_error_line(capsys) == (f"error: output_dir: cannot create the run folder {read_only}/run: [Errno 13] "
+                                       "Permission denied; choose an output_dir you can write to")
+    monkeypatch.undo()
+
+    def read_only_file_system(self):
+        raise OSError(errno.EROFS, "Read-only file system", self.baseFilename)
+
+    monkeypatch.setattr(tlog.LogFileHandler, "_open", read_only_file_system)
+    assert train_cli.main(tiny_argv(tiny_data, str(tmp_path), exp_name="rofs")) == 2
+    assert _one_error_line(capsys) == (f"error: output_dir: cannot create the run folder {tmp_path}/rofs: [Errno 30] "
+                                       "Read-only file system; choose an output_dir you can write to")
+    monkeypatch.undo()
+
+    def disk_full(cfg, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(tsetup, "save_config", disk_full)
+    assert train_cli.main(tiny_argv(tiny_data, str(tmp_path), exp_name="full")) == 1
+    expected = (f"error: cannot write {tmp_path}/full/config.yaml: [Errno 28] No space left on device; free some "
+                "space and start again (no step was trained, no checkpoint touched)")
+    assert _one_error_line(capsys) == expected
+    with open(tmp_path / "full" / "log.txt") as f:
+        assert f.read().strip().splitlines()[-1].endswith(expected)  # the run folder exists: the line is there too
+    assert not os.path.exists(tmp_path / "full" / "checkpoints")
+
+
+def test_a_log_file_that_cannot_be_written_warns_once(tmp_path, capsys):
+    import errno
+    import logging
+
+    from training.logger import setup_file_logger
+
+    log = setup_file_logger(str(tmp_path), True, name="full-disk")
+    [handler] = [h for h in log.handlers if isinstance(h, logging.FileHandler)]
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    real_stream, handler.stream = handler.stream, FullDisk()
+    log.info("first")
+    log.info("second")
+    handler.stream = real_stream
+    log.handlers.clear()
+    handler.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.count(f"warning: cannot write {tmp_path}/log.txt: [Errno 28] No space left on device") == 1

@@ -36,15 +36,15 @@ from training.evaluator import make_evaluator
 from data.robust import CorruptSampleError
 from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
                              describe_write_error)
-from training.logger import RunLogger, log_error_to_file, setup_file_logger
+from training.logger import RunLogger, log_error_to_file
 from training.preemption import Preemption
 from training.repa import RepaFeatures, load_run_encoders
 from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
 from training.sampler import ResumableBatchSampler
 from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
-                            load_decoder_vae, make_previewer, open_training_dataset, previews_on, resume_target,
-                            world_size_from_env, write_demo_data)
-from utils.config import config_to_dict, save_config
+                            gather_objects, load_decoder_vae, make_previewer, open_run_folder, open_training_dataset,
+                            previews_on, resume_target, world_size_from_env, write_demo_data)
+from utils.config import config_to_dict
 from utils.progress import progress_bar
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "CheckpointWriteError", "check_batch_split"]
@@ -95,9 +95,7 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     P, A, S = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.stages
     preemption.connect(P)
     exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
-    if is_main:
-        os.makedirs(exp_dir, exist_ok=True)
-    log = setup_file_logger(exp_dir if is_main else None, is_main)
+    log = open_run_folder(cfg, exp_dir, accelerator)  # log.txt and config.yaml, or one line on every rank
 
     # ---- data, resume target (before building anything heavy: a bad path or arch fails early)
     write_demo_data(cfg, accelerator, log)
@@ -152,10 +150,8 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     vae = load_decoder_vae(cfg, device) if previews_on(cfg, is_main) or cfg.eval_every else None
     previewer = make_previewer(cfg, raw_model, in_channels, exp_dir, device, is_main, vae)
     evaluator = make_evaluator(cfg, exp_dir=exp_dir, device=device, rank=rank, num_processes=P, log=log,
-                               gather=lambda part: _gather_objects(accelerator, part), vae=vae)
+                               gather=lambda part: gather_objects(accelerator, part), vae=vae)
     config_dict = config_to_dict(cfg)
-    if is_main:
-        save_config(cfg, os.path.join(exp_dir, "config.yaml"))
     tracker = RunLogger(exp_dir, log, cfg.report_to, is_main, config=config_dict, project=cfg.wandb_project,
                         run_name=cfg.exp_name, wandb_mode=cfg.wandb_mode)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -183,11 +179,11 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
         collect the skipped files on rank 0 and rewrite bad_samples.json when the list grew."""
         nonlocal bad_written
         if P > 1:
-            pending = [p for p in _gather_objects(accelerator, bad_log.pending) if p is not None]
+            pending = [p for p in gather_objects(accelerator, bad_log.pending) if p is not None]
             if pending:
                 raise pending[0]
             if bad_log.policy == "skip":
-                for records in _gather_objects(accelerator, list(bad_log.records.values())):
+                for records in gather_objects(accelerator, list(bad_log.records.values())):
                     bad_log.merge(records)
         if is_main and bad_log.count != bad_written:
             bad_log.write(os.path.join(exp_dir, "bad_samples.json"))
@@ -208,7 +204,7 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
         check_finite()
         sync_bad_samples()
         _check_ranks_agree(accelerator, raw_model, step_now)
-        states = _gather_objects(accelerator, rng_state(generator))
+        states = gather_objects(accelerator, rng_state(generator))
         if is_main:
             path = checkpoint_path(exp_dir, step_now)
             _write_checkpoint({
@@ -459,10 +455,3 @@ def _check_ranks_agree(accelerator, model, step: int) -> None:
         raise RuntimeError(f"processes hold different weights at step {step} (checksums {sums}); "
                            "the run is not synchronised")
 
-
-def _gather_objects(accelerator, obj) -> list:
-    if accelerator.num_processes == 1:
-        return [obj]
-    out = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(out, obj)
-    return out
