@@ -156,7 +156,7 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
                         run_name=cfg.exp_name, wandb_mode=cfg.wandb_mode)
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info(f"experiment {exp_dir}: {cfg.model} ({n_params / 1e6:.2f}M parameters, {S} stage(s)), "
-             f"{len(dataset)} {dataset.kind} items, {P} process(es) on {device.type}, global batch "
+             f"{len(dataset)} training items ({dataset.kind}), {P} process(es) on {device.type}, global batch "
              f"{cfg.batch_size} = {P} x {A} x {micro_batch}, mixed precision {cfg.mixed_precision}")
     if repa_features.encoders:
         log.info(f"REPA: proj_coeff {cfg.proj_coeff}, encoder_depth {raw_model.encoder_depth}, frozen "
