@@ -1,4 +1,4 @@
-r"""Train SiT / DFM-SiT (SPEC §4, §6).
+r"""Train SiT, DFM-SiT, ELIT-SiT and DFM-ELIT-SiT models, with or without REPA alignment (SPEC §4, §6).
 
     python train.py --config experiments/train/demo_cpu.yaml                  # CPU demo
     accelerate launch --multi_gpu --num_processes 8 train.py \
@@ -7,6 +7,9 @@ r"""Train SiT / DFM-SiT (SPEC §4, §6).
 
 Configuration: defaults <- --config YAML <- `key=value` / `--key value` overrides.
 See docs/TRAINING.md.
+
+Exit status: 0 done; 1 stopped by an error (one line, also in log.txt); 2 bad config or data;
+75 stopped by SIGTERM / SIGUSR1 after writing a checkpoint (run again with resume=auto).
 """
 
 import os
