@@ -289,3 +289,38 @@ def test_a_log_file_that_cannot_be_written_warns_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err
     assert err.count(f"warning: cannot write {tmp_path}/log.txt: [Errno 28] No space left on device") == 1
+
+
+def _first_image_resized(src, dst, size):
+    """A copy of the demo dataset whose item 0 is a size x size image (the others stay 16x16)."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "dataset.json")) as f:
+        first = json.load(f)["labels"][0][0]
+    Image.new("RGB", (size, size), (200, 30, 30)).save(os.path.join(dst, first))
+    return dst, first
+
+
+def test_a_wrong_size_first_image_is_one_bad_sample_not_the_dataset_shape(tiny_data, tmp_path, capsys):
+    """Item 0 at 32x32 among 16x16 images, resolution=16: `skip` trains and lists it, `error`
+    names it; a dataset that really is 32 px still gets `set resolution=32`."""
+    import json
+
+    data, first = _first_image_resized(tiny_data, str(tmp_path / "data"), 32)
+    out = str(tmp_path / "runs")
+    assert train_cli.main(tiny_argv(data, out, exp_name="skip", bad_samples="skip")) == 0
+    with open(os.path.join(out, "skip", "bad_samples.json")) as f:
+        [record] = json.load(f)["files"]
+    reason = "shape (3, 32, 32) differs from the dataset's (3, 16, 16) (the configured resolution, which most items have)"
+    assert record["index"] == 0 and record["file"].endswith(first) and record["reason"] == reason
+    capsys.readouterr()
+    assert train_cli.main(tiny_argv(data, out, exp_name="error")) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: corrupt sample 0: {os.path.join(data, first)}: {reason}")
+    assert train_cli.main(tiny_argv(data, out, exp_name="wrong", resolution=32)) == 2
+    assert "images are 16x16 (shape (3, 16, 16)) but resolution=32 expects (3, 32, 32); set resolution=16" in \
+        _one_error_line(capsys)

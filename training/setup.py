@@ -143,12 +143,14 @@ def open_training_dataset(cfg):
             raise ConfigError(f"data_dir: cannot open {cfg.data_dir!r}: {e}") from None
     if len(dataset) == 0:
         raise ConfigError(f"data_dir: {cfg.data_dir!r} holds no items")
-    shape = tuple(dataset.item_shape)
+    size = cfg.resolution if pixel else cfg.resolution // 8
+    want = (3 if pixel else 8, size, size)
+    # per-image readers take the configured shape when most items have it (an odd first item is a bad sample)
+    shape = dataset.expect_item_shape(want) if hasattr(dataset, "expect_item_shape") else tuple(dataset.item_shape)
     if pixel:
         if dataset.kind != "images":
             raise ConfigError(f"data_dir {cfg.data_dir!r} holds VAE latents but vae=none (pixel space); "
                               "set vae to the VAE the latents were encoded with (e.g. vae=ft-ema)")
-        want = (3, cfg.resolution, cfg.resolution)
         if shape != want:
             raise ConfigError(f"data_dir {cfg.data_dir!r}: images are {shape[1]}x{shape[2]} (shape {shape}) but "
                               f"resolution={cfg.resolution} expects {want}; set resolution={shape[1]} or "
@@ -159,8 +161,6 @@ def open_training_dataset(cfg):
             raise ConfigError(f"data_dir {cfg.data_dir!r} holds images, but vae={cfg.vae!r} trains on latents: "
                               "encode them first (`python dataset_tools.py encode`) or set vae=none to "
                               "train in pixel space")
-        size = cfg.resolution // 8
-        want = (8, size, size)
         if shape != want:
             raise ConfigError(f"data_dir {cfg.data_dir!r}: latent items have shape {shape} but "
                               f"resolution={cfg.resolution} expects posterior moments {want} (mean||std of "
