@@ -13,9 +13,10 @@ int64 on a gloo group (the default group on CPU runs; a side group next to NCCL 
 once), so it never waits on the GPU stream. It is asynchronous and pipelined: the
 all-reduce started at poll n is waited for at poll n + 1, by which time it has long finished
 (one optimizer step later), and every rank acts on the same combined value, so all stop
-after the same step, one step after the first signal. Measured on the 2-core CPU VM with 2 gloo
-processes: about 0.1 ms per poll (see docs/TRAINING.md), against steps of 5 ms (tiny test
-model) to seconds (XL). One process: no collective, it stops after the step it is in.
+after the same step, one step after the first signal. Measured on the shared 2-core CPU VM
+(load ~6) with 2 gloo processes: a median 0.4-0.6 ms per poll (docs/TRAINING.md), against steps
+of 5-100 ms for the tiny CPU test models (not measured on GPUs yet). One process: no collective,
+it stops after the step it is in.
 
 A second signal while the checkpoint is being written changes nothing (the flag is already
 set); a SIGKILL then cannot leave half a file either, since checkpoints are written atomically.
