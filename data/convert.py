@@ -245,7 +245,8 @@ def _finished_zip_summary(dest: str, settings: dict, start: float) -> dict:
     return {
         "written": 0, "already_done": report["num_images"], "skipped": skipped,
         "empty_classes": report["empty_classes"],
-        "skipped_links": [(s["link"], s["reason"]) for s in report.get("skipped_links", [])], "num_images": report["num_images"],
+        "skipped_links": [(s["link"], s["reason"]) for s in report.get("skipped_links", [])],
+        "num_images": report["num_images"],
         "num_classes": len(report["classes"]), "seconds": time.time() - start, "images_per_s": 0.0,
         "workers": 0, "report": dest + "." + REPORT_NAME, "dest": dest,
     }

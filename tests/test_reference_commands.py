@@ -19,7 +19,8 @@ COMMAND = re.compile(r"(?:accelerate launch|torchrun(?: --[\w-]+=\S+)*|python|ba
                      r"((?:train|generate|dataset_tools)\.py(?: (?:convert|encode))?|experiments/\S+\.sh)"
                      r"((?:\s+\\?\s*--[\w-]+(?:=\S+|\s+(?!--)[^\s\\]+)?)*)")
 OPTION = re.compile(r"--([\w-]+)(?:=(\S+)|\s+(?!--)([^\s\\]+))?")
-PLACEHOLDERS = {"[MODEL_NAME]": "SiT-XL/2", "[EXP_NAME]": "my-run", "[CONFIG_PATH]": "experiments/train/sit_b_2_256.yaml"}
+PLACEHOLDERS = {"[MODEL_NAME]": "SiT-XL/2", "[EXP_NAME]": "my-run",
+                "[CONFIG_PATH]": "experiments/train/sit_b_2_256.yaml"}
 
 
 def _clean(value: str) -> str:

@@ -315,7 +315,8 @@ def test_a_wrong_size_first_image_is_one_bad_sample_not_the_dataset_shape(tiny_d
     assert train_cli.main(tiny_argv(data, out, exp_name="skip", bad_samples="skip")) == 0
     with open(os.path.join(out, "skip", "bad_samples.json")) as f:
         [record] = json.load(f)["files"]
-    reason = "shape (3, 32, 32) differs from the dataset's (3, 16, 16) (the configured resolution, which most items have)"
+    reason = ("shape (3, 32, 32) differs from the dataset's (3, 16, 16) (the configured resolution, which most "
+              "items have)")
     assert record["index"] == 0 and record["file"].endswith(first) and record["reason"] == reason
     capsys.readouterr()
     assert train_cli.main(tiny_argv(data, out, exp_name="error")) == 1

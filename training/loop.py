@@ -454,4 +454,3 @@ def _check_ranks_agree(accelerator, model, step: int) -> None:
     if any(v != sums[0] for v in sums):
         raise RuntimeError(f"processes hold different weights at step {step} (checksums {sums}); "
                            "the run is not synchronised")
-

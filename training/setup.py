@@ -90,7 +90,8 @@ def _run_folder_error(cfg, exp_dir: str, error: OSError, what: str = ""):
     what = what or f"cannot create the run folder {exp_dir}"
     reason = describe_write_error(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CheckpointWriteError(f"{what}: {reason}; free some space and start again (no step was trained, no checkpoint touched)")
+        return CheckpointWriteError(f"{what}: {reason}; free some space and start again (no step was trained, "
+                                    "no checkpoint touched)")
     if error.errno == errno.ENAMETOOLONG and len(os.fsencode(cfg.exp_name)) > 255:
         return ConfigError(f"exp_name: {cfg.exp_name[:32]!r}... ({len(os.fsencode(cfg.exp_name))} bytes) is too long "
                            f"for a folder name in {cfg.output_dir} ({reason}; most file systems allow 255 bytes); "
