@@ -73,7 +73,8 @@ def test_sigterm_to_a_real_train_py_checkpoints_exits_75_and_resumes_bit_exactly
 
 def test_sigusr1_in_process_and_a_second_signal_while_saving(tiny_data, tmp_path, monkeypatch):
     """SIGUSR1 during step 3 stops the run after step 3; a SIGTERM that arrives while that
-    checkpoint is being written changes nothing; the handlers are restored afterwards."""
+    checkpoint is being written changes nothing; after the stop the handlers stay, after a run
+    without a signal the previous ones are back."""
     import training.loop as loop
 
     real_add_step, real_save = loop.MetricWindow.add_step, loop.atomic_torch_save
@@ -120,18 +121,14 @@ def _agreement_worker(rank, init_file, signal_rank, signal_step, results):
         with Preemption() as preemption:
             preemption.connect(2)
             step = 0
-            timings = []
             while step < 50:
-                start = time.perf_counter()
-                stop = preemption.requested()
-                timings.append(time.perf_counter() - start)
-                if stop:
+                if preemption.requested():
                     break
                 if rank == signal_rank and step == signal_step:
                     os.kill(os.getpid(), signal.SIGTERM)  # this rank only
                 step += 1
             preemption.stop_line(step, None)
-        results.put((rank, step, preemption.signal_name, sorted(timings)[len(timings) // 2]))
+        results.put((rank, step, preemption.signal_name))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -150,7 +147,7 @@ def test_ranks_agree_on_the_stop_step_when_only_one_got_the_signal(tmp_path, sig
         p.join(timeout=60)
     assert [p.exitcode for p in procs] == [0, 0]
     # the signal came after the poll of step 5; the poll of step 6 shares it, the poll of step 7 acts on it
-    assert [(rank, step, name) for rank, step, name, _ in got] == [(0, 7, "SIGTERM"), (1, 7, "SIGTERM")]
+    assert got == [(0, 7, "SIGTERM"), (1, 7, "SIGTERM")]
 
 
 def test_one_process_stops_at_the_next_poll_without_any_collective():
