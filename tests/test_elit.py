@@ -383,14 +383,16 @@ def test_budget_sweep_folder_is_named_after_the_run(tmp_path, monkeypatch):
     """Two runs' checkpoints of the same step no longer share results/budget_sweep/<step>/."""
     from generation import budget_sweep
 
+    from generation.config import checkpoint_tag
+
     model = tiny_elit(in_channels=3, num_classes=4)
     monkeypatch.chdir(tmp_path)
-    for run in ("run-a", "run-b"):
-        folder = tmp_path / "exps" / run / "checkpoints"
-        folder.mkdir(parents=True)
-        torch.save({"model": model.state_dict(), "ema": model.state_dict(), "arch": model.arch,
-                    "config": {"model": model.arch["name"], "vae": "none", "path_type": "linear"}},
-                   folder / "0001200.pt")
-        assert budget_sweep.main(["--ckpt", f"exps/{run}/checkpoints/0001200.pt", "--class-label", "1",
-                                  "--num-seeds", "1", "--steps", "1", "--budgets", "0.5,1", "--precision", "fp32"]) == 0
-    assert sorted(os.listdir(tmp_path / "results" / "budget_sweep")) == ["run-a-0001200", "run-b-0001200"]
+    folder = tmp_path / "exps" / "run-a" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "arch": model.arch,
+                "config": {"model": model.arch["name"], "vae": "none", "path_type": "linear"}}, folder / "0001200.pt")
+    assert budget_sweep.main(["--ckpt", "exps/run-a/checkpoints/0001200.pt", "--class-label", "1", "--num-seeds", "1",
+                              "--steps", "1", "--budgets", "1", "--precision", "fp32"]) == 0
+    assert os.listdir(tmp_path / "results" / "budget_sweep") == ["run-a-0001200"]
+    assert (tmp_path / "results" / "budget_sweep" / "run-a-0001200" / "grid.png").exists()
+    assert checkpoint_tag("exps/run-b/checkpoints/0001200.pt") == "run-b-0001200"  # another run: another folder

@@ -20,9 +20,10 @@ it stops after the step it is in.
 
 A second signal while the checkpoint is being written changes nothing (the flag is already
 set); a SIGKILL then cannot leave half a file either, since checkpoints are written atomically.
-After a stop the handlers stay installed, so the exit code stays `PREEMPTED_EXIT_CODE` when a
-launcher signals the remaining workers once the first one has exited; otherwise the previous
-handlers are restored when the `with` block ends.
+After a stop the handlers stay installed, so that a launcher's SIGTERM to the remaining workers
+(torchrun sends one as soon as the first worker has exited) does not turn their exit into a kill
+(Python's own shutdown still restores the default handlers at the very end); otherwise the
+previous handlers are restored when the `with` block ends.
 """
 from __future__ import annotations
 
