@@ -194,6 +194,7 @@ def test_prune_and_cleanup_handle_sidecars(tmp_path):
     assert sorted(os.listdir(folder)) == ["0000003.pt", "0000003.pt.sha256"]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch's note on the protocol-4 file we write
 def test_a_legacy_pickle_checkpoint_is_refused_pointing_to_trust_checkpoint_only(tmp_path):
     """torch.save's legacy (non-zip) format with pickle protocol 4: the weights-only reader cannot
     parse it; the refusal is one line that names --trust-checkpoint, not torch's weights_only=False."""
