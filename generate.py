@@ -1,4 +1,5 @@
-r"""Sample images from a SiT / DFM-SiT checkpoint; write PNGs and an .npz for the ADM suite.
+r"""Sample images from a SiT, DFM-SiT, ELIT-SiT or DFM-ELIT-SiT checkpoint (ours, REPA's or the official
+SiT ones); write PNGs and an .npz for the ADM suite.
 
     torchrun --nproc_per_node=8 generate.py --config experiments/generation/dfm_sit_b_256.yaml \
         --ckpt exps/dfm-sit-b-2-256px/checkpoints/0400000.pt [key=value ...]

@@ -1,4 +1,4 @@
-r"""Train SiT / DFM-SiT (SPEC §4, §6).
+r"""Train SiT, DFM-SiT, ELIT-SiT and DFM-ELIT-SiT models, with or without REPA alignment (SPEC §4, §6).
 
     python train.py --config experiments/train/demo_cpu.yaml                  # CPU demo
     accelerate launch --multi_gpu --num_processes 8 train.py \
@@ -7,6 +7,9 @@ r"""Train SiT / DFM-SiT (SPEC §4, §6).
 
 Configuration: defaults <- --config YAML <- `key=value` / `--key value` overrides.
 See docs/TRAINING.md.
+
+Exit status: 0 done; 1 stopped by an error (one line, also in log.txt); 2 bad config or data;
+75 stopped by SIGTERM / SIGUSR1 after writing a checkpoint (run again with resume=auto).
 """
 
 import os
@@ -25,10 +28,12 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     from training.errors import TrainingStopped
     from training.loop import train
+    from training.preemption import PREEMPTED_EXIT_CODE
 
     try:
         cfg = parse_config(argv)
-        train(cfg)
+        if train(cfg).preempted:  # SIGTERM / SIGUSR1: checkpoint written, the line logged
+            return PREEMPTED_EXIT_CODE
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,8 @@ ELIT's training and sampling throughput at the full and at 25 % budget.
     python -m bench.benchmark --out docs/perf/h200.json            # on a GPU machine
     python -m bench.benchmark --cpu-smoke                          # tiny models, CI smoke test
 
+Results print as tables as they are measured; `--out FILE` also writes them all as JSON.
+
 The training step is the one `train.py` runs: the S-stage objective under autocast, backward,
 gradient clipping, AdamW (fused on CUDA) and the foreach EMA, on random latents at 256 px.
 Variants switch one optimisation at a time so that the table doubles as an ablation.
@@ -35,6 +37,7 @@ import dfm  # noqa: E402
 import models  # noqa: E402
 import samplers  # noqa: E402
 from bench.flops import counted_forward_flops, forward_flops_per_image  # noqa: E402
+from bench.table import ELIT_COLUMNS, LOADER_COLUMNS, SAMPLE_COLUMNS, TRAIN_COLUMNS, Table  # noqa: E402
 from models.encoders import encoder_features  # noqa: E402
 from training.ema import EMA, create_ema  # noqa: E402
 
@@ -204,13 +207,11 @@ def bench_elit(device, tiny: bool, steps: int, warmup: int, variant: str, sample
     for budget in ELIT_BUDGETS:
         r = bench_train(name, batch, variant, device, steps, warmup, tiny, budget=budget, build=build)
         rows.append({"kind": "train", "budget": budget, **r})
-        print(json.dumps(rows[-1]), flush=True)
     for budget in ELIT_BUDGETS:
         r = bench_sample(name, sample_batch, variant, device, [4] if tiny else [50], [], tiny,
                          repeats=1 if tiny else 3, budget=budget, build=build)
         r.pop("latent")
         rows.append({"kind": "sample", "budget": budget, **r})
-        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -292,13 +293,16 @@ def main(argv=None) -> Dict:
     steps, warmup = (2, 1) if tiny else (args.steps, args.warmup)
     train_variants = ["fp32-tf32"] if tiny else args.train_variants.split(",")
     results = {"environment": environment(device), "train": [], "sample": [], "loader": [], "elit": []}
+    print("benchmark: " + ", ".join(f"{k} {v}" for k, v in results["environment"].items()), flush=True)
+    tables = {"train": Table("training", TRAIN_COLUMNS), "sample": Table("sampling", SAMPLE_COLUMNS),
+              "elit": Table("ELIT", ELIT_COLUMNS), "loader": Table("loader (packed latents)", LOADER_COLUMNS)}
 
     for name, batch in train_models:
         for variant in train_variants:
             r = bench_train(name, batch, variant, device, steps, warmup, tiny, repa=args.repa)
             r["mfu"] = r["achieved_tflops"] / args.peak_tflops if device.type == "cuda" else None
             results["train"].append(r)
-            print(json.dumps(r), flush=True)
+            tables["train"].add(r)
 
     sample_name = "DFM-SiT-S/2" if tiny else "DFM-SiT-XL/2"
     sample_batch = 2 if tiny else args.sample_batch
@@ -316,19 +320,21 @@ def main(argv=None) -> Dict:
         r["max_abs_error_vs_fp32"] = error.max().item()
         r["latent_psnr_vs_fp32_db"] = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
         results["sample"].append(r)
-        print(json.dumps(r), flush=True)
+        tables["sample"].add(r)
 
     elit_variant = "fp32-tf32" if tiny else args.elit_variant
     if elit_variant:
         results["elit"] = bench_elit(device, tiny, steps, warmup, elit_variant, sample_batch)
+        tables["elit"].add_all(results["elit"])
 
     workers = [0] if tiny else [0, 1, 2, 4]
     results["loader"] = bench_loader(256 if tiny else args.loader_items, workers, 16 if tiny else 256, tiny)
-    print(json.dumps(results["loader"]), flush=True)
+    tables["loader"].add_all(results["loader"])
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2, default=str)
+        print(f"wrote {args.out}", flush=True)
     return results
 
 

@@ -4,7 +4,8 @@ Output (a folder, or a ZIP holding the same files):
 
     00000/img00000000.png ... {idx//1000:05d}/img{idx:08d}.png
     dataset.json            {"labels": [[relpath, label], ...], "classes": [folder names]}
-    conversion_report.json  settings, counts, every skipped file with its reason, empty classes
+    conversion_report.json  settings, counts, every skipped file with its reason, empty classes,
+                            folder links not followed (loops, repeats) with the reason
 
 `idx` is the position of the file among all image-extension candidates (sorted class folders,
 then sorted paths); a file that cannot be converted leaves its `idx` unused, so every other
@@ -199,6 +200,7 @@ def convert_dataset(
         "num_skipped": len(skipped),
         "skipped": [{"file": f, "reason": r} for f, r in skipped],
         "empty_classes": listing.empty_classes,
+        "skipped_links": [{"link": link, "reason": r} for link, r in listing.skipped_links],
     }
     atomic_write_json(report_path, report)
     if to_zip:
@@ -212,6 +214,7 @@ def convert_dataset(
         "already_done": len(candidates) - len(tasks),
         "skipped": skipped,
         "empty_classes": listing.empty_classes,
+        "skipped_links": listing.skipped_links,
         "num_images": len(labels),
         "num_classes": len(listing.classes),
         "seconds": seconds,
@@ -241,7 +244,9 @@ def _finished_zip_summary(dest: str, settings: dict, start: float) -> dict:
     skipped = [(s["file"], s["reason"]) for s in report["skipped"]]
     return {
         "written": 0, "already_done": report["num_images"], "skipped": skipped,
-        "empty_classes": report["empty_classes"], "num_images": report["num_images"],
+        "empty_classes": report["empty_classes"],
+        "skipped_links": [(s["link"], s["reason"]) for s in report.get("skipped_links", [])],
+        "num_images": report["num_images"],
         "num_classes": len(report["classes"]), "seconds": time.time() - start, "images_per_s": 0.0,
         "workers": 0, "report": dest + "." + REPORT_NAME, "dest": dest,
     }
@@ -274,7 +279,12 @@ def format_summary(summary: dict) -> str:
         f"  {summary['images_per_s']:.1f} images/s with {summary['workers']} worker(s), {summary['seconds']:.1f} s",
         f"  dataset: {summary['num_images']} images, {summary['num_classes']} classes -> {summary['dest']}",
     ]
-    if summary["skipped"] or summary["empty_classes"]:
+    links = summary.get("skipped_links", [])
+    if links:
+        lines[0] += f", {len(links)} folder links not followed"
+    if summary["skipped"] or summary["empty_classes"] or links:
+        for link, reason in links[:10]:
+            lines.append(f"  not followed: folder link {link}: {reason}")
         for f, reason in summary["skipped"][:10]:
             lines.append(f"  skipped {f}: {reason}")
         if len(summary["skipped"]) > 10:

@@ -67,6 +67,11 @@ class PairedDataset(Dataset):
             raise ValueError(f"{getattr(latents, 'path', latents)!r} does not hold latents")
         self.images, self.latents = images, latents
         self._check_alignment()
+        if resolution is not None:  # an odd first item is one bad sample, not the dataset's shape
+            for dataset, shape in ((images, (3, resolution, resolution)),
+                                   (latents, (8, resolution // VAE_FACTOR, resolution // VAE_FACTOR))):
+                if hasattr(dataset, "expect_item_shape"):
+                    dataset.expect_item_shape(shape)
         self.image_shape = tuple(images.item_shape)
         self.item_shape = tuple(latents.item_shape)
         self._check_shapes(resolution)

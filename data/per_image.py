@@ -8,8 +8,8 @@ Items are the `labels` entries in order; `num_classes` is `len(classes)` when da
 lists them (empty class folders count), else `max(label) + 1`.
 
 A file that is missing, cannot be decoded, has another shape than the dataset's (that of the
-first readable item), non-finite values, or a label outside `0..num_classes-1` raises
-CorruptSampleError naming the file (data/robust.py).
+first readable item, or the run's configured shape: `expect_item_shape`), non-finite values, or a
+label outside `0..num_classes-1` raises CorruptSampleError naming the file (data/robust.py).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class _PerImageDataset(Dataset):
         self.classes = meta.get("classes")
         self.num_classes = len(self.classes) if self.classes else int(self.labels.max()) + 1
         self._item_shape = None
+        self._shape_source = "that of its first readable item"
 
     def _read(self, relpath: str) -> bytes:
         if self._zip is not None:
@@ -90,7 +91,7 @@ class _PerImageDataset(Dataset):
         x, label = self.load_item(i)
         if tuple(x.shape) != self.item_shape:
             raise CorruptSampleError(i, self.sample_path(i), f"shape {tuple(x.shape)} differs from the dataset's "
-                                     f"{self.item_shape} (that of its first readable item)")
+                                     f"{self.item_shape} ({self._shape_source})")
         return x, label
 
     @property
@@ -109,6 +110,23 @@ class _PerImageDataset(Dataset):
             else:
                 raise ValueError(f"{self.path!r}: no item is readable (first: {error})")
         return self._item_shape
+
+    def expect_item_shape(self, shape, probes: int = 16) -> tuple:
+        """Take `shape` (what the run's config expects) as the dataset's item shape when most of
+        `probes` items spread over the dataset have it: an odd first item is then one corrupt
+        sample (named by the reader; bad_samples), not the shape of the whole dataset. Returns
+        the most common shape among the probed items (`shape` when it was taken)."""
+        shape = tuple(shape)
+        seen = []
+        for i in sorted(set(np.linspace(0, len(self) - 1, min(probes, len(self))).round().astype(int).tolist())):
+            try:
+                seen.append(tuple(self.load_item(i)[0].shape))
+            except CorruptSampleError:
+                pass
+        if seen and seen.count(shape) * 2 > len(seen):
+            self._item_shape, self._shape_source = shape, "the configured resolution, which most items have"
+            return shape
+        return max(seen, key=seen.count) if seen else self.item_shape
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.path!r}, {len(self)} items, shape {self.item_shape}, "

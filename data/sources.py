@@ -5,6 +5,11 @@ Unlike ImageFolder, an empty class folder keeps its label index (so labels stay 
 is reported instead of raising. Files are found recursively inside each class folder and
 sorted by their path. Only files with an image extension are candidates; everything else is
 listed as skipped with a reason.
+
+Folder links are followed once: a link to a folder inside the source (its files are listed under
+their own path already; `cat/loop -> ..` would list every class again under "cat", and two such
+links recurse without end) or to a folder already visited (by real path) is not entered and is
+listed in `skipped_links` with the reason.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class SourceListing:
     items: list[tuple[str, int]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    skipped_links: list[tuple[str, str]] = field(default_factory=list)  # (folder link, reason)
 
 
 class RawSource:
@@ -58,10 +64,11 @@ class RawSource:
             return f.read()
 
     def list(self) -> SourceListing:
+        links: list[tuple[str, str]] = []
         if self._zip is not None:
             files, dirs = self._zip_entries()
         else:
-            files, dirs = self._folder_entries()
+            files, dirs = self._folder_entries(links)
         classes = sorted(d for d in dirs if not _is_hidden(d))
         if not classes:
             raise ValueError(
@@ -83,9 +90,12 @@ class RawSource:
                 per_class[top].append(rel)
         items = [(rel, label_of[name]) for name in classes for rel in per_class[name]]
         empty = [name for name in classes if not per_class[name]]
-        return SourceListing(classes=classes, items=items, skipped=skipped, empty_classes=empty)
+        return SourceListing(classes=classes, items=items, skipped=skipped, empty_classes=empty,
+                             skipped_links=sorted(links))
 
-    def _folder_entries(self) -> tuple[list[str], set[str]]:
+    def _folder_entries(self, links: list) -> tuple[list[str], set[str]]:
+        """Files (relative paths) and top-level folders; folder links that would repeat files or
+        loop are not entered and are appended to `links` as (relative path, reason)."""
         files, dirs = [], set()
         with os.scandir(self.path) as it:
             for entry in it:
@@ -93,11 +103,28 @@ class RawSource:
                     dirs.add(entry.name)
                 elif entry.is_file(follow_symlinks=True):
                     files.append(entry.name)
+        root_real = os.path.realpath(self.path)
+        visited = {root_real}
+
+        def enter(path: str) -> bool:
+            real = os.path.realpath(path)
+            rel = os.path.relpath(path, self.path).replace(os.sep, "/")
+            if os.path.islink(path) and (real == root_real or real.startswith(root_real + os.sep)):
+                inside = os.path.relpath(real, root_real).replace(os.sep, "/")
+                where = "the source folder itself" if inside == "." else f"{inside!r} inside the source"
+                links.append((rel, f"links to {where}, whose files are listed under their own path"))
+                return False
+            if real in visited:
+                links.append((rel, f"links to {real}, a folder already visited"))
+                return False
+            visited.add(real)
+            return True
+
         for top in sorted(dirs):
-            if _is_hidden(top):
+            if _is_hidden(top) or not enter(os.path.join(self.path, top)):
                 continue
             for root, subdirs, names in os.walk(os.path.join(self.path, top), followlinks=True):
-                subdirs[:] = [d for d in subdirs if not _is_hidden(d)]
+                subdirs[:] = [d for d in sorted(subdirs) if not _is_hidden(d) and enter(os.path.join(root, d))]
                 rel_root = os.path.relpath(root, self.path).replace(os.sep, "/")
                 files.extend(f"{rel_root}/{n}" for n in names)
         return files, dirs

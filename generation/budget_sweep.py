@@ -7,14 +7,17 @@ r"""Budget sweep of an ELIT checkpoint: the same seeds at every budget, FLOPs pe
 Budgets: the levels the model was trained with (``models.budget_levels``), ``--all-levels`` for
 every ``k / g^2`` (k = 1 .. g^2), or an explicit ``--budgets`` list. Row i of the grid is sample i
 of ``generate.py`` at the same seed (noise from (seed, i)), one column per budget, the lowest
-budget on the left. Writes into ``--out``: ``grid.png``, ``flops.png`` (GFLOPs per forward of one
-image vs budget, counted with ``torch.utils.flop_counter``) and ``budget_sweep.json``.
+budget on the left. Writes into ``--out`` (default ``results/budget_sweep/<experiment>-<step>/``):
+``grid.png`` (upscaled to at least 256 px per column, each column labelled with its budget, latents
+and GFLOPs), ``flops.png`` (GFLOPs per forward of one image vs budget, counted with
+``torch.utils.flop_counter``) and ``budget_sweep.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +26,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import GenerateConfig, GenerationError, resolve_config, validate_config
+from .config import GenerateConfig, GenerationError, checkpoint_tag, resolve_config, validate_config
+
+MIN_COLUMN_PX = 256  # grid.png: tiny samples are upscaled (nearest) to at least this width per column
 
 
 def _numbers(text: str, kind):
@@ -38,7 +43,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                      description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--ckpt", required=True, help="ELIT-SiT / DFM-ELIT-SiT checkpoint")
     parser.add_argument("--class-label", type=int, required=True, help="class of every sample")
-    parser.add_argument("--out", default=None, help="output folder (default: results/budget_sweep/<ckpt name>)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: results/budget_sweep/<experiment>-<step>, from the --ckpt path)")
     parser.add_argument("--seed", type=int, default=0, help="global seed; row i uses the noise of (seed, i)")
     parser.add_argument("--num-seeds", type=int, default=4, help="samples (grid rows)")
     parser.add_argument("--steps", type=lambda s: _numbers(s, int), default=None,
@@ -82,7 +88,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     from bench.flops import counted_forward_flops
     from dfm import pyramid_of
     from omegaconf import OmegaConf
-    from training.previews import make_grid, save_png
+    from training.previews import save_png
     from utils.atomic import atomic_write
     from .model_loading import load_sampling_model
     from .noise import initial_noise, sde_generators
@@ -109,7 +115,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
         levels = sweep_budgets(model, budgets, all_levels)
     except ValueError as error:
         raise GenerationError(f"--budgets: {error}") from None
-    out = out or os.path.join("results", "budget_sweep", os.path.splitext(os.path.basename(ckpt))[0])
+    out = out or os.path.join("results", "budget_sweep", checkpoint_tag(ckpt))  # exps/RUN/checkpoints/STEP.pt
     decoder = Decoder(cfg.vae, model.in_channels, dev)
     pyramid = pyramid_of(model)
     indices = list(range(num_seeds))
@@ -135,7 +141,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
                      "sampling_seconds": seconds})
     images = np.stack([columns[c][i] for i in indices for c in range(len(levels))])
     grid_path, plot_path = os.path.join(out, "grid.png"), os.path.join(out, "flops.png")
-    save_png(make_grid(images, nrow=len(levels)), grid_path)
+    save_png(labelled_grid(images, [_column_label(r) for r in rows]), grid_path)
     plot_flops(rows, plot_path, title=f"{model.arch.get('name')} ({tokens} tokens, group size {model.group_size})")
     record = {"ckpt": ckpt, "model": model.arch.get("name"), "class_label": class_label, "seed": seed,
               "num_seeds": num_seeds, "method": cfg.method, "num_steps_per_scale": list(cfg.num_steps_per_scale),
@@ -145,6 +151,33 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     with atomic_write(os.path.join(out, "budget_sweep.json"), "w") as f:
         json.dump(record, f, indent=2)
     return record
+
+
+def _column_label(row: dict) -> str:
+    return f"budget {row['budget']:.4g}\n{row['latents']} latents\n{row['gflops_per_forward']:.4g} GFLOPs"
+
+
+def labelled_grid(images: np.ndarray, labels: List[str], min_column_px: int = MIN_COLUMN_PX) -> np.ndarray:
+    """(N, H, W, 3) uint8, one column per label (row-major) -> the grid, each image upscaled by
+    the integer factor `k = ceil(min_column_px / W)` (nearest), under a white band holding each
+    column's label (PIL's default font). Returns (band + rows*(k*H + pad) + pad, cols*(k*W + pad) + pad, 3)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from training.previews import make_grid
+
+    k = max(1, math.ceil(min_column_px / images.shape[2]))
+    big = images.repeat(k, axis=1).repeat(k, axis=2)
+    pad = 2 * k
+    grid = make_grid(big, nrow=len(labels), pad=pad, pad_value=255)
+    font = ImageFont.load_default(size=16)
+    line = font.getbbox("Ag")[3] + 4
+    band = Image.new("RGB", (grid.shape[1], line * max(t.count("\n") + 1 for t in labels) + 8), "white")
+    draw = ImageDraw.Draw(band)
+    width = big.shape[2] + pad
+    for c, text in enumerate(labels):
+        draw.multiline_text((pad + c * width + width // 2 - pad // 2, 4), text, fill="black", font=font,
+                            anchor="ma", align="center", spacing=4)
+    return np.concatenate([np.asarray(band), grid], axis=0)
 
 
 def plot_flops(rows: List[dict], path: str, title: str = "") -> None:

@@ -283,7 +283,7 @@ def _check_stage_scales(given, stored):
     return stored
 
 
-def _checkpoint_tag(ckpt: str) -> str:
+def checkpoint_tag(ckpt: str) -> str:
     """exps/sit-b-2-256px/checkpoints/0400000.pt -> sit-b-2-256px-0400000."""
     path = os.path.normpath(os.path.expanduser(ckpt))
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -299,7 +299,7 @@ def _num(x: float) -> str:
 
 def default_run_name(cfg: DictConfig) -> str:
     """Folder name from the checkpoint and every setting that changes the images."""
-    parts = [_checkpoint_tag(cfg.ckpt), f"{cfg.method}{'+'.join(str(n) for n in cfg.num_steps_per_scale)}"]
+    parts = [checkpoint_tag(cfg.ckpt), f"{cfg.method}{'+'.join(str(n) for n in cfg.num_steps_per_scale)}"]
     if cfg.thresholds:
         parts.append("th" + "+".join(_num(x) for x in cfg.thresholds))
     parts.append(f"cfg{_num(cfg.cfg_scale)}")
@@ -313,7 +313,7 @@ def default_run_name(cfg: DictConfig) -> str:
         parts.append(cfg.path_type)
     if cfg.vae != "none":
         short = cfg.vae.replace("stabilityai/sd-vae-", "")
-        vae = short if short in ("ft-ema", "ft-mse", "ema", "mse") else "vae-" + _checkpoint_tag(cfg.vae)
+        vae = short if short in ("ft-ema", "ft-mse", "ema", "mse") else "vae-" + checkpoint_tag(cfg.vae)
         parts.append(vae)
     parts += [cfg.labels, f"seed{cfg.seed}", f"n{cfg.num_samples}", cfg.precision]
     if not cfg.use_ema:

@@ -10,7 +10,7 @@ import torch
 
 from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_model
 from models.weights_io import (UntrustedCheckpointError, describe_globals, is_safetensors, read_weights_file,
-                               torch_load_cpu)
+                               torch_load_cpu, weights_only_reason)
 from utils.checksum import verify_file
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -40,7 +40,7 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False, verify: bool = Tr
     except UntrustedCheckpointError:
         raise
     except Exception as error:  # noqa: BLE001 - torch and safetensors fail in many ways
-        raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {error} "
+        raise ValueError(f"cannot read checkpoint {path}: {type(error).__name__}: {weights_only_reason(error)} "
                          "(truncated or not a PyTorch/safetensors file?)") from error
 
 

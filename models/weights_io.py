@@ -87,6 +87,28 @@ def _untrusted_message(path: str, names) -> str:
             "convert it once to .safetensors (models.weights_io.export_checkpoint) and share that.")
 
 
+def _legacy_message(path: str, error: Exception) -> str:
+    return (f"refusing to fully unpickle checkpoint {path}: it is in torch's legacy (non-zip) pickle format, which "
+            f"the safe reader cannot parse ({weights_only_reason(error)}), and fully unpickling it can run code. If, "
+            "and only if, you trust where this file came from, load it with --trust-checkpoint (trust_checkpoint=True "
+            "in Python); better, convert it once to .safetensors (models.weights_io.export_checkpoint).")
+
+
+def weights_only_reason(error: Exception) -> str:
+    """What torch's weights-only reader could not parse, without torch's advice to set weights_only=False:
+    'Unsupported operand 149' (or the first line of any other error)."""
+    text = str(error)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return detail.group(1).strip() if detail else (text.strip().splitlines() or [type(error).__name__])[0]
+
+
+def is_legacy_torch_file(path: str) -> bool:
+    """A `torch.save(..., _use_new_zipfile_serialization=False)` file: its first pickle is torch's magic number."""
+    magic = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+    with open(path, "rb") as f:
+        return magic in f.read(64)
+
+
 def _is_weights_only_refusal(error: Exception) -> bool:
     """True when torch refused an object the file names (not when the file is garbage)."""
     text = str(error).lower()
@@ -108,9 +130,12 @@ def torch_load_cpu(path: str, trust_checkpoint: bool = False):
                 return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
             except Exception as e:  # noqa: BLE001 - each variant fails differently
                 error = e if error is None or not _is_weights_only_refusal(error) else error
-        if not _is_weights_only_refusal(error):
+        legacy = "weights only load failed" in str(error).lower() and is_legacy_torch_file(path)
+        if not (_is_weights_only_refusal(error) or legacy):
             raise error
     if not trust_checkpoint:
+        if not _is_weights_only_refusal(error):  # the legacy format the safe reader cannot parse
+            raise UntrustedCheckpointError(_legacy_message(path, error), []) from None
         names = unsafe_globals(path, error)
         raise UntrustedCheckpointError(_untrusted_message(path, names), names) from None
     for kwargs in attempts:

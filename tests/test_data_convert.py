@@ -197,3 +197,99 @@ def test_cli_convert(tree, converted, tmp_path, capsys):
 
     assert dataset_tools.main(["convert", "--source", str(tmp_path / "missing"), "--dest", dest]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _class_tree(root, outside=None) -> dict:
+    """cat (2 images), dog (1), bird (1) as 8x8 PNGs of distinct colours; {relative path: label}."""
+    expected = {}
+    for label, (name, count) in enumerate([("bird", 1), ("cat", 2), ("dog", 1)]):
+        os.makedirs(os.path.join(root, name))
+        for i in range(count):
+            Image.new("RGB", (8, 8), (40 * label, 20 * i, 90)).save(os.path.join(root, name, f"{name}{i}.png"))
+            expected[f"{name}/{name}{i}.png"] = label
+    return expected
+
+
+class _Deadline:
+    """Fail instead of hanging (the unfixed walk recursed through link cycles without end)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __enter__(self):
+        import signal
+
+        def fail(signum, frame):
+            raise TimeoutError(f"still walking after {self.seconds} s")
+
+        self.previous = signal.signal(signal.SIGALRM, fail)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def _converted_labels(dest):
+    with open(os.path.join(dest, "dataset.json")) as f:
+        return sorted(lab for _, lab in json.load(f)["labels"])
+
+
+@pytest.mark.parametrize("links", [
+    {"cat/loop": ".."},                                  # one link back to the source: every class again under cat
+    {"cat/loop": "..", "dog/loop": ".."},                # two: recursion without end
+    {"cat/to_dog": "../dog", "dog/to_cat": "../cat"},    # a cycle between two classes
+])
+def test_folder_links_inside_the_source_are_not_followed(tmp_path, links):
+    src = str(tmp_path / "train")
+    expected = _class_tree(src)
+    for link, target in links.items():
+        os.symlink(target, os.path.join(src, link))
+    dest = str(tmp_path / "images")
+    with _Deadline(60):
+        summary = convert_dataset(src, dest, resolution=(8, 8), workers=1, progress=False)
+    assert summary["num_images"] == 4 and _converted_labels(dest) == sorted(expected.values())  # no duplicates
+    with open(os.path.join(dest, "conversion_report.json")) as f:
+        report = json.load(f)
+    assert [entry["link"] for entry in report["skipped_links"]] == sorted(links)
+    for entry in report["skipped_links"]:
+        target = links[entry["link"]]
+        where = "the source folder itself" if target == ".." else f"{target[3:]!r} inside the source"
+        assert entry["reason"] == f"links to {where}, whose files are listed under their own path"
+    assert f"{len(links)} folder links not followed" in convert_mod.format_summary(summary)
+
+
+def test_a_folder_outside_the_source_is_followed_once(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(outside / "x.png")
+    os.symlink(str(outside / "."), str(outside / "back"))  # a loop inside the linked folder too
+    src = str(tmp_path / "train")
+    expected = _class_tree(src)
+    os.symlink(str(outside), os.path.join(src, "cat", "more"))
+    os.symlink(str(outside), os.path.join(src, "dog", "same"))  # the same folder again
+    dest = str(tmp_path / "images")
+    with _Deadline(60):
+        summary = convert_dataset(src, dest, resolution=(8, 8), workers=1, progress=False)
+    assert summary["num_images"] == 5 and _converted_labels(dest) == sorted([*expected.values(), 1])
+    assert summary["skipped_links"] == [("cat/more/back", f"links to {outside}, a folder already visited"),
+                                        ("dog/same", f"links to {outside}, a folder already visited")]
+
+
+def test_verify_names_a_listed_file_that_is_a_link_loop(tmp_path):
+    """The readers open only the files dataset.json lists: a self-referencing link is one problem."""
+    from data.verify import verify_dataset
+
+    src = str(tmp_path / "train")
+    _class_tree(src)
+    dest = str(tmp_path / "images")
+    convert_dataset(src, dest, resolution=(8, 8), workers=1, progress=False)
+    victim = os.path.join(dest, "00000", "img00000001.png")
+    os.remove(victim)
+    os.symlink(victim, victim)
+    with _Deadline(60):
+        summary = verify_dataset(dest, workers=1, progress=False)
+    [problem] = summary["problems"]
+    assert problem["file"] == "00000/img00000001.png" and "Too many levels of symbolic links" in problem["reason"]

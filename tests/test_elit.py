@@ -2,6 +2,7 @@
 latent interface at init, REPA / compile / bf16, loading, budget-aware sampling, FLOPs and the
 budget sweep."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -358,16 +359,42 @@ def test_budget_sweep_end_to_end(tmp_path, capsys):
     flops = [r["gflops_per_forward"] for r in record["budgets"]]
     assert all(a < b for a, b in zip(flops, flops[1:]))
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert grid.shape == (2 * 18 + 2, 4 * 18 + 2, 3)  # 2 seeds x 4 budgets of 16 px, 2 px padding
+    # 2 seeds x 4 budgets of 16 px, upscaled 16x (nearest) to 256 px columns, 32 px padding, a label band on top
+    cell, pad = 16 * 16 + 32, 32
+    band = grid.shape[0] - (2 * cell + pad)
+    assert grid.shape[1:] == (4 * cell + pad, 3) and 40 < band < 120
     # the column at budget 1.0, row 1 = sample 1 of the sampler at that budget
     from generation.noise import initial_noise
     noise = initial_noise(0, [0, 1], [(3, 16, 16)])
     final = samplers.sample(model, noise, torch.tensor([2, 2]), num_steps_per_scale=[2], inference_budget=1.0)[0]
     expected = torch.clamp(127.5 * final + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(grid[20:36, 2 + 3 * 18:2 + 3 * 18 + 16], expected[1])
+    y, x = band + pad + cell, pad + 3 * cell
+    assert np.array_equal(grid[y:y + 256, x:x + 256], expected[1].repeat(16, axis=0).repeat(16, axis=1))
+    for c in range(4):  # every column has its label: dark text on the white band above it
+        assert (grid[:band, pad + c * cell:(c + 1) * cell].min(axis=-1) < 100).sum() > 50
+    assert (grid[:band, :pad] == 255).all()
     assert Image.open(out / "flops.png").size[0] > 100
     assert "budget 0.25: 16 latents" in capsys.readouterr().out
     sit = tiny_model("SiT-S/2", in_channels=3, num_classes=4)
     torch.save({"ema": sit.state_dict(), "arch": sit.arch, "config": {"vae": "none"}}, tmp_path / "sit.pt")
     assert budget_sweep.main(["--ckpt", str(tmp_path / "sit.pt"), "--class-label", "1", "--out", str(out)]) == 2
     assert "no compute budget" in capsys.readouterr().err
+
+
+def test_budget_sweep_folder_is_named_after_the_run(tmp_path, monkeypatch):
+    """Two runs' checkpoints of the same step no longer share results/budget_sweep/<step>/."""
+    from generation import budget_sweep
+
+    from generation.config import checkpoint_tag
+
+    model = tiny_elit(in_channels=3, num_classes=4)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "exps" / "run-a" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "arch": model.arch,
+                "config": {"model": model.arch["name"], "vae": "none", "path_type": "linear"}}, folder / "0001200.pt")
+    assert budget_sweep.main(["--ckpt", "exps/run-a/checkpoints/0001200.pt", "--class-label", "1", "--num-seeds", "1",
+                              "--steps", "1", "--budgets", "1", "--precision", "fp32"]) == 0
+    assert os.listdir(tmp_path / "results" / "budget_sweep") == ["run-a-0001200"]
+    assert (tmp_path / "results" / "budget_sweep" / "run-a-0001200" / "grid.png").exists()
+    assert checkpoint_tag("exps/run-b/checkpoints/0001200.pt") == "run-b-0001200"  # another run: another folder

@@ -111,7 +111,7 @@ def test_train_cli_runs_repa_and_keeps_the_encoder_out_of_checkpoints(repa_data,
     log = open(exp / "log.txt").read()
     assert "REPA: proj_coeff 0.5, encoder_depth 1, frozen FrozenEncoder('dinov2-vit-s', 64px -> 56px, " \
            "16 tokens x 48)" in log
-    assert "16 paired items" in log
+    assert "16 training items (paired)" in log
 
 
 def test_batch_features_equal_the_encoder_on_the_png_files(repa_data, encoder_file):

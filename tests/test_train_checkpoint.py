@@ -158,3 +158,48 @@ def test_logger_never_stops_training(tmp_path, monkeypatch, caplog):
     assert "tensorboard package is not installed" in text
     lines = open(tmp_path / "metrics.jsonl").read().splitlines()
     assert len(lines) == 2
+
+
+@pytest.mark.parametrize("bad", [-7, 60, "50", 50.0, True, None])
+def test_a_steps_field_that_disagrees_with_the_name_is_damaged(tmp_path, bad):
+    """`checkpoints/0000050.pt` (no sidecar) holding steps=-7 (or 60, "50", ...) is skipped like a
+    file with a bad checksum: resume falls back to step 40."""
+    from training.checkpoint import select_resume_checkpoint
+
+    exp = str(tmp_path)
+    for step in range(0, 50, 10):
+        atomic_torch_save(_fake_ckpt(step), checkpoint_path(exp, step))
+    torch.save(dict(_fake_ckpt(50), steps=bad), checkpoint_path(exp, 50))
+    choice = select_resume_checkpoint(exp)
+    assert choice.path == checkpoint_path(exp, 40) and choice.state["steps"] == 40
+    [(path, reason)] = choice.rejected
+    assert path == checkpoint_path(exp, 50) and f"steps={bad!r}" in reason
+    assert choice.messages() == [f"WARNING: skipping corrupt checkpoint {path}: {reason}"]
+
+
+def test_a_checkpoint_outside_a_checkpoints_folder_needs_a_non_negative_step(tmp_path):
+    from training.checkpoint import load_checkpoint
+
+    path = str(tmp_path / "0000050.pt")  # not in checkpoints/: the name promises nothing
+    torch.save(_fake_ckpt(7), path)
+    assert load_checkpoint(path)["steps"] == 7
+    torch.save(_fake_ckpt(-7), path)
+    with pytest.raises(ValueError, match=r"steps=-7, not a non-negative integer"):
+        load_checkpoint(path)
+
+
+def test_a_resumed_run_never_writes_a_checkpoint_at_or_before_its_start(tmp_path):
+    from training.errors import CheckpointWriteError
+    from training.loop import _write_checkpoint
+
+    exp = str(tmp_path)
+    path = checkpoint_path(exp, 40)
+    atomic_torch_save(_fake_ckpt(40), path)
+    before = open(path, "rb").read()
+    with pytest.raises(CheckpointWriteError) as info:
+        _write_checkpoint(_fake_ckpt(40), path, checkpoint_path(exp, 50), resumed_step=50)
+    assert str(info.value) == (f"refusing to write checkpoint {path} for step 40: this run resumed at step 50 "
+                               "and writes only later steps")
+    assert open(path, "rb").read() == before
+    _write_checkpoint(_fake_ckpt(51), checkpoint_path(exp, 51), path, resumed_step=50)  # later: written
+    assert torch.load(checkpoint_path(exp, 51), weights_only=True)["steps"] == 51

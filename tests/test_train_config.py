@@ -68,7 +68,7 @@ def test_missing_data_dir_and_yaml_unknown_key(tmp_path):
     path.write_text("modle: SiT-B/2\n")
     with pytest.raises(ConfigError, match=r"Unknown config key 'modle' in config file .*Did you mean: model"):
         parse_config(BASE + ["--config", str(path)])
-    with pytest.raises(ConfigError, match="Config file not found"):
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         parse_config(BASE + ["--config", str(tmp_path / "missing.yaml")])
 
 

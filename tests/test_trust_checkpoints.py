@@ -234,3 +234,26 @@ def test_prune_and_cleanup_handle_sidecars(tmp_path):
     open(os.path.join(folder, "0000009.pt.sha256"), "w").write("0" * 64 + "  0000009.pt\n")  # crash before rename
     remove_stale_temporaries(exp)
     assert sorted(os.listdir(folder)) == ["0000003.pt", "0000003.pt.sha256"]
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch's note on the protocol-4 file we write
+def test_a_legacy_pickle_checkpoint_is_refused_pointing_to_trust_checkpoint_only(tmp_path):
+    """torch.save's legacy (non-zip) format with pickle protocol 4: the weights-only reader cannot
+    parse it; the refusal is one line that names --trust-checkpoint, not torch's weights_only=False."""
+    model = randomize_(tiny_model("SiT-S/2"))
+    path = str(tmp_path / "legacy.pt")
+    torch.save({"ema": model.state_dict()}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with pytest.raises(UntrustedCheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and "weights_only" not in message
+    assert "legacy (non-zip) pickle format" in message and "(Unsupported operand 149)" in message
+    assert "--trust-checkpoint" in message
+    with pytest.raises(ValueError, match="--trust-checkpoint"):  # the training loader says the same
+        load_checkpoint(path)
+    assert _same_outputs(load_pretrained(path, trust_checkpoint=True, num_heads=4), model, model)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 64)
+    with pytest.raises(ValueError) as info:
+        read_checkpoint(str(garbage))
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)

@@ -12,6 +12,10 @@ Every checkpoint gets a SHA-256 sidecar `<step:07d>.pt.sha256` (utils/checksum.p
 while the file is written and published just before the `.pt` is renamed into place, so every
 published `.pt` has one. Resume and `load_checkpoint` verify it; a damaged file is skipped
 like a truncated one. Files without a sidecar (older runs) load unverified.
+
+The `steps` field decides where a resumed run continues and which files it writes next, so it
+is checked too: a non-negative integer, equal to the step in the file name for a file in an
+experiment's `checkpoints/` folder. A file that fails is damaged like one with a bad checksum.
 """
 
 from __future__ import annotations
@@ -93,9 +97,30 @@ def prune_checkpoints(exp_dir: str, keep: Optional[int]) -> list[str]:
     return doomed
 
 
-def load_checkpoint(path: str) -> dict:
+def step_in_name(path: str) -> Optional[int]:
+    """The step a checkpoint file's name promises (`checkpoints/0000050.pt` -> 50), or None for a
+    file outside a `checkpoints/` folder or named otherwise."""
+    m = CHECKPOINT_NAME.match(os.path.basename(path))
+    in_folder = os.path.basename(os.path.dirname(os.path.abspath(path))) == "checkpoints"
+    return int(m.group(1)) if m and in_folder else None
+
+
+def check_steps(state: dict, path: str, expected: Optional[int]) -> int:
+    """`state["steps"]` as an int; ValueError unless it is a non-negative integer (equal to
+    `expected` when given): a checkpoint resumed at a wrong step would overwrite good ones."""
+    steps = state["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{path} holds steps={steps!r}, not a non-negative integer step count")
+    if expected is not None and steps != expected:
+        raise ValueError(f"{path} holds steps={steps}, but its name says step {expected}")
+    return steps
+
+
+def load_checkpoint(path: str, expected_step: Optional[int] = None) -> dict:
     """Load, verify (against its `.sha256` sidecar, when it has one) and sanity-check one
-    checkpoint on CPU. Raises ValueError if it is damaged, unreadable or not complete."""
+    checkpoint on CPU. Raises ValueError if it is damaged, unreadable or not complete, or if
+    its `steps` is not a non-negative integer equal to `expected_step` (default: the step in
+    the file name, for a file in a `checkpoints/` folder; see `step_in_name`)."""
     from models.checkpoints import read_checkpoint
 
     try:
@@ -105,6 +130,7 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(str(e) if isinstance(e, ValueError) else f"cannot read checkpoint {path}: {e}") from e
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a training checkpoint (needs keys {list(REQUIRED_KEYS)})")
+    check_steps(state, path, step_in_name(path) if expected_step is None else expected_step)
     return state
 
 
@@ -135,9 +161,9 @@ def select_resume_checkpoint(exp_dir: str) -> ResumeChoice:
     """Newest checkpoint of `exp_dir` that loads completely and matches its checksum; older
     ones are tried in turn. Nothing is deleted."""
     choice = ResumeChoice()
-    for _step, path in reversed(list_checkpoints(exp_dir)):
+    for step, path in reversed(list_checkpoints(exp_dir)):
         try:
-            choice.path, choice.state = path, load_checkpoint(path)
+            choice.path, choice.state = path, load_checkpoint(path, expected_step=step)
             return choice
         except ValueError as e:
             choice.rejected.append((path, str(e)))

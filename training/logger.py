@@ -62,10 +62,24 @@ def setup_file_logger(exp_dir: Optional[str], is_main: bool, name: str = "train"
     log.addHandler(console)
     if exp_dir is not None:
         os.makedirs(exp_dir, exist_ok=True)
-        handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
+        handler = LogFileHandler(os.path.join(exp_dir, "log.txt"))
         handler.setFormatter(fmt)
         log.addHandler(handler)
     return log
+
+
+class LogFileHandler(logging.FileHandler):
+    """log.txt: a write that fails (disk full) is one warning line on stderr, once, instead of
+    logging's traceback after every record; the console keeps the messages."""
+
+    _warned = False
+
+    def handleError(self, record):
+        if not self._warned:
+            self._warned = True
+            error = sys.exc_info()[1]
+            print(f"warning: cannot write {self.baseFilename}: {error}; messages go to the console only",
+                  file=sys.stderr, flush=True)
 
 
 class RunLogger:

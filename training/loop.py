@@ -38,14 +38,15 @@ from training.evaluator import make_evaluator
 from data.robust import CorruptSampleError
 from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
                              describe_write_error)
-from training.logger import RunLogger, log_error_to_file, setup_file_logger
+from training.logger import RunLogger, log_error_to_file
+from training.preemption import Preemption
 from training.repa import RepaFeatures, load_run_encoders
 from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
 from training.sampler import ResumableBatchSampler
 from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
-                            load_decoder_vae, make_previewer, open_training_dataset, previews_on, resume_target,
-                            world_size_from_env, write_demo_data)
-from utils.config import config_to_dict, save_config
+                            gather_objects, load_decoder_vae, make_previewer, open_run_folder, open_training_dataset,
+                            previews_on, resume_target, world_size_from_env, write_demo_data)
+from utils.config import config_to_dict
 from utils.progress import progress_bar
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "CheckpointWriteError", "check_batch_split"]
@@ -58,20 +59,23 @@ class TrainResult:
     last_checkpoint: Optional[str]
     last_preview: Optional[str]
     wall_time: float
+    preempted: Optional[str] = None  # the signal that stopped the run early ("SIGTERM", "SIGUSR1")
 
 
 def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
     """Run (or continue) the training described by the resolved config `cfg`.
 
     `stop_after_step` (tests) ends the run after that step without the final checkpoint or
-    preview, as if the job had been killed.
+    preview, as if the job had been killed. SIGTERM / SIGUSR1 end it after the current step with
+    a checkpoint (training/preemption.py); the result then names the signal in `preempted`.
     """
     threads = torch.get_num_threads()
     if cfg.cpu_threads:
         torch.set_num_threads(int(cfg.cpu_threads))
     logging.getLogger("dfm.train").handlers.clear()  # no log.txt of an earlier run in this process
     try:
-        return _train(cfg, stop_after_step)
+        with Preemption() as preemption:
+            return _train(cfg, stop_after_step, preemption)
     except (ConfigError, TrainingStopped) as error:
         log_error_to_file(f"error: {error}")
         raise
@@ -85,16 +89,15 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
         torch.set_num_threads(threads)
 
 
-def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
+def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> TrainResult:
     t_start = time.time()
     micro_batch = check_batch_split(cfg, world_size_from_env())
     accelerator = create_accelerator(cfg)
     rank, is_main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
     P, A, S = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.stages
+    preemption.connect(P)
     exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
-    if is_main:
-        os.makedirs(exp_dir, exist_ok=True)
-    log = setup_file_logger(exp_dir if is_main else None, is_main)
+    log = open_run_folder(cfg, exp_dir, accelerator)  # log.txt and config.yaml, or one line on every rank
 
     # ---- data, resume target (before building anything heavy: a bad path or arch fails early)
     write_demo_data(cfg, accelerator, log)
@@ -150,15 +153,13 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     vae = load_decoder_vae(cfg, device) if previews_on(cfg, is_main) or cfg.eval_every else None
     previewer = make_previewer(cfg, raw_model, in_channels, exp_dir, device, is_main, vae)
     evaluator = make_evaluator(cfg, exp_dir=exp_dir, device=device, rank=rank, num_processes=P, log=log,
-                               gather=lambda part: _gather_objects(accelerator, part), vae=vae)
+                               gather=lambda part: gather_objects(accelerator, part), vae=vae)
     config_dict = config_to_dict(cfg)
-    if is_main:
-        save_config(cfg, os.path.join(exp_dir, "config.yaml"))
     tracker = RunLogger(exp_dir, log, cfg.report_to, is_main, config=config_dict, project=cfg.wandb_project,
                         run_name=cfg.exp_name, wandb_mode=cfg.wandb_mode)
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info(f"experiment {exp_dir}: {cfg.model} ({n_params / 1e6:.2f}M parameters, {S} stage(s)), "
-             f"{len(dataset)} {dataset.kind} items, {P} process(es) on {device.type}, global batch "
+             f"{len(dataset)} training items ({dataset.kind}), {P} process(es) on {device.type}, global batch "
              f"{cfg.batch_size} = {P} x {A} x {micro_batch}, mixed precision {cfg.mixed_precision}")
     if repa_features.encoders:
         log.info(f"REPA: proj_coeff {cfg.proj_coeff}, encoder_depth {raw_model.encoder_depth}, frozen "
@@ -181,11 +182,11 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
         collect the skipped files on rank 0 and rewrite bad_samples.json when the list grew."""
         nonlocal bad_written
         if P > 1:
-            pending = [p for p in _gather_objects(accelerator, bad_log.pending) if p is not None]
+            pending = [p for p in gather_objects(accelerator, bad_log.pending) if p is not None]
             if pending:
                 raise pending[0]
             if bad_log.policy == "skip":
-                for records in _gather_objects(accelerator, list(bad_log.records.values())):
+                for records in gather_objects(accelerator, list(bad_log.records.values())):
                     bad_log.merge(records)
         if is_main and bad_log.count != bad_written:
             bad_log.write(os.path.join(exp_dir, "bad_samples.json"))
@@ -206,13 +207,13 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
         check_finite()
         sync_bad_samples()
         _check_ranks_agree(accelerator, raw_model, step_now)
-        states = _gather_objects(accelerator, rng_state(generator))
+        states = gather_objects(accelerator, rng_state(generator))
         if is_main:
             path = checkpoint_path(exp_dir, step_now)
             _write_checkpoint({
                 "model": raw_model.state_dict(), "ema": ema_model.state_dict(), "opt": optimizer.state_dict(),
                 "arch": dict(raw_model.arch), "config": config_dict, "steps": step_now, "rng": states,
-                "data_position": sampler.position(step_now)}, path, last_ckpt)
+                "data_position": sampler.position(step_now)}, path, last_ckpt, start_step if resumed else None)
             if cfg.save_format == "safetensors":
                 _export_weights(exp_dir, step_now, raw_model, ema_model, config_dict, last_ckpt)
             removed = prune_checkpoints(exp_dir, cfg.checkpoints_total_limit)
@@ -240,7 +241,7 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     with progress_bar(total=cfg.max_train_steps, initial=step, disable=not is_main, desc="train",
                       dynamic_ncols=True) as bar:  # closed before any error line is printed
-        while step < cfg.max_train_steps:
+        while step < cfg.max_train_steps and not preemption.requested():  # polled once per step
             # ---- one optimizer step: A micro-batches, clip, AdamW, LR schedule, EMA
             for a in range(A):
                 seed_micro_batch(cfg.seed, step, a * P + rank, generator)
@@ -290,12 +291,12 @@ def _train(cfg, stop_after_step: Optional[int]) -> TrainResult:
                 evaluator.maybe_run(ema_model, step, tracker)
     if last_saved_step != step:
         save(step)
-    log.info(f"done: {step} steps in {time.time() - t_start:.1f} s; checkpoint {last_ckpt}"
-             + (f"; samples {last_preview}" if last_preview else ""))
+    log.info(preemption.stop_line(step, last_ckpt) or f"done: {step} steps in {time.time() - t_start:.1f} s; "
+             f"checkpoint {last_ckpt}" + (f"; samples {last_preview}" if last_preview else ""))
     tracker.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(exp_dir, step, last_ckpt, last_preview, time.time() - t_start)
+    return TrainResult(exp_dir, step, last_ckpt, last_preview, time.time() - t_start, preemption.signal_name)
 
 
 # ----------------------------------------------------------------------------- pieces of the step
@@ -361,9 +362,14 @@ class MetricWindow:
         return values
 
 
-def _write_checkpoint(payload: dict, path: str, last_good: Optional[str]) -> None:
+def _write_checkpoint(payload: dict, path: str, last_good: Optional[str], resumed_step: Optional[int]) -> None:
     """Atomic checkpoint write; a failure (disk full, quota, permissions) becomes one line that
-    names the file and the last good checkpoint, which the atomic write left untouched."""
+    names the file and the last good checkpoint, which the atomic write left untouched. A run
+    resumed at `resumed_step` writes only later steps: an earlier one would replace a checkpoint
+    of the run it continues (never expected; a guard against a wrong step count)."""
+    if resumed_step is not None and payload["steps"] <= resumed_step:
+        raise CheckpointWriteError(f"refusing to write checkpoint {path} for step {payload['steps']}: this run "
+                                   f"resumed at step {resumed_step} and writes only later steps")
     try:
         atomic_torch_save(payload, path)
     except (OSError, RuntimeError) as e:
@@ -411,11 +417,3 @@ def _check_ranks_agree(accelerator, model, step: int) -> None:
     if any(v != sums[0] for v in sums):
         raise RuntimeError(f"processes hold different weights at step {step} (checksums {sums}); "
                            "the run is not synchronised")
-
-
-def _gather_objects(accelerator, obj) -> list:
-    if accelerator.num_processes == 1:
-        return [obj]
-    out = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(out, obj)
-    return out

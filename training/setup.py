@@ -5,6 +5,7 @@ message that says what to change; the loop itself stays a readable sequence of s
 """
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -14,6 +15,9 @@ import torch
 from training.checkpoint import list_checkpoints, load_checkpoint, select_resume_checkpoint
 from training.config import ConfigError, is_pixel_space, model_kwargs
 from training.ema import EMA, create_ema
+from training.errors import CheckpointWriteError, describe_write_error
+from training.logger import setup_file_logger
+from utils.config import save_config
 
 
 def world_size_from_env() -> int:
@@ -46,6 +50,59 @@ def create_accelerator(cfg):
             "`accelerate launch --multi_gpu --num_processes N ...` or "
             "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N train.py ...`")
     return accelerator
+
+
+def gather_objects(accelerator, obj) -> list:
+    """`obj` of every process, in rank order (no collective with one process)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def open_run_folder(cfg, exp_dir: str, accelerator):
+    """The run's logger. Rank 0 creates `exp_dir` with log.txt and config.yaml (the resolved
+    config); a folder that cannot be created or written ends the run on every rank with one line:
+    ConfigError naming `output_dir` / `exp_name` (a file in the way, no permission, a read-only
+    file system, a name too long), CheckpointWriteError for a full disk or quota."""
+    error = None
+    if not accelerator.is_main_process:
+        log = setup_file_logger(None, False)
+    else:
+        try:
+            log = setup_file_logger(exp_dir, True)
+        except OSError as e:
+            log, error = setup_file_logger(None, True), _run_folder_error(cfg, exp_dir, e)
+        path = os.path.join(exp_dir, "config.yaml")
+        try:
+            if error is None:
+                save_config(cfg, path)
+        except OSError as e:
+            error = _run_folder_error(cfg, exp_dir, e, f"cannot write {path}")
+    error = next((e for e in gather_objects(accelerator, error) if e is not None), None)
+    if error is not None:
+        raise error
+    return log
+
+
+def _run_folder_error(cfg, exp_dir: str, error: OSError, what: str = ""):
+    what = what or f"cannot create the run folder {exp_dir}"
+    reason = describe_write_error(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(f"{what}: {reason}; free some space and start again (no step was trained, "
+                                    "no checkpoint touched)")
+    if error.errno == errno.ENAMETOOLONG and len(os.fsencode(cfg.exp_name)) > 255:
+        return ConfigError(f"exp_name: {cfg.exp_name[:32]!r}... ({len(os.fsencode(cfg.exp_name))} bytes) is too long "
+                           f"for a folder name in {cfg.output_dir} ({reason}; most file systems allow 255 bytes); "
+                           "choose a shorter exp_name")
+    blocker = exp_dir
+    while blocker and not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker)
+    if blocker and not os.path.isdir(blocker):
+        return ConfigError(f"output_dir: {what}: {reason} ({blocker} is a file, not a folder); "
+                           "choose another output_dir or exp_name")
+    return ConfigError(f"output_dir: {what}: {reason}; choose an output_dir you can write to")
 
 
 def write_demo_data(cfg, accelerator, log) -> None:
@@ -87,12 +144,14 @@ def open_training_dataset(cfg):
             raise ConfigError(f"data_dir: cannot open {cfg.data_dir!r}: {e}") from None
     if len(dataset) == 0:
         raise ConfigError(f"data_dir: {cfg.data_dir!r} holds no items")
-    shape = tuple(dataset.item_shape)
+    size = cfg.resolution if pixel else cfg.resolution // 8
+    want = (3 if pixel else 8, size, size)
+    # per-image readers take the configured shape when most items have it (an odd first item is a bad sample)
+    shape = dataset.expect_item_shape(want) if hasattr(dataset, "expect_item_shape") else tuple(dataset.item_shape)
     if pixel:
         if dataset.kind != "images":
             raise ConfigError(f"data_dir {cfg.data_dir!r} holds VAE latents but vae=none (pixel space); "
                               "set vae to the VAE the latents were encoded with (e.g. vae=ft-ema)")
-        want = (3, cfg.resolution, cfg.resolution)
         if shape != want:
             raise ConfigError(f"data_dir {cfg.data_dir!r}: images are {shape[1]}x{shape[2]} (shape {shape}) but "
                               f"resolution={cfg.resolution} expects {want}; set resolution={shape[1]} or "
@@ -103,8 +162,6 @@ def open_training_dataset(cfg):
             raise ConfigError(f"data_dir {cfg.data_dir!r} holds images, but vae={cfg.vae!r} trains on latents: "
                               "encode them first (`python dataset_tools.py encode`) or set vae=none to "
                               "train in pixel space")
-        size = cfg.resolution // 8
-        want = (8, size, size)
         if shape != want:
             raise ConfigError(f"data_dir {cfg.data_dir!r}: latent items have shape {shape} but "
                               f"resolution={cfg.resolution} expects posterior moments {want} (mean||std of "

@@ -3,7 +3,8 @@
     cfg = load_config(TrainConfig, sys.argv[1:], aliases=TRAIN_ALIASES)
 
 `argv` accepts, in any order:
-  --config FILE.yaml | --config=FILE.yaml   (repeatable; later files win)
+  --config FILE.yaml | --config=FILE.yaml   (repeatable; later files win; a file may name others
+                                             under `include:`, which it overrides)
   key=value | --key value | --key=value     (dashes in keys become underscores,
                                              nested keys use dots: preview.cfg_scale=4)
   --flag                                    (a bare flag means `true`; a token holding
@@ -33,6 +34,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -222,10 +224,38 @@ def _apply(cfg: DictConfig, defaults_type, items: Iterable[Tuple[str, Any]], whe
         _set(cfg, defaults_type, key, value, where)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # ours are under 4 KiB; YAML parsing costs ~3 s and ~200 MB per MB
+
+
+def closest_files(path: str, n: int = 3, suffixes=(".yaml", ".yml")) -> list[str]:
+    """The `n` files most like `path` (by name, `difflib`) among the YAML files of the deepest
+    existing folder on its way and its sub-folders (2 levels, 300 folders at most: never a long walk)."""
+    folder = os.path.dirname(os.path.normpath(path)) or "."
+    while not os.path.isdir(folder) and folder not in ("", os.sep, "."):
+        folder = os.path.dirname(folder) or "."
+    found, depth0 = [], folder.rstrip(os.sep).count(os.sep)
+    for visited, (root, dirs, names) in enumerate(os.walk(folder)):
+        deep = root.rstrip(os.sep).count(os.sep) - depth0 >= 2
+        dirs[:] = [] if deep or visited >= 300 else sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.normpath(os.path.join(root, f)) for f in sorted(names) if f.endswith(suffixes)]
+    by_name = {}
+    for candidate in found:
+        by_name.setdefault(os.path.basename(candidate), candidate)
+    close = difflib.get_close_matches(os.path.basename(path), list(by_name), n=n, cutoff=0.4)
+    return [by_name[name] for name in close]
+
+
 def read_yaml_mapping(path: str) -> dict:
     """A YAML file's top-level mapping as a plain dict (clear errors for missing / bad files)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Config file not found: {path}")
+        close = closest_files(path)
+        hint = f"; closest existing: {', '.join(close)}" if close else ""
+        what = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"config file {path} {what}{hint}")
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {path} is {size / 2**20:.1f} MiB; a config file is at most "
+                         f"{MAX_CONFIG_BYTES // 2**20} MiB (a few hundred lines of key: value): is it the right file?")
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:  # yaml syntax errors
@@ -233,6 +263,19 @@ def read_yaml_mapping(path: str) -> dict:
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"Config file {path} must hold a mapping of key: value pairs.")
     return OmegaConf.to_container(loaded)
+
+
+def config_file_layers(path: str, _chain: tuple = ()) -> list[tuple[str, dict]]:
+    """[(path, mapping)] of a config file, preceded by the files it names under `include:` (a path
+    or a list of paths, relative to the file; included first, so the file's own keys win)."""
+    if os.path.realpath(path) in _chain or len(_chain) > 8:
+        raise ValueError(f"config file {path}: `include` goes round in a circle or too deep")
+    data = read_yaml_mapping(path)
+    included = data.pop("include", None) or []
+    layers = []
+    for name in [included] if isinstance(included, str) else included:
+        layers += config_file_layers(os.path.join(os.path.dirname(path), str(name)), _chain + (os.path.realpath(path),))
+    return layers + [(path, data)]
 
 
 def load_config(defaults_type, argv: Sequence[str] | None = None, *,
@@ -244,7 +287,8 @@ def load_config(defaults_type, argv: Sequence[str] | None = None, *,
     `aliases`: reference option names (see `Alias`). `config_options`: the options that name a
     config file (`--config`; generate.py also takes the reference's `--eval-config`).
     `file_layers`: extra file options, each with a function that selects/renames the keys taken from such a file
-    (generate.py's `--train-config`); those files are applied first, below every `--config`.
+    (generate.py's `--train-config`); those files are applied first, below every `--config`. A file may
+    start from others with `include: other.yaml` (see `config_file_layers`).
     Raises ValueError (clear message, naming the key) for unknown keys, unparsable arguments,
     values of the wrong type, and FileNotFoundError for a missing config file.
     """
@@ -255,11 +299,12 @@ def load_config(defaults_type, argv: Sequence[str] | None = None, *,
     files, overrides = parse_argv(argv, (*config_options, *file_layers))
     cfg = OmegaConf.structured(defaults_type)
     ordered = [f for f in files if f[0] in file_layers] + [f for f in files if f[0] not in file_layers]
-    for option, path in ordered:
-        data = read_yaml_mapping(path)
-        if option in file_layers:
-            data = file_layers[option](data)
-        _apply(cfg, defaults_type, data.items(), f"config file {path}", aliases)
+    for option, top in ordered:
+        layers = config_file_layers(top)
+        if option in file_layers:  # one selection from the file and what it includes
+            layers = [(top, file_layers[option]({k: v for _, data in layers for k, v in data.items()}))]
+        for path, data in layers:
+            _apply(cfg, defaults_type, data.items(), f"config file {path}", aliases)
     parsed = []
     for key, raw in overrides:
         target = aliases[key].target if key in aliases and aliases[key].target else key
@@ -284,8 +329,18 @@ def save_config(cfg, path: str | os.PathLike) -> None:
         f.write(text)
 
 
+def yaml_spelling(value: Any) -> str:
+    """`value` as one would write it in a config file or after `key=`: null, true, [0.9, 0.1]."""
+    if value == "???":
+        return value
+    text = OmegaConf.to_yaml(OmegaConf.create({"v": value})).strip()
+    if isinstance(value, (list, tuple, dict)) and value:
+        text = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+    return text[len("v: "):] if text.startswith("v: ") else text
+
+
 def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None) -> str:
-    """One line per key: `key = default   # meaning` — for `--help`; then the aliases."""
+    """One line per key: `key = default   # meaning` (defaults in YAML spelling) — for `--help`; then the aliases."""
     lines: List[str] = []
 
     def walk(cls, prefix: str) -> Iterable[str]:
@@ -301,7 +356,7 @@ def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None) ->
             else:
                 default = "???"
             meaning = f.metadata.get("help", "")
-            yield f"  {prefix}{f.name} = {default!r}" + (f"   # {meaning}" if meaning else "")
+            yield f"  {prefix}{f.name} = {yaml_spelling(default)}" + (f"   # {meaning}" if meaning else "")
 
     lines.extend(walk(defaults_type, ""))
     if aliases:
