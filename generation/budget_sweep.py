@@ -161,23 +161,15 @@ def labelled_grid(images: np.ndarray, labels: List[str], min_column_px: int = MI
     """(N, H, W, 3) uint8, one column per label (row-major) -> the grid, each image upscaled by
     the integer factor `k = ceil(min_column_px / W)` (nearest), under a white band holding each
     column's label (PIL's default font). Returns (band + rows*(k*H + pad) + pad, cols*(k*W + pad) + pad, 3)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from training.previews import make_grid
+    from training.previews import label_band, make_grid
 
     k = max(1, math.ceil(min_column_px / images.shape[2]))
     big = images.repeat(k, axis=1).repeat(k, axis=2)
     pad = 2 * k
     grid = make_grid(big, nrow=len(labels), pad=pad, pad_value=255)
-    font = ImageFont.load_default(size=16)
-    line = font.getbbox("Ag")[3] + 4
-    band = Image.new("RGB", (grid.shape[1], line * max(t.count("\n") + 1 for t in labels) + 8), "white")
-    draw = ImageDraw.Draw(band)
     width = big.shape[2] + pad
-    for c, text in enumerate(labels):
-        draw.multiline_text((pad + c * width + width // 2 - pad // 2, 4), text, fill="black", font=font,
-                            anchor="ma", align="center", spacing=4)
-    return np.concatenate([np.asarray(band), grid], axis=0)
+    band = label_band(grid.shape[1], [(pad + c * width + width // 2 - pad // 2, text) for c, text in enumerate(labels)])
+    return np.concatenate([band, grid], axis=0)
 
 
 def plot_flops(rows: List[dict], path: str, title: str = "") -> None:
