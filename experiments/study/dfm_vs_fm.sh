@@ -3,8 +3,9 @@
 #   bash experiments/study/dfm_vs_fm.sh
 # 1. builds the 32x32 crops of the scikit-image photographs if missing (no download);
 # 2. trains, for each seed, SiT, DFM-SiT with the reference recipe, DFM-SiT calibrated
-#    (dfm_sit_calibrated.yaml), its control SiT calibrated (sit_calibrated.yaml: the same noise
-#    level lever on SiT's one stage) and the multi-budget ELIT-SiT, plus DFM-ELIT-SiT calibrated for the
+#    (dfm_sit_calibrated.yaml: stage scale + time shift), DFM-SiT with stage scales only
+#    (dfm_sit_scales.yaml), the two SiT controls with the same levers on SiT's one stage
+#    (sit_scales.yaml, sit_time_shift.yaml) and the multi-budget ELIT-SiT, plus DFM-ELIT-SiT calibrated for the
 #    first seed; two runs at a time, one CPU thread each, SWD against the held-out crops every
 #    250 steps, a checkpoint every 250 steps (for rescoring);
 # 3. measures the real-vs-real SWD floor, draws the curves, writes the tables, and scores the
@@ -33,7 +34,9 @@ mkdir -p "$RUNS"
 # one line per run: "<config name> <seed>"; run JOBS at a time
 {
   for seed in $SEEDS; do
-    for model in sit dfm_sit dfm_sit_calibrated sit_calibrated elit_sit; do echo "$model $seed"; done
+    for model in sit dfm_sit dfm_sit_calibrated dfm_sit_scales sit_scales sit_time_shift elit_sit; do
+      echo "$model $seed"
+    done
   done
   echo "dfm_elit_sit_calibrated $FIRST"
 } | xargs -P "$JOBS" -L 1 sh -c '
@@ -47,13 +50,16 @@ mkdir -p "$RUNS"
 nice -n "$NICE" "$PY" experiments/study/floor.py --data "$DATA" --num 256 --repeats 3 --out "$OUT/floor.json"
 runs() { for seed in $SEEDS; do echo "$RUNS/$1_s$seed"; done; }
 # shellcheck disable=SC2046
-"$PY" -m evaluation.compare $(runs sit) $(runs dfm_sit) $(runs dfm_sit_calibrated) $(runs sit_calibrated) $(runs elit_sit) \
+"$PY" -m evaluation.compare $(runs sit) $(runs dfm_sit) $(runs dfm_sit_calibrated) $(runs dfm_sit_scales) \
+  $(runs sit_scales) $(runs sit_time_shift) $(runs elit_sit) \
   "$RUNS/dfm_elit_sit_calibrated_s$FIRST" --metric swd --interpolate --out "$OUT/compare_swd.png" \
   --table "$OUT/compare_swd.md" > /dev/null
 for metric in swd swd_32 swd_16; do  # the mean and the two pyramid levels (32 px detail, 16 px)
   # shellcheck disable=SC2046
   "$PY" experiments/study/summarize.py --sit $(runs sit) --dfm $(runs dfm_sit) --names SiT "DFM-SiT (reference)" \
-    --group "DFM-SiT (calibrated)" $(runs dfm_sit_calibrated) --group "SiT (calibrated control)" $(runs sit_calibrated) \
+    --group "DFM-SiT (calibrated)" $(runs dfm_sit_calibrated) --group "DFM-SiT (stage scales only)" \
+    $(runs dfm_sit_scales) --group "SiT x 0.7 (control)" $(runs sit_scales) \
+    --group "SiT time shift (control)" $(runs sit_time_shift) \
     --group "ELIT-SiT (full budget)" $(runs elit_sit) \
     --group "DFM-ELIT-SiT (calibrated)" "$RUNS/dfm_elit_sit_calibrated_s$FIRST" \
     --floor "$OUT/floor.json" --metric "$metric" --out "$OUT" > /dev/null
