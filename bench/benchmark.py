@@ -65,10 +65,12 @@ def build_model(name: str, device, tiny: bool, **extra):
 
 
 def maybe_compile(model, compile_blocks: bool):
-    """Regional compilation: each transformer block is compiled (one graph, reused 12-28 times)."""
+    """train.py's and generate.py's compilation (models/compile.py: regional, one graph reused by
+    all 12-28 blocks and every ELIT budget)."""
     if compile_blocks:
-        for block in model.blocks:
-            block.compile()
+        from models.compile import compile_model
+
+        compile_model(model)
     return model
 
 

@@ -20,6 +20,7 @@ import torch
 from utils.progress import progress_bar
 
 from utils.atomic import atomic_write, reported_write_errors
+from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 
 from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
@@ -253,18 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compare samples and a reference batch of different image sizes")
     parser.add_argument("--out", default=None, metavar="JSON", help="also write the results to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--cpu-threads", type=cpu_threads_arg, default=None, help=CPU_THREADS_HELP)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        results = evaluate(
-            args.ref_batch, args.sample_batch, inception_weights=args.inception_weights, device=args.device,
-            batch_size=args.batch_size, num_ref_pr=args.num_ref_pr, fdd=args.fdd,
-            dinov2_weights=args.dinov2_weights, dinov2_model=args.dinov2_model, fid_method=args.fid_method,
-            allow_resolution_mismatch=args.allow_resolution_mismatch, swd=args.swd,
-            swd_num_images=args.swd_num_images, swd_seed=args.swd_seed, progress=not args.no_progress)
+        with using_cpu_threads(args.cpu_threads):
+            results = evaluate(
+                args.ref_batch, args.sample_batch, inception_weights=args.inception_weights, device=args.device,
+                batch_size=args.batch_size, num_ref_pr=args.num_ref_pr, fdd=args.fdd,
+                dinov2_weights=args.dinov2_weights, dinov2_model=args.dinov2_model, fid_method=args.fid_method,
+                allow_resolution_mismatch=args.allow_resolution_mismatch, swd=args.swd,
+                swd_num_images=args.swd_num_images, swd_seed=args.swd_seed, progress=not args.no_progress)
         for name, reason in results.get("not_computed", {}).items():
             print(f"note: {name} {reason}", file=sys.stderr)
         if args.out:

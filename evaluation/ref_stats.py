@@ -29,6 +29,7 @@ from data.datasets import open_dataset
 from data.robust import CorruptSampleError, ReplaceBadSamples
 from utils.atomic import reported_write_errors
 from utils.distributed import DistContext, setup_distributed
+from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 
 from .fdd import DEFAULT_DINOV2_MODEL, DINOV2_IMAGE_SIZE, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
 from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=4, help="image-decoding processes per rank (default 4)")
     parser.add_argument("--device", default=None, help="cpu forces the CPU (gloo); default: the GPU if any")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--cpu-threads", type=cpu_threads_arg, default=None, help=CPU_THREADS_HELP)
     return parser
 
 
@@ -216,11 +218,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if not (args.inception or args.dinov2 or args.swd_images):
             raise InputError("nothing to compute: --no-inception, --no-dinov2 and --swd-images 0")
-        stats = compute_statistics(
-            args.images, inception=args.inception, dinov2=args.dinov2, swd_images=args.swd_images, seed=args.seed,
-            inception_weights=args.inception_weights, dinov2_model=args.dinov2_model,
-            dinov2_weights=args.dinov2_weights, batch_size=args.batch_size, workers=args.workers, ctx=ctx,
-            progress=not args.no_progress)
+        with using_cpu_threads(args.cpu_threads):
+            stats = compute_statistics(
+                args.images, inception=args.inception, dinov2=args.dinov2, swd_images=args.swd_images,
+                seed=args.seed, inception_weights=args.inception_weights, dinov2_model=args.dinov2_model,
+                dinov2_weights=args.dinov2_weights, batch_size=args.batch_size, workers=args.workers, ctx=ctx,
+                progress=not args.no_progress)
         if stats is not None:
             with reported_write_errors(args.out, EvaluationError):
                 save_statistics(stats, args.out)

@@ -3,6 +3,7 @@ r"""Budget sweep of an ELIT checkpoint: the same seeds at every budget, FLOPs pe
     python -m generation.budget_sweep --ckpt CKPT --class-label 207 [--out DIR] [--seed 0]
         [--num-seeds 4] [--steps 50 | --steps 40,10] [--method euler|heun|sde] [--cfg-scale 1]
         [--budgets 0.25,0.5,1 | --all-levels] [--vae ...] [--model NAME] [--no-ema] [--precision tf32]
+        [--compile] [--cpu-threads N]
 
 Budgets: the levels the model was trained with (``models.budget_levels``), ``--all-levels`` for
 every ``k / g^2`` (k = 1 .. g^2), or an explicit ``--budgets`` list. Row i of the grid is sample i
@@ -26,6 +27,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 from .config import GenerateConfig, GenerationError, checkpoint_tag, resolve_config, validate_config
 
 MIN_COLUMN_PX = 256  # grid.png: tiny samples are upscaled (nearest) to at least this width per column
@@ -61,6 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-ema", action="store_true", help="the raw training weights instead of EMA")
     parser.add_argument("--precision", default="tf32", help="fp32 | tf32 | bf16")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model's blocks (models/compile.py)")
+    parser.add_argument("--cpu-threads", type=cpu_threads_arg, default=None, help=CPU_THREADS_HELP)
     return parser.parse_args(argv)
 
 
@@ -82,8 +86,10 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
                  steps: Optional[List[int]] = None, thresholds: Optional[List[float]] = None,
                  method: str = "euler", cfg_scale: float = 1.0, budgets: Optional[List[float]] = None,
                  all_levels: bool = False, vae: Optional[str] = None, model_name: Optional[str] = None,
-                 use_ema: bool = True, precision: str = "tf32", device: Optional[str] = None) -> dict:
-    """Run the sweep; returns the JSON record (also written to ``<out>/budget_sweep.json``)."""
+                 use_ema: bool = True, precision: str = "tf32", device: Optional[str] = None,
+                 compile: bool = False) -> dict:
+    """Run the sweep; returns the JSON record (also written to ``<out>/budget_sweep.json``).
+    ``compile``: torch.compile the model's blocks (models/compile.py) for every budget."""
     import samplers
     from bench.flops import counted_forward_flops
     from dfm import pyramid_of
@@ -115,6 +121,10 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
         levels = sweep_budgets(model, budgets, all_levels)
     except ValueError as error:
         raise GenerationError(f"--budgets: {error}") from None
+    if compile:
+        from models.compile import compile_model
+
+        compile_model(model)
     out = out or os.path.join("results", "budget_sweep", checkpoint_tag(ckpt))  # exps/RUN/checkpoints/STEP.pt
     decoder = Decoder(cfg.vae, model.in_channels, dev)
     pyramid = pyramid_of(model)
@@ -196,11 +206,12 @@ def plot_flops(rows: List[dict], path: str, title: str = "") -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        record = budget_sweep(args.ckpt, args.class_label, args.out, seed=args.seed, num_seeds=args.num_seeds,
-                              steps=args.steps, thresholds=args.thresholds, method=args.method,
-                              cfg_scale=args.cfg_scale, budgets=args.budgets, all_levels=args.all_levels,
-                              vae=args.vae, model_name=args.model, use_ema=not args.no_ema,
-                              precision=args.precision, device=args.device)
+        with using_cpu_threads(args.cpu_threads):
+            record = budget_sweep(args.ckpt, args.class_label, args.out, seed=args.seed, num_seeds=args.num_seeds,
+                                  steps=args.steps, thresholds=args.thresholds, method=args.method,
+                                  cfg_scale=args.cfg_scale, budgets=args.budgets, all_levels=args.all_levels,
+                                  vae=args.vae, model_name=args.model, use_ema=not args.no_ema,
+                                  precision=args.precision, device=args.device, compile=args.compile)
     except GenerationError as error:
         print(f"budget_sweep: error: {error}", file=sys.stderr, flush=True)
         return 2

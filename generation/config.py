@@ -89,6 +89,10 @@ class GenerateConfig:
     resolution: Optional[int] = _help("image size in pixels (null: from the checkpoint / model)")
     precision: str = _help("fp32 | tf32 | bf16 (model forward; the VAE decodes in fp32)", "tf32")
     use_ema: bool = _help("sample with the EMA weights (false: the raw training weights)", True)
+    compile: bool = _help("torch.compile the model's transformer blocks (models/compile.py): faster sampling "
+                          "after a one-off compile (about a minute on a CPU)", False)
+    cpu_threads: Optional[int] = _help("torch CPU threads per process; null = OMP_NUM_THREADS if set, else the "
+                                       "usable CPUs / processes per machine (utils/threads.py)")
     trust_checkpoint: bool = _help(
         "allow full unpickling of a .pt that safe loading refuses. DANGEROUS: unpickling runs any code the "
         "file carries; use only for files you made or fully trust (or convert them to .safetensors)", False)
@@ -203,6 +207,8 @@ def validate_config(cfg: DictConfig) -> None:
         fail("run_name", f"must be a plain folder name, got {cfg.run_name!r}")
     if cfg.resolution is not None and cfg.resolution < 1:
         fail("resolution", f"must be >= 1, got {cfg.resolution}")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+        fail("cpu_threads", f"must be >= 1 or null, got {cfg.cpu_threads}")
 
 
 def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_classes: int,

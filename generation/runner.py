@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import GenerationError, mismatched_keys, resolve_config, validate_config
 from utils.atomic import reported_write_errors
 from utils.distributed import DistContext, setup_distributed
+from utils.threads import using_cpu_threads
 from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_temporaries,
                      write_npz_from_pngs, write_png_atomic)
 from .labels import class_labels
@@ -140,11 +141,12 @@ def run(cfg: DictConfig) -> dict:
     run_dir, npz (or None), generated (new images, all ranks), seconds, images_per_second."""
     validate_config(cfg)
     check_sample_dir(cfg.sample_dir)
-    ctx = setup_distributed()
-    try:
-        return _run(cfg, ctx)
-    finally:
-        ctx.close()
+    with using_cpu_threads(cfg.cpu_threads):
+        ctx = setup_distributed()
+        try:
+            return _run(cfg, ctx)
+        finally:
+            ctx.close()
 
 
 def _run(cfg: DictConfig, ctx: DistContext) -> dict:
@@ -196,6 +198,10 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     ctx.barrier()
 
     model.eval()
+    if cfg.compile:
+        from models.compile import compile_model
+
+        compile_model(model)
     pyramid = pyramid_of(model)  # the model's stage scales, if it was trained with them
     stage_shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
     labels = class_labels(N, cfg.num_classes, cfg.seed, cfg.labels)

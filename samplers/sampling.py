@@ -113,14 +113,23 @@ def check_budgets(model, inference_budget=None, unconditional_inference_budget=N
             raise ValueError(f"unconditional_inference_budget: {error}") from None
 
 
+def _to_device(t: torch.Tensor, device: torch.device, dtype=None) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting for the GPU: a pageable copy would
+    synchronise the stream, a pinned one is asynchronous (its buffer is kept until the copy ran)."""
+    if t.device != device and device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device=device, dtype=dtype)
+
+
 def _randn_like(x: torch.Tensor, generator: Union[None, torch.Generator, Sequence[torch.Generator]]):
     if generator is None or isinstance(generator, torch.Generator):
         g_device = generator.device if generator is not None else x.device
-        return torch.randn(x.shape, generator=generator, device=g_device, dtype=torch.float32).to(x)
+        return _to_device(torch.randn(x.shape, generator=generator, device=g_device, dtype=torch.float32),
+                          x.device, x.dtype)
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
-                        for g in generator]).to(x)
+    return _to_device(torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                                   for g in generator]), x.device, x.dtype)
 
 
 @torch.no_grad()
@@ -168,8 +177,8 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
         start += int(n) - (1 if method == "sde" and i == S - 1 else 0)
         chunk_ends[start] = i
     xs = [z.to(torch.float64) for z in noise]
-    times_model = times.to(device=xs[0].device, dtype=velocity.dtype)
-    active_model = active.to(xs[0].device)
+    times_model = _to_device(times, xs[0].device, velocity.dtype)
+    active_model = _to_device(active, xs[0].device)
     previews = []
     pyramid = pyramid_of(model)
     N = active.shape[0]

@@ -207,9 +207,11 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     cpu_threads: Optional[int] = field(default=None, metadata=_help(
-        "torch CPU threads per process; null = torch's default (the CPU demo uses 1: spinning "
+        "torch CPU threads per process, also under accelerate's multi-CPU launch; null = OMP_NUM_THREADS if "
+        "set, else the usable CPUs / processes per machine (utils/threads.py; the CPU demo uses 1: spinning "
         "OpenMP threads are very slow on a busy machine)"))
-    compile: bool = field(default=False, metadata=_help("torch.compile the model"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the transformer blocks for training, previews and evaluation (models/compile.py)"))
     ema_decay: float = field(default=0.9999, metadata=_help("EMA decay, updated every optimizer step"))
     seed: int = field(default=0, metadata=_help("global seed (model init, data order, noise)"))
     # --- schedule ---

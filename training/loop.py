@@ -18,7 +18,6 @@ checkpoint is written after a non-finite loss, so the newest checkpoint is the l
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -46,8 +45,10 @@ from training.sampler import ResumableBatchSampler
 from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
                             gather_objects, load_decoder_vae, make_previewer, open_run_folder, open_training_dataset,
                             previews_on, resume_target, world_size_from_env, write_demo_data)
+from training.step import TrainStep
 from utils.config import config_to_dict
 from utils.progress import progress_bar
+from utils.threads import apply_cpu_threads, using_cpu_threads
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "CheckpointWriteError", "check_batch_split"]
 
@@ -69,12 +70,9 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
     preview, as if the job had been killed. SIGTERM / SIGUSR1 end it after the current step with
     a checkpoint (training/preemption.py); the result then names the signal in `preempted`.
     """
-    threads = torch.get_num_threads()
-    if cfg.cpu_threads:
-        torch.set_num_threads(int(cfg.cpu_threads))
     logging.getLogger("dfm.train").handlers.clear()  # no log.txt of an earlier run in this process
     try:
-        with Preemption() as preemption:
+        with using_cpu_threads(cfg.cpu_threads), Preemption() as preemption:
             return _train(cfg, stop_after_step, preemption)
     except (ConfigError, TrainingStopped) as error:
         log_error_to_file(f"error: {error}")
@@ -85,14 +83,13 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
     except Exception as error:
         log_error_to_file(f"training stopped by an unexpected error: {error}", exc_info=sys.exc_info())
         raise
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> TrainResult:
     t_start = time.time()
     micro_batch = check_batch_split(cfg, world_size_from_env())
     accelerator = create_accelerator(cfg)
+    threads = apply_cpu_threads(cfg.cpu_threads)  # again: accelerate's multi-CPU start-up resets them
     rank, is_main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
     P, A, S = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.stages
     preemption.connect(P)
@@ -159,8 +156,9 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
                         run_name=cfg.exp_name, wandb_mode=cfg.wandb_mode)
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info(f"experiment {exp_dir}: {cfg.model} ({n_params / 1e6:.2f}M parameters, {S} stage(s)), "
-             f"{len(dataset)} training items ({dataset.kind}), {P} process(es) on {device.type}, global batch "
-             f"{cfg.batch_size} = {P} x {A} x {micro_batch}, mixed precision {cfg.mixed_precision}")
+             f"{len(dataset)} training items ({dataset.kind}), {P} process(es) on {device.type} ({threads} CPU "
+             f"threads each), global batch {cfg.batch_size} = {P} x {A} x {micro_batch}, mixed precision "
+             f"{cfg.mixed_precision}" + (", compiled blocks" if cfg.compile else ""))
     if repa_features.encoders:
         log.info(f"REPA: proj_coeff {cfg.proj_coeff}, encoder_depth {raw_model.encoder_depth}, frozen "
                  + ", ".join(repr(e) for e in repa_features.encoders))
@@ -238,7 +236,8 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
 
     data_iter = iter(loader)
     model.train()
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    train_step = TrainStep(accelerator, model, objective, optimizer, state.lr_schedule, state.ema, metrics,
+                           accumulation=A, max_grad_norm=cfg.max_grad_norm, logged_terms=logged_terms)
     with progress_bar(total=cfg.max_train_steps, initial=step, disable=not is_main, desc="train",
                       dynamic_ncols=True) as bar:  # closed before any error line is printed
         while step < cfg.max_train_steps and not preemption.requested():  # polled once per step
@@ -251,19 +250,9 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
                                 f"{record['reason']}")
                 inputs = prepare(items, generator)
                 inputs.model_kwargs.update(budgets(step, a))
-                sync = contextlib.nullcontext() if a == A - 1 else accelerator.no_sync(model)
-                with sync:
-                    out = objective(model, inputs.x, inputs.y, generator=generator,
-                                    encoder_features=inputs.encoder_features, model_kwargs=inputs.model_kwargs)
-                    accelerator.backward(out["loss"] / A)
-                metrics.add_micro_batch(out, step, A, terms=logged_terms)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.lr_schedule.step()
-            state.ema.update()
+                train_step.micro_batch(inputs, generator, step, a)
+            train_step.finish()
             step += 1
-            metrics.add_step(grad_norm)
             bar.update(1)
 
             # ---- logging, checkpoints, previews

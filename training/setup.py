@@ -40,9 +40,9 @@ def create_accelerator(cfg):
     from accelerate import Accelerator
 
     expected = world_size_from_env()
-    # compile=true: accelerate compiles the model after wrapping it in DDP (the supported order)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-                              dynamo_backend="inductor" if cfg.compile else None)
+    # compile=true compiles regions of the model in build_train_state (models/compile.py), not here:
+    # accelerate would compile the whole DDP-wrapped model
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     if accelerator.num_processes != expected:
         raise ConfigError(
             f"accelerate reports {accelerator.num_processes} process(es) but WORLD_SIZE={expected}: "
@@ -241,6 +241,11 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
     ema_model = create_ema(model)
     if ckpt is not None:
         ema_model.load_state_dict(ckpt["ema"])
+    if cfg.compile:  # after the EMA copy: a deep copy of a compiled module would call the original
+        from models.compile import compile_model
+
+        compile_model(model)
+        compile_model(ema_model)  # previews and evaluation sample with it
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
         weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=(torch.device(device).type == "cuda"))
