@@ -167,6 +167,17 @@ def test_auto_is_measured_once_stored_and_survives_resume(tiny_data, tmp_path, m
     assert models.load_pretrained(exported).stage_scales == expected
 
 
+def test_resuming_with_the_same_explicit_scales_continues_the_run(tiny_data, tmp_path):
+    out = str(tmp_path)
+    steps = dict(max_train_steps=4, checkpointing_steps=2, stage_scales="[1,3]")
+    straight = train(tiny_config(tiny_data, out, exp_name="straight", **steps))
+    train(tiny_config(tiny_data, out, exp_name="cut", **steps), stop_after_step=2)
+    resumed = train(tiny_config(tiny_data, out, exp_name="cut", **steps))
+    assert load_ckpt(resumed.last_checkpoint)["arch"]["stage_scales"] == [1.0, 3.0]
+    assert_same_weights(load_ckpt(resumed.last_checkpoint), load_ckpt(straight.last_checkpoint))
+    assert read_losses(resumed.exp_dir) == read_losses(straight.exp_dir)
+
+
 def test_resuming_with_other_scales_is_one_error(tiny_data, tmp_path):
     out = str(tmp_path)
     train(tiny_config(tiny_data, out, exp_name="run", max_train_steps=2, **{"stage_scales": "[1,3]"}))

@@ -58,8 +58,9 @@ def run_stage_scales(cfg, dataset, ckpt: Optional[dict], pixel_space: bool, log)
     if ckpt is not None:
         arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
         stored = arch.get("stage_scales")
+        explicit = given is not None and not isinstance(given, str)  # a list (ListConfig from YAML/overrides)
         agrees = (given == "auto" and stored is not None) or (given is None and stored is None) or (
-            isinstance(given, (list, tuple)) and stored is not None and list(map(float, given)) == list(stored))
+            explicit and stored is not None and [float(c) for c in given] == [float(c) for c in stored])
         if not agrees:
             raise ConfigError(f"stage_scales={given if given is not None else 'null'}, but the checkpoint being "
                               f"resumed was trained with {_describe(stored)}; resume with the checkpoint's "
