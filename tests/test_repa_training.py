@@ -5,6 +5,7 @@ Shapes: 64 px images -> 8x8 latents; a /2 model has 4x4 = 16 tokens, and the enc
 224 * 64 / 256 = 56 px = 4x4 patches of 14 px = 16 tokens.
 """
 import os
+import re
 import shutil
 
 import numpy as np
@@ -245,7 +246,8 @@ def test_two_process_gloo_repa_run_matches_one_process(repa_data, encoder_file, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one = train(parse_config(repa_argv(str(repa_data / "data"), out, encoder_file, exp_name="one",
                                        gradient_accumulation_steps=2, **common)))
-    assert "2 process(es) on cpu, global batch 8 = 2 x 1 x 4" in open(os.path.join(out, "two", "log.txt")).read()
+    assert re.search(r"2 process\(es\) on cpu \(\d+ CPU threads each\), global batch 8 = 2 x 1 x 4",
+                     open(os.path.join(out, "two", "log.txt")).read())
     two_dir = os.path.join(out, "two")
     for a, b in ((read_losses(one.exp_dir), read_losses(two_dir)), (_proj_losses(one.exp_dir), _proj_losses(two_dir))):
         assert sorted(a) == sorted(b) == [1, 2]

@@ -2,6 +2,7 @@
 global batch: 2 processes x 1 micro-batch == 1 process x 2 accumulation steps; the evaluation
 (`eval_every`, each process samples its share) gives the same SWD."""
 import os
+import re
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     one = train(tiny_config(data, out, exp_name="one", gradient_accumulation_steps=2, **common))
 
     log = open(os.path.join(out, "two", "log.txt")).read()
-    assert "2 process(es) on cpu, global batch 8 = 2 x 1 x 4" in log  # really distributed
+    assert re.search(r"2 process\(es\) on cpu \(\d+ CPU threads each\), global batch 8 = 2 x 1 x 4", log)  # really distributed
     two_ckpt = load_ckpt(os.path.join(out, "two", "checkpoints", "0000003.pt"))
     one_ckpt = load_ckpt(one.last_checkpoint)
     assert len(two_ckpt["rng"]) == 2 and not torch.equal(two_ckpt["rng"][0]["torch"], two_ckpt["rng"][1]["torch"])

@@ -34,10 +34,11 @@ mkdir -p "$RUNS"
 # one line per run: "<config name> <seed>"; run JOBS at a time
 {
   for seed in $SEEDS; do
-    for model in sit dfm_sit dfm_sit_calibrated dfm_sit_scales sit_scales sit_time_shift elit_sit; do
+    for model in sit dfm_sit dfm_sit_calibrated dfm_sit_scales sit_scales elit_sit; do
       echo "$model $seed"
     done
   done
+  echo "sit_time_shift $FIRST"            # the two one-seed runs: a control and DFM on the ELIT backbone
   echo "dfm_elit_sit_calibrated $FIRST"
 } | xargs -P "$JOBS" -L 1 sh -c '
   model=$0 seed=$1
@@ -51,7 +52,7 @@ nice -n "$NICE" "$PY" experiments/study/floor.py --data "$DATA" --num 256 --repe
 runs() { for seed in $SEEDS; do echo "$RUNS/$1_s$seed"; done; }
 # shellcheck disable=SC2046
 "$PY" -m evaluation.compare $(runs sit) $(runs dfm_sit) $(runs dfm_sit_calibrated) $(runs dfm_sit_scales) \
-  $(runs sit_scales) $(runs sit_time_shift) $(runs elit_sit) \
+  $(runs sit_scales) "$RUNS/sit_time_shift_s$FIRST" $(runs elit_sit) \
   "$RUNS/dfm_elit_sit_calibrated_s$FIRST" --metric swd --interpolate --out "$OUT/compare_swd.png" \
   --table "$OUT/compare_swd.md" > /dev/null
 for metric in swd swd_32 swd_16; do  # the mean and the two pyramid levels (32 px detail, 16 px)
@@ -59,7 +60,7 @@ for metric in swd swd_32 swd_16; do  # the mean and the two pyramid levels (32 p
   "$PY" experiments/study/summarize.py --sit $(runs sit) --dfm $(runs dfm_sit) --names SiT "DFM-SiT (reference)" \
     --group "DFM-SiT (calibrated)" $(runs dfm_sit_calibrated) --group "DFM-SiT (stage scales only)" \
     $(runs dfm_sit_scales) --group "SiT x 0.7 (control)" $(runs sit_scales) \
-    --group "SiT time shift (control)" $(runs sit_time_shift) \
+    --group "SiT time shift (control)" "$RUNS/sit_time_shift_s$FIRST" \
     --group "ELIT-SiT (full budget)" $(runs elit_sit) \
     --group "DFM-ELIT-SiT (calibrated)" "$RUNS/dfm_elit_sit_calibrated_s$FIRST" \
     --floor "$OUT/floor.json" --metric "$metric" --out "$OUT" > /dev/null
