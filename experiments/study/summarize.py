@@ -94,6 +94,7 @@ def _crossings(models: Dict[str, Sequence[str]], data: dict) -> List[str]:
 def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None, out_dir: str) -> str:
     """Write the PNG and the table; returns the table text."""
     floor = floor_of(floor, metric)
+    os.makedirs(out_dir, exist_ok=True)
     data = {name: seed_curves(runs, metric) for name, runs in models.items()}
     names = list(models)
     steps = sorted(set.intersection(*[set(xs.tolist()) for xs, _ in data.values()]))
