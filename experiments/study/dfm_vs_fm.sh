@@ -34,12 +34,11 @@ mkdir -p "$RUNS"
 # one line per run: "<config name> <seed>"; run JOBS at a time
 {
   for seed in $SEEDS; do
-    for model in sit dfm_sit dfm_sit_calibrated dfm_sit_scales sit_scales elit_sit; do
+    for model in sit dfm_sit dfm_sit_calibrated dfm_sit_scales sit_scales sit_time_shift elit_sit; do
       echo "$model $seed"
     done
   done
-  echo "sit_time_shift $FIRST"            # the two one-seed runs: a control and DFM on the ELIT backbone
-  echo "dfm_elit_sit_calibrated $FIRST"
+  echo "dfm_elit_sit_calibrated $FIRST"   # the one-seed run: DFM on the ELIT backbone
 } | xargs -P "$JOBS" -L 1 sh -c '
   model=$0 seed=$1
   if [ -f "'"$RUNS"'/${model}_s$seed/checkpoints/0002000.pt" ]; then exit 0; fi
@@ -52,7 +51,7 @@ nice -n "$NICE" "$PY" experiments/study/floor.py --data "$DATA" --num 256 --repe
 runs() { for seed in $SEEDS; do echo "$RUNS/$1_s$seed"; done; }
 # shellcheck disable=SC2046
 "$PY" -m evaluation.compare $(runs sit) $(runs dfm_sit) $(runs dfm_sit_calibrated) $(runs dfm_sit_scales) \
-  $(runs sit_scales) "$RUNS/sit_time_shift_s$FIRST" $(runs elit_sit) \
+  $(runs sit_scales) $(runs sit_time_shift) $(runs elit_sit) \
   "$RUNS/dfm_elit_sit_calibrated_s$FIRST" --metric swd --interpolate --out "$OUT/compare_swd.png" \
   --table "$OUT/compare_swd.md" > /dev/null
 for metric in swd swd_32 swd_16; do  # the mean and the two pyramid levels (32 px detail, 16 px)
@@ -60,11 +59,20 @@ for metric in swd swd_32 swd_16; do  # the mean and the two pyramid levels (32 p
   "$PY" experiments/study/summarize.py --sit $(runs sit) --dfm $(runs dfm_sit) --names SiT "DFM-SiT (reference)" \
     --group "DFM-SiT (calibrated)" $(runs dfm_sit_calibrated) --group "DFM-SiT (stage scales only)" \
     $(runs dfm_sit_scales) --group "SiT x 0.7 (control)" $(runs sit_scales) \
-    --group "SiT time shift (control)" "$RUNS/sit_time_shift_s$FIRST" \
+    --group "SiT time shift (control)" $(runs sit_time_shift) \
     --group "ELIT-SiT (full budget)" $(runs elit_sit) \
     --group "DFM-ELIT-SiT (calibrated)" "$RUNS/dfm_elit_sit_calibrated_s$FIRST" \
     --floor "$OUT/floor.json" --metric "$metric" --out "$OUT" > /dev/null
 done
 # shellcheck disable=SC2046
 "$PY" experiments/study/budget_curve.py --elit $(runs elit_sit) --sit $(runs sit) --out "$OUT" > /dev/null
-echo "wrote $OUT/study_swd{,_32,_16}.{png,md}, $OUT/compare_swd.{png,md}, $OUT/elit_budgets.{png,md,jsonl}"
+# the sampler check: SiT with Heun (10 steps, 19 NFE) at steps 1000, 1500, 2000; calibrated DFM's Heun splits
+# shellcheck disable=SC2046
+"$PY" experiments/study/resample.py $(runs sit) --set eval_sampler.method=heun \
+  --set "eval_sampler.num_steps_per_scale=[10]" --steps 1000 1500 2000 --out "$OUT/resample_heun.jsonl" > /dev/null
+for split in "[9,1]" "[8,2]"; do
+  # shellcheck disable=SC2046
+  "$PY" experiments/study/resample.py $(runs dfm_sit_calibrated) --set eval_sampler.method=heun \
+    --set "eval_sampler.num_steps_per_scale=$split" --steps 2000 --out "$OUT/resample_heun.jsonl" > /dev/null
+done
+echo "wrote $OUT/study_swd{,_32,_16}.{png,md}, $OUT/compare_swd.{png,md}, $OUT/elit_budgets.{png,md,jsonl}, $OUT/resample_heun.jsonl"

@@ -130,7 +130,11 @@ def summarize(models: Dict[str, Sequence[str]], metric: str, floor: dict | None,
     ax.set_ylabel(f"{metric} (lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    if len(data) > 3:  # many models: the legend goes beside the plot, not over the curves
+        fig.set_size_inches(6.5, 4.0)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend()
     _save_figure(fig, os.path.join(out_dir, f"study_{metric}.png"))
     return text
 
