@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from utils.config import Alias
 
@@ -274,6 +274,9 @@ def _check_stage_scales(given, stored):
         return stored
     if isinstance(given, str) and given.lower() == "none":
         given = None
+    if given is not None and (isinstance(given, str) or not isinstance(given, (list, tuple, ListConfig))):
+        raise GenerationError(f"config key 'stage_scales': must be null, auto, none or a list of numbers, "
+                              f"got {given!r}")
     given_list = None if given is None else list(given)
     try:
         same = (given_list is None and stored is None) or (

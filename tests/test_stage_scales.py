@@ -252,6 +252,9 @@ def test_generate_samples_with_the_checkpoint_scales_and_refuses_others(tmp_path
     for given in ("[1.0,2.0]", "none"):
         with pytest.raises(GenerationError, match=r"stage_scales.*trained with \[1.0, 3.0\]"):
             generate(stage_scales=given)
+    for bad in ("5", "bogus"):  # not a list: one line, not a TypeError (nor a list of letters)
+        with pytest.raises(GenerationError, match=r"stage_scales': must be null, auto, none or a list"):
+            generate(stage_scales=bad)
     plain, _ = _scaled_checkpoint(tmp_path / "plain.pt", None)
     with pytest.raises(GenerationError, match=r"trained with none"):
         run(load_config(GenerateConfig, ["--ckpt", plain, "stage_scales=[1,3]", "num_samples=1",
