@@ -171,10 +171,10 @@ def labelled_grid(images: np.ndarray, labels: List[str], min_column_px: int = MI
     """(N, H, W, 3) uint8, one column per label (row-major) -> the grid, each image upscaled by
     the integer factor `k = ceil(min_column_px / W)` (nearest), under a white band holding each
     column's label (PIL's default font). Returns (band + rows*(k*H + pad) + pad, cols*(k*W + pad) + pad, 3)."""
-    from training.previews import label_band, make_grid
+    from training.previews import label_band, make_grid, upscaled
 
     k = max(1, math.ceil(min_column_px / images.shape[2]))
-    big = images.repeat(k, axis=1).repeat(k, axis=2)
+    big = upscaled(images, k)
     pad = 2 * k
     grid = make_grid(big, nrow=len(labels), pad=pad, pad_value=255)
     width = big.shape[2] + pad

@@ -49,15 +49,21 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 0) -
     return grid
 
 
+GRID_GAP = 8  # white columns between the grids of one preview (side_by_side, and the captions above them)
+
+
+def upscaled(image: np.ndarray, k: int) -> np.ndarray:
+    """(..., H, W, C) -> (..., k*H, k*W, C), every pixel repeated k x k (nearest neighbour)."""
+    return image.repeat(k, axis=-3).repeat(k, axis=-2) if k > 1 else image
+
+
 def save_png(image: np.ndarray, path: str, upscale: int = 1) -> None:
-    img = Image.fromarray(image)
-    if upscale > 1:
-        img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
+    img = Image.fromarray(upscaled(image, upscale))
     with atomic_write(path, "wb") as f:
         img.save(f, format="PNG")
 
 
-def side_by_side(grids: List[np.ndarray], gap: int = 8) -> np.ndarray:
+def side_by_side(grids: List[np.ndarray], gap: int = GRID_GAP) -> np.ndarray:
     """Equal-height (H, W_i, 3) uint8 grids -> one image, separated by white columns `gap` wide."""
     parts = []
     for g in grids:
@@ -174,11 +180,11 @@ class PreviewMaker:
         per_stage = [np.concatenate([b[i] for b in stages]) for i in range(len(stages[0]))] if stages and stages[0] else []
         return final, per_stage
 
-    def _captioned(self, grid: np.ndarray, grids: List[np.ndarray], gap: int = 8) -> np.ndarray:
+    def _captioned(self, grid: np.ndarray, grids: List[np.ndarray], gap: int = GRID_GAP) -> np.ndarray:
         """The grid as saved: upscaled by `preview.upscale` (nearest) and, for ELIT models, under a
         band naming each budget column's budget, latent fraction and FLOPs per forward."""
         k = int(self.cfg.upscale)
-        big = grid.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else grid
+        big = upscaled(grid, k)
         if not self.budget_flops:
             return big
         labels, x = [], 0
