@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dfm  # noqa: E402
 import models  # noqa: E402
 import samplers  # noqa: E402
-from bench.flops import counted_forward_flops, forward_flops_per_image  # noqa: E402
+from bench.flops import counted_forward_flops  # noqa: E402
+from training.config import recipe_objective  # noqa: E402
 from bench.table import ELIT_COLUMNS, LOADER_COLUMNS, SAMPLE_COLUMNS, TRAIN_COLUMNS, Table  # noqa: E402
 from models.encoders import encoder_features  # noqa: E402
 from training.ema import EMA, create_ema  # noqa: E402
@@ -124,8 +124,7 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
     ema = EMA(model, create_ema(model), 0.9999)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
                                   eps=1e-8, fused=device.type == "cuda")
-    weighting = "lognormal"
-    objective = dfm.FlowMatchingObjective(model.num_stages, weighting=weighting, proj_coeff=0.5 if repa else 0.0)
+    objective = recipe_objective(model.num_stages, proj_coeff=0.5 if repa else 0.0)
     size = model.input_size
     x = torch.randn(batch, model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
@@ -155,7 +154,7 @@ def bench_train(name: str, batch: int, variant: str, device, steps: int, warmup:
     elapsed = time.perf_counter() - start
     result = {"model": name, "batch": batch, "variant": variant, "images_per_sec": batch * steps / elapsed,
               "step_ms": 1000 * elapsed / steps, "final_loss": float(loss.detach())}
-    flops = 3 * (forward_flops_per_image(model) if budget is None else counted_forward_flops(model, budget))
+    flops = 3 * counted_forward_flops(model, budget)
     if encoders:  # forward only: the encoder is frozen
         result["repa"] = repa
         result["encoder_gflop_per_image"] = encoder_flops_per_image(encoders) / 1e9
@@ -177,7 +176,7 @@ def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, t
             p.add_(0.02 * torch.randn_like(p))
     maybe_compile(model, compile_blocks)
     g = torch.Generator().manual_seed(1)
-    noise = [torch.randn(batch, model.in_channels, s, s, generator=g).to(device) for s in model.stage_sizes]
+    noise = [torch.randn(batch, *shape, generator=g).to(device) for shape in model.stage_shapes]
     y = torch.randint(0, model.num_classes, (batch,), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -185,7 +184,7 @@ def bench_sample(name: str, batch: int, variant: str, device, steps_per_scale, t
         with autocast:
             out = samplers.sample(model, noise, y, num_steps_per_scale=steps_per_scale, thresholds=thresholds,
                                   inference_budget=budget)
-        return dfm.pyramid_of(model).recompose(out)
+        return model.decomposition.recompose(out)
 
     run()  # warm-up (and compilation)
     synchronize(device)

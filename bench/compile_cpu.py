@@ -87,7 +87,7 @@ def train_runner(model, levels):
     import torch
     from accelerate import Accelerator
 
-    import dfm
+    from training.config import recipe_objective
     from training.ema import EMA, create_ema
     from training.loop import MetricWindow
     from training.step import TrainStep
@@ -96,7 +96,7 @@ def train_runner(model, levels):
     accelerator = Accelerator(cpu=True, mixed_precision="no")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    objective = dfm.FlowMatchingObjective(model.num_stages, stage_sampling="per_sample", weighting="lognormal")
+    objective = recipe_objective(model.num_stages, stage_sampling="per_sample")
     step = TrainStep(accelerator, model, objective, optimizer, schedule, EMA(model, create_ema(model), 0.99),
                      MetricWindow(model.num_stages, "cpu"), accumulation=1, max_grad_norm=1.0)
     g = torch.Generator().manual_seed(1)
@@ -124,7 +124,7 @@ def sample_runner(model, levels):
 
     model.eval()
     g = torch.Generator().manual_seed(2)
-    noise = [torch.randn(SAMPLE_BATCH, model.in_channels, s, s, generator=g) for s in model.stage_sizes]
+    noise = [torch.randn(SAMPLE_BATCH, *shape, generator=g) for shape in model.stage_shapes]
     y = torch.randint(0, model.num_classes, (SAMPLE_BATCH,), generator=g)
     S = model.num_stages
     steps = [SAMPLE_STEPS] if S == 1 else [SAMPLE_STEPS - 2 * (S - 1)] + [2] * (S - 1)

@@ -1,10 +1,9 @@
-"""FLOP counts of one forward pass (matmul FLOPs = 2 x multiply-adds).
+"""FLOP counts of one forward pass (matmul FLOPs = 2 x multiply-adds), counted op by op.
 
-``forward_flops_per_image``: analytic, SiT / DFM-SiT. Counted: every Linear/conv matmul and the
-two attention matmuls (QK^T and AV). Not counted: normalisations, activations, softmax,
-elementwise ops (a few per cent of the total at most).
-``counted_forward_flops``: any model incl. ELIT at a budget, counted op by op with
-``torch.utils.flop_counter`` (the same matmuls, attention included).
+``counted_forward_flops`` runs the model's meta-device twin under ``torch.utils.flop_counter``:
+every Linear/conv matmul and the two attention matmuls (QK^T and AV), of whatever block parts,
+decomposition and ELIT budget the model has -- there is no formula that assumes parameter names.
+Not counted: normalisations, activations, softmax, elementwise ops (a few per cent at most).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ def counted_forward_flops(model, inference_budget=None, batch_size: int = 1) -> 
         device, dtype = param.device, param.dtype
     was_training = model.training
     model.eval()
-    xs = [torch.zeros(batch_size, model.in_channels, s, s, device=device, dtype=dtype) for s in model.stage_sizes]
+    xs = [torch.zeros(batch_size, *shape, device=device, dtype=dtype) for shape in model.stage_shapes]
     t = torch.full((batch_size, model.num_stages), 0.5, device=device, dtype=dtype)
     y = torch.zeros(batch_size, dtype=torch.long, device=device)
     kwargs = {} if inference_budget is None else {"inference_budget": inference_budget}
@@ -39,36 +38,12 @@ def counted_forward_flops(model, inference_budget=None, batch_size: int = 1) -> 
     return int(counter.get_total_flops())
 
 
-def forward_flops_per_image(model) -> int:
-    """FLOPs of one forward pass for one image (all stages active, no CFG doubling)."""
-    if hasattr(model, "kept_latents"):
-        raise ValueError("ELIT models: the analytic count does not know the latent interface; use "
-                         "counted_forward_flops(model, inference_budget)")
-    D = model.hidden_size
-    T = model.grid * model.grid
-    depth = len(model.blocks)
-    mlp_hidden = model.blocks[0].mlp.fc1.out_features
-    macs = 0
-    # transformer blocks: qkv + proj + MLP per token, attention T x T, adaLN per image
-    per_block = T * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * T * T * D + D * 6 * D
-    macs += depth * per_block
-    # patch embedders (one per stage) and output heads (one per stage)
-    C = model.in_channels
-    if model.multistage:
-        patches = [max(1, int(p)) for p in model.x_embedder.patch_sizes]
-        num_t_embedders = len(model.t_embedder.embedders)
-    else:
-        patches = [model.patch_size]
-        num_t_embedders = 1
-    for p in patches:
-        macs += T * (C * p * p) * D  # patch embedding conv
-        macs += T * D * (p * p * C) + D * 2 * D  # head linear + head adaLN
-    macs += num_t_embedders * (256 * D + D * D)  # timestep MLPs
-    for projector in getattr(model, "projectors", []):
-        macs += T * sum(layer.in_features * layer.out_features for layer in projector if hasattr(layer, "in_features"))
-    return 2 * macs
+def forward_flops_per_image(model, inference_budget=None) -> int:
+    """FLOPs of one forward pass for one image (all stages active, no CFG doubling), counted: the
+    same for every block part, decomposition and ELIT budget (see :func:`counted_forward_flops`)."""
+    return counted_forward_flops(model, inference_budget)
 
 
-def training_flops_per_image(model) -> int:
+def training_flops_per_image(model, inference_budget=None) -> int:
     """The usual 3 x forward (forward + backward of activations and weights)."""
-    return 3 * forward_flops_per_image(model)
+    return 3 * forward_flops_per_image(model, inference_budget)

@@ -1,18 +1,22 @@
-"""Decomposable Flow Matching: Laplacian pyramid, timestep/stage sampling, the S-stage objective.
+"""Decomposable Flow Matching: multi-scale decompositions, timestep/stage sampling, the S-stage objective.
 
-Plain flow matching (SiT) is the one-stage case of everything here.
+Plain flow matching (SiT) is the one-stage case of everything here. The extension points
+(decompositions, time distributions) are registries: see docs/EXTENDING.md.
 """
-from dfm.pyramid import LaplacianPyramid, check_stage_scales, down, pyramid_of, up
+from dfm.decompositions import (DECOMPOSITIONS, Decomposition, LaplacianPyramid, check_stage_scales,
+                                decomposition_of, down, up)
 from dfm.paths import interpolant, velocity_target, score_from_velocity, PATH_TYPES
-from dfm.timesteps import sample_timesteps, sample_logit_normal, WEIGHTINGS
+from dfm.timesteps import (TIME_DISTRIBUTIONS, WEIGHTINGS, TimeDistribution, generator_as_global,
+                           sample_logit_normal, sample_timesteps)
 from dfm.stages import sample_stages, default_stage_weights, validate_stage_weights, STAGE_SAMPLING
 from dfm.objective import FlowMatchingObjective, projection_loss
 from dfm.calibration import LevelEnergy, measure_stage_scales
 
 __all__ = [
-    "LaplacianPyramid", "check_stage_scales", "pyramid_of", "down", "up",
+    "DECOMPOSITIONS", "Decomposition", "LaplacianPyramid", "check_stage_scales", "decomposition_of", "down", "up",
     "interpolant", "velocity_target", "score_from_velocity", "PATH_TYPES",
-    "sample_timesteps", "sample_logit_normal", "WEIGHTINGS",
+    "TIME_DISTRIBUTIONS", "WEIGHTINGS", "TimeDistribution", "generator_as_global",
+    "sample_timesteps", "sample_logit_normal",
     "sample_stages", "default_stage_weights", "validate_stage_weights", "STAGE_SAMPLING",
     "FlowMatchingObjective", "projection_loss", "LevelEnergy", "measure_stage_scales",
 ]

@@ -16,22 +16,25 @@ from typing import Iterable, List
 
 import torch
 
-from dfm.pyramid import LaplacianPyramid
+from dfm.decompositions import Decomposition
 
 DIGITS = 4  # stored scales are rounded: readable in configs and logs, identical on every rank
 
 
 class LevelEnergy:
-    """Running float64 sums of squares of every pyramid level over batches of data."""
+    """Running float64 sums of squares of every (unscaled) level of ``decomposition`` over batches
+    of data: the levels of the decomposition the model uses (``model.decomposition``)."""
 
-    def __init__(self, num_stages: int):
-        self.pyramid = LaplacianPyramid(num_stages)
+    def __init__(self, decomposition: Decomposition):
+        num_stages = decomposition.num_stages
+        self.decomposition = decomposition
         self.sum_sq = [0.0] * num_stages
         self.count = [0] * num_stages
 
     def add(self, x: torch.Tensor) -> None:
         """x: (B, C, H, W) data in the model's input space (scaled latents or pixels in [-1, 1])."""
-        for s, level in enumerate(self.pyramid.decompose(x.to(torch.float64))):
+        self.decomposition.check_shape(x.shape[1:])
+        for s, level in enumerate(self.decomposition.split(x.to(torch.float64))):
             self.sum_sq[s] += float((level ** 2).sum())
             self.count[s] += level.numel()
 
@@ -50,9 +53,9 @@ class LevelEnergy:
         return [round(rms[0] / r, DIGITS) for r in rms]
 
 
-def measure_stage_scales(batches: Iterable[torch.Tensor], num_stages: int) -> List[float]:
+def measure_stage_scales(batches: Iterable[torch.Tensor], decomposition: Decomposition) -> List[float]:
     """The ``auto`` stage scales of data given as batches (B, C, H, W) (see the module docstring)."""
-    energy = LevelEnergy(num_stages)
+    energy = LevelEnergy(decomposition)
     for x in batches:
         energy.add(x)
     return energy.scales()

@@ -6,10 +6,13 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from dfm.decompositions import decomposition_of
 from dfm.paths import PATH_TYPES, velocity_target
-from dfm.pyramid import LaplacianPyramid
 from dfm.stages import STAGE_SAMPLING, default_stage_weights, sample_stages, validate_stage_weights
-from dfm.timesteps import WEIGHTINGS, sample_logit_normal, sample_timesteps
+from dfm.timesteps import TIME_DISTRIBUTIONS, sample_logit_normal
+
+# a time at exactly 0 or 1 would give logit(t) = -inf / inf in the time shift
+_LOGIT_EPS = 1e-6
 
 
 def projection_loss(zs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -33,36 +36,33 @@ def projection_loss(zs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor])
 class FlowMatchingObjective:
     """Training loss of DFM with S stages; with S = 1 it is the plain flow-matching loss.
 
-    Per step: decompose ``x`` into a pyramid; draw the trained stage ``k``; give stages
-    ``j < k`` low-noise times ``sigmoid(N(loc, scale))``, stage ``k`` the ``weighting``
-    distribution, stages ``j > k`` ``t = 1`` with their input zeroed and loss masked; sum the
-    per-stage mean-squared errors over active stages and average over the batch.
-    ``stage_scales`` (SPEC §11): stage s is trained on ``c_s * P_s`` (the model's
-    ``stage_scales``; None = the reference). ``stage_time_shift``: when stage k is the trained
+    Per step: decompose ``x`` with the model's decomposition (``model.decomposition``, which
+    carries its stage scales, SPEC §11: stage s trains on ``c_s * P_s``); draw the trained stage
+    ``k``; give stages ``j < k`` low-noise times ``sigmoid(N(loc, scale))``, stage ``k`` a time of
+    ``time_distribution`` (a spec of ``dfm.timesteps.TIME_DISTRIBUTIONS``), stages ``j > k``
+    ``t = 1`` with their input zeroed and loss masked; sum the per-stage mean-squared errors over
+    active stages and average over the batch. ``stage_time_shift``: when stage k is the trained
     stage its time is ``sigmoid(logit(t) + shift_k)`` (lognormal: logit-normal(shift_k, 1));
-    None = the reference.
+    None = the reference. A model without a ``decomposition`` (a stand-in in tests) gets the
+    Laplacian pyramid of ``num_stages``.
     """
 
     def __init__(self, num_stages: int, stage_weights: Optional[Sequence[float]] = None,
-                 stage_sampling: str = "per_batch", weighting: str = "uniform",
+                 stage_sampling: str = "per_batch", time_distribution="uniform",
                  path_type: str = "linear", earlier_stage_loc: float = -2.0,
                  earlier_stage_scale: float = 1.0, proj_coeff: float = 0.0,
-                 stage_scales: Optional[Sequence[float]] = None,
                  stage_time_shift: Optional[Sequence[float]] = None):
         if stage_sampling not in STAGE_SAMPLING:
             raise ValueError(f"stage_sampling must be one of {STAGE_SAMPLING}, got {stage_sampling!r}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if path_type not in PATH_TYPES:
             raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
         if earlier_stage_scale <= 0:
             raise ValueError(f"earlier_stage_scale must be > 0, got {earlier_stage_scale}")
-        self.pyramid = LaplacianPyramid(num_stages, stage_scales)  # stage s trains on c_s * P_s
+        self.time_distribution = TIME_DISTRIBUTIONS.build(time_distribution, path_type=path_type)
         self.num_stages = num_stages
         weights = default_stage_weights(num_stages) if stage_weights is None else stage_weights
         self.stage_weights = validate_stage_weights(weights, num_stages)
         self.stage_sampling = stage_sampling
-        self.weighting = weighting
         self.path_type = path_type
         self.earlier_stage_loc = float(earlier_stage_loc)
         self.earlier_stage_scale = float(earlier_stage_scale)
@@ -85,10 +85,10 @@ class FlowMatchingObjective:
         """Draw ``(t, active)``: t (B, S) float32, active (B, S) bool (stage j active iff j <= k)."""
         S = self.num_stages
         k = sample_stages(batch_size, self._stage_weights(device), self.stage_sampling, generator)
-        t_main = sample_timesteps(batch_size, self.weighting, self.path_type, device, generator)
+        t_main = self.time_distribution((batch_size,), device, generator)
         if self.stage_time_shift is not None:
             shift = self._on_device("time_shift", self.stage_time_shift, device)[k]
-            t_main = torch.sigmoid(torch.logit(t_main) + shift)
+            t_main = torch.sigmoid(torch.logit(t_main, eps=_LOGIT_EPS) + shift)
         t_early = sample_logit_normal((batch_size, S), self.earlier_stage_loc,
                                       self.earlier_stage_scale, device, generator)
         index = torch.arange(S, device=device)[None, :]
@@ -107,7 +107,7 @@ class FlowMatchingObjective:
         """
         B = x.shape[0]
         draw_device = generator.device if generator is not None else x.device
-        levels = self.pyramid.decompose(x)
+        levels = decomposition_of(model, self.num_stages).decompose(x)
         t, active = self.sample_times(B, draw_device, generator)
         t, active = t.to(x.device), active.to(x.device)
         inputs, targets = [], []

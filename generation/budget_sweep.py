@@ -40,6 +40,18 @@ def _numbers(text: str, kind):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _method(text: str):
+    """A --method value: a registered name, or a YAML mapping with a name and parameters."""
+    import yaml
+
+    from samplers.methods import SAMPLER_METHODS
+
+    try:
+        return SAMPLER_METHODS.compact(yaml.safe_load(text) if text.strip().startswith("{") else text)
+    except (ValueError, yaml.YAMLError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m generation.budget_sweep",
                                      description=__doc__.split("\n\n")[0].strip())
@@ -53,7 +65,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="steps per stage, e.g. 50 or 40,10 (default: generate.py's)")
     parser.add_argument("--thresholds", type=lambda s: _numbers(s, float), default=None,
                         help="DFM stage thresholds (default: generate.py's)")
-    parser.add_argument("--method", default="euler", help="euler | heun | sde")
+    parser.add_argument("--method", default="euler", type=_method,
+                        help="sampler method: a name (euler, heun, sde, ...) or a YAML mapping '{name: sde, last_noisy_time: 0.04}'")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale (both passes at the budget)")
     parser.add_argument("--budgets", type=lambda s: _numbers(s, float), default=None,
                         help="explicit budgets (fractions in (0, 1] or latent counts)")
@@ -92,7 +105,6 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     ``compile``: torch.compile the model's blocks (models/compile.py) for every budget."""
     import samplers
     from bench.flops import counted_forward_flops
-    from dfm import pyramid_of
     from omegaconf import OmegaConf
     from training.previews import save_png
     from utils.atomic import atomic_write
@@ -127,15 +139,13 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
         compile_model(model)
     out = out or os.path.join("results", "budget_sweep", checkpoint_tag(ckpt))  # exps/RUN/checkpoints/STEP.pt
     decoder = Decoder(cfg.vae, model.in_channels, dev)
-    pyramid = pyramid_of(model)
     indices = list(range(num_seeds))
-    stage_shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
-    noise = [n.to(dev) for n in initial_noise(seed, indices, stage_shapes)]
+    noise = [n.to(dev) for n in initial_noise(seed, indices, model.stage_shapes)]
     y = torch.full((num_seeds,), class_label, dtype=torch.long, device=dev)
     tokens = model.grid * model.grid
     rows, columns = [], []
     for budget in levels:
-        generator = sde_generators(seed, indices) if cfg.method == "sde" else None
+        generator = sde_generators(seed, indices)
         start = time.perf_counter()
         with torch.no_grad(), _autocast(cfg.precision, dev):
             final = samplers.sample(model, noise, y, num_steps_per_scale=list(cfg.num_steps_per_scale),
@@ -144,7 +154,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
-        columns.append(decoder(pyramid.recompose([f.float() for f in final])))
+        columns.append(decoder(model.decomposition.recompose([f.float() for f in final])))
         k = model.kept_latents(budget)
         rows.append({"budget": float(budget), "latents_per_window": k, "latents": k * tokens // model.group_size ** 2,
                      "gflops_per_forward": counted_forward_flops(model, budget) / 1e9,
@@ -154,7 +164,8 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     save_png(labelled_grid(images, [_column_label(r) for r in rows]), grid_path)
     plot_flops(rows, plot_path, title=f"{model.arch.get('name')} ({tokens} tokens, group size {model.group_size})")
     record = {"ckpt": ckpt, "model": model.arch.get("name"), "class_label": class_label, "seed": seed,
-              "num_seeds": num_seeds, "method": cfg.method, "num_steps_per_scale": list(cfg.num_steps_per_scale),
+              "num_seeds": num_seeds, "method": OmegaConf.to_container(cfg)["method"],
+              "num_steps_per_scale": list(cfg.num_steps_per_scale),
               "thresholds": list(cfg.thresholds), "cfg_scale": cfg.cfg_scale, "vae": cfg.vae,
               "group_size": model.group_size, "tokens": tokens, "device": str(dev), "precision": cfg.precision,
               "budgets": rows, "grid": grid_path, "flops_plot": plot_path}

@@ -16,11 +16,11 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from samplers.methods import SAMPLER_METHODS
 from utils.config import Alias
 
 from .labels import LABEL_MODES
 
-METHODS = ("euler", "heun", "sde")
 PRECISIONS = ("fp32", "tf32", "bf16")
 PATH_TYPES = ("linear", "cosine")
 DEFAULT_VAE = "ft-ema"
@@ -41,10 +41,12 @@ class GenerationError(Exception):
     """A problem the user can fix (bad option, wrong checkpoint, ...); printed without a traceback."""
 
 
-def _help(text: str, default: Any = None, factory=None):
+def _help(text: str, default: Any = None, factory=None, spec: bool = False):
+    from utils.config import option_help
+
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=factory, metadata=option_help(text, spec))
+    return field(default=default, metadata=option_help(text, spec))
 
 
 @dataclass
@@ -59,7 +61,8 @@ class GenerateConfig:
     labels: str = _help("class labels: random (i.i.d. per sample) or balanced (N/num_classes each)",
                         "random")
     num_classes: Optional[int] = _help("number of classes (null: from the model)")
-    method: str = _help("sampler: euler | heun (ODE) or sde (Euler-Maruyama)", "euler")
+    method: Any = _help("sampler method: a name or {name: ..., parameter: value} (samplers/methods.py): euler, heun "
+                        "(ODE), sde (Euler-Maruyama), ...", "euler", spec=True)
     num_steps_per_scale: Optional[List[int]] = _help(
         "steps of each stage's chunk, e.g. [40, 10]; SiT: [N] (null: [50] for SiT, [40, 10] for S=2, "
         "[40] + [10] * (S-1) beyond)")
@@ -102,18 +105,29 @@ class GenerateConfig:
     save_npz: bool = _help("write {sample_dir}/{run_name}.npz for the ADM evaluation suite", True)
 
 
+def _current_method(cfg) -> str | None:
+    try:
+        return SAMPLER_METHODS.split(cfg.method)[0]
+    except ValueError:
+        return None
+
+
 def _mode(value, cfg) -> dict:
+    """The reference's `mode: ode | sde`: sde selects the SDE; ode keeps an ODE method already chosen
+    (heun, or one of our own) and turns only the SDE into euler."""
     if value == "sde":
         return {"method": "sde"}
     if value == "ode":
-        return {"method": "heun" if cfg.method == "heun" else "euler"}
+        return {"method": "euler"} if _current_method(cfg) == "sde" else {}
     raise GenerationError(f"config key 'mode' (reference name of 'method'): must be ode or sde, got {value!r}")
 
 
 def _heun(value, cfg) -> dict:
-    if cfg.method == "sde":
-        return {}
-    return {"method": "heun" if value else "euler"}
+    """The reference's `heun: true | false`: true selects heun; false turns heun back into euler and
+    leaves any other method alone."""
+    if value:
+        return {} if _current_method(cfg) == "sde" else {"method": "heun"}
+    return {"method": "euler"} if _current_method(cfg) == "heun" else {}
 
 
 def _tf32(value, cfg) -> dict:
@@ -169,8 +183,10 @@ def validate_config(cfg: DictConfig) -> None:
         fail("per_proc_batch_size", f"must be >= 1, got {cfg.per_proc_batch_size}")
     if cfg.labels not in LABEL_MODES:
         fail("labels", f"must be one of {LABEL_MODES}, got {cfg.labels!r}")
-    if cfg.method not in METHODS:
-        fail("method", f"must be one of {METHODS}, got {cfg.method!r}")
+    try:
+        cfg.method = SAMPLER_METHODS.compact(cfg.method)
+    except ValueError as error:
+        fail("method", str(error))
     if cfg.precision not in PRECISIONS:
         fail("precision", f"must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.path_type is not None and cfg.path_type not in PATH_TYPES:
@@ -235,8 +251,8 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
     out.stage_scales = _check_stage_scales(out.stage_scales, stage_scales)
 
     # Null sampler settings: the schedule the training previews use (SPEC section 5 for S <= 2).
-    from training.config import default_preview_schedule
-    default_steps, default_thresholds = default_preview_schedule(S)
+    from samplers.schedules import default_schedule
+    default_steps, default_thresholds = default_schedule(S)
     if out.num_steps_per_scale is None:
         out.num_steps_per_scale = [out.num_steps] if out.num_steps and S == 1 else default_steps
     if len(out.num_steps_per_scale) != S:
@@ -308,7 +324,8 @@ def _num(x: float) -> str:
 
 def default_run_name(cfg: DictConfig) -> str:
     """Folder name from the checkpoint and every setting that changes the images."""
-    parts = [checkpoint_tag(cfg.ckpt), f"{cfg.method}{'+'.join(str(n) for n in cfg.num_steps_per_scale)}"]
+    steps = "+".join(str(n) for n in cfg.num_steps_per_scale)
+    parts = [checkpoint_tag(cfg.ckpt), f"{SAMPLER_METHODS.tag(cfg.method)}{steps}"]
     if cfg.thresholds:
         parts.append("th" + "+".join(_num(x) for x in cfg.thresholds))
     parts.append(f"cfg{_num(cfg.cfg_scale)}")

@@ -83,14 +83,14 @@ def find_missing(run_dir: Path, num_samples: int, size: int, ctx: DistContext) -
     return sorted(i for part in ctx.all_gather_object(mine) for i in part)
 
 
-def generate_batch(model, cfg: DictConfig, indices: list[int], labels: torch.Tensor, stage_shapes,
-                   decoder: Decoder, pyramid, device: torch.device) -> np.ndarray:
+def generate_batch(model, cfg: DictConfig, indices: list[int], labels: torch.Tensor, decoder: Decoder,
+                   device: torch.device) -> np.ndarray:
     """uint8 images (B, H, W, 3) of the given sample indices."""
     import samplers
 
-    noise = [n.to(device) for n in initial_noise(cfg.seed, indices, stage_shapes)]
+    noise = [n.to(device) for n in initial_noise(cfg.seed, indices, model.stage_shapes)]
     y = labels[indices].to(device)
-    generator = sde_generators(cfg.seed, indices) if cfg.method == "sde" else None
+    generator = sde_generators(cfg.seed, indices)  # per-step noise of a stochastic method
     with torch.no_grad(), _autocast(cfg.precision, device):
         final = samplers.sample(
             model, noise, y, num_steps_per_scale=list(cfg.num_steps_per_scale),
@@ -98,7 +98,7 @@ def generate_batch(model, cfg: DictConfig, indices: list[int], labels: torch.Ten
             guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
             path_type=cfg.path_type, generator=generator, **budget_kwargs(cfg))
     with torch.no_grad():
-        x = pyramid.recompose([f.float() for f in final])
+        x = model.decomposition.recompose([f.float() for f in final])
         return decoder(x)
 
 
@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _run(cfg: DictConfig, ctx: DistContext) -> dict:
-    from dfm import pyramid_of
+    from samplers.methods import describe
     from utils.config import save_config
 
     set_precision(cfg.precision)
@@ -192,7 +192,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
         if cfg.unconditional_inference_budget is not None:
             budget += (f" ({'autoguidance' if cfg.autoguidance else 'unconditional pass'} at budget "
                        f"{cfg.unconditional_inference_budget:g})")
-        print(f"sampler {cfg.method} steps {list(cfg.num_steps_per_scale)} thresholds "
+        print(f"sampler {describe(cfg.method)} steps {list(cfg.num_steps_per_scale)} thresholds "
               f"{list(cfg.thresholds)} cfg {cfg.cfg_scale} [{cfg.guidance_low}, {cfg.guidance_high}]{budget}; "
               f"{N} images {size}px -> {run_dir}", flush=True)
     ctx.barrier()
@@ -202,8 +202,6 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
         from models.compile import compile_model
 
         compile_model(model)
-    pyramid = pyramid_of(model)  # the model's stage scales, if it was trained with them
-    stage_shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
     labels = class_labels(N, cfg.num_classes, cfg.seed, cfg.labels)
 
     missing = find_missing(run_dir, N, size, ctx)
@@ -220,7 +218,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
               file=sys.stdout, desc="sampling (rank 0)") as bar:
         for b in range(math.ceil(len(mine) / batch)):
             indices = mine[b * batch:(b + 1) * batch]
-            images = generate_batch(model, cfg, indices, labels, stage_shapes, decoder, pyramid, ctx.device)
+            images = generate_batch(model, cfg, indices, labels, decoder, ctx.device)
             for index, image in zip(indices, images):
                 with writing(png_path(run_dir, index)):
                     write_png_atomic(png_path(run_dir, index), image)

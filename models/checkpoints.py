@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 import torch
 
-from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_model
+from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_for_weights
 from models.weights_io import (UntrustedCheckpointError, describe_globals, is_safetensors, read_weights_file,
                                torch_load_cpu, weights_only_reason)
 from utils.checksum import verify_file
@@ -85,11 +85,15 @@ def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, t
 
 
 def infer_arch(state: Dict[str, torch.Tensor]) -> dict:
-    """Guess the architecture (``create_model`` arguments) from a state dict's keys and shapes.
+    """Guess the architecture (``create_model`` arguments) of a foreign checkpoint (one that stores
+    no ``arch``: REPA, official SiT, reference DFM / ELIT) from its keys and shapes, which follow
+    the published models' parameter names.
 
     Official SiT checkpoints (8-channel ``learn_sigma`` heads) are recognised and marked with
     ``official_sit=True``. ELIT checkpoints (reference key names) give an ``ELIT-`` name and their
-    ``group_size``; their head/tail depths and budget range are the registry's defaults.
+    ``group_size``; their head/tail depths and budget range are the registry's defaults. The
+    attention heads cannot be read from weights: a width that is none of SiT's sizes gets
+    ``num_heads=None`` (the caller must give it).
     """
     if "pos_embed" not in state:
         raise ValueError("state dict has no 'pos_embed': not a SiT/DiT-family checkpoint")
@@ -108,7 +112,7 @@ def infer_arch(state: Dict[str, torch.Tensor]) -> dict:
     grid = math.isqrt(tokens)
     arch = dict(input_size=grid * patch, in_channels=in_channels,
                 num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
-                depth=depth, hidden_size=hidden, num_heads=_HEADS_BY_HIDDEN.get(hidden, max(1, hidden // 64)),
+                depth=depth, hidden_size=hidden, num_heads=_HEADS_BY_HIDDEN.get(hidden),
                 mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
                 qk_norm="blocks.0.attn.q_norm.weight" in state)
     n_proj = len({m.group(1) for k in state if (m := re.match(r"projectors\.(\d+)\.", k))})
@@ -171,23 +175,6 @@ def load_state_dict_strict(model, state: Dict[str, torch.Tensor], looks_like: Op
     model.load_state_dict(state)
 
 
-_BUILD_SIZES = ("depth", "hidden_size", "input_size", "stages", "z_dims")
-
-
-def check_arch_sizes(arch: dict, guess: dict, stored: bool) -> None:
-    """The sizes that cost modules or CPU memory even on the meta device (blocks, stages, REPA
-    projectors, the sin-cos position table) must be those of the tensors (``guess`` =
-    :func:`infer_arch`). A crafted ``arch`` (depth 100000) ends here, before anything is built."""
-    implied = {"stages": 1, "z_dims": []}  # what weights without those keys hold
-    wrong = [f"{key}={arch[key]!r} where the tensors say {guess.get(key, implied.get(key))!r}"
-             for key in _BUILD_SIZES if key in arch and arch[key] != guess.get(key, implied.get(key))]
-    if wrong:
-        what = "stored in the checkpoint" if stored else "asked for"
-        why = "; its arch metadata is damaged or was edited" if stored else ""
-        raise ValueError(f"the architecture {what} ({arch.get('name')}) does not match the checkpoint's tensors: "
-                         f"{', '.join(wrong)}{why}, so no model was built")
-
-
 def load_pretrained(path: str, name: Optional[str] = None, prefer_ema: bool = True, *,
                     trust_checkpoint: bool = False, **overrides):
     """A ready model (eval mode) from a checkpoint file.
@@ -215,16 +202,25 @@ def _check_elit_name(name: str, guessed: str) -> None:
 
 
 def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_ema: bool = True, **overrides):
-    """:func:`load_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
+    """:func:`load_pretrained` for a checkpoint already read with :func:`read_checkpoint`.
+
+    A checkpoint that stores its ``arch`` (ours) is rebuilt from it, every option included (stage
+    scales, decomposition, block parts); ``name``, when given, must be the stored one. Others are
+    rebuilt from ``name`` or :func:`infer_arch`. The architecture is built on the meta device first
+    (stopped as soon as it outgrows the tensors) and checked against the tensors' names and shapes,
+    so memory is allocated only for a model that the weights fill exactly.
+    """
     state = extract_state_dict(checkpoint, prefer_ema)
-    guess = infer_arch(state)
-    looks_like = guess["name"] + (f" with {guess['stages']} stages" if "stages" in guess else "")
-    if isinstance(checkpoint.get("arch"), dict) and name is None:
-        arch = dict(checkpoint["arch"])
-        arch.update(overrides)
-        stored = not set(overrides) & set(_BUILD_SIZES)
+    stored = checkpoint.get("arch") if isinstance(checkpoint.get("arch"), dict) else None
+    looks_like = None
+    if stored is not None:
+        if name is not None and name != stored.get("name"):
+            raise ValueError(f"the checkpoint holds a {stored.get('name')} model (its stored arch), not {name}; "
+                             "leave the name out (the stored arch has every setting, stage scales included)")
+        arch = {**stored, **overrides}
     else:
-        stored = False
+        guess = infer_arch(state)
+        looks_like = guess["name"] + (f" with {guess['stages']} stages" if "stages" in guess else "")
         arch = {k: v for k, v in guess.items() if k != "official_sit"}
         if name is not None:
             _check_elit_name(name, guess["name"])
@@ -232,14 +228,23 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
             if not parse_name(name)[0]:
                 arch.pop("stages", None)
         arch.update(overrides)
-    if guess["official_sit"] and not arch.get("time_flip"):
-        state = convert_official_sit(state, int(arch["name"].rsplit("/", 1)[1]), guess["in_channels"])
-        arch["time_flip"] = True
-    # Sizes first, then the whole key/shape list on the meta device: memory is allocated only for
-    # an architecture that the tensors fill exactly.
-    check_arch_sizes(arch, guess, stored)
-    skeleton = skeleton_model(**arch)
+        if guess["official_sit"] and not arch.get("time_flip"):
+            state = convert_official_sit(state, int(arch["name"].rsplit("/", 1)[1]), guess["in_channels"])
+            arch["time_flip"] = True
+    heads_unknown = arch.get("num_heads") is None  # shapes do not depend on it: the fit is checked first
+    try:
+        skeleton = skeleton_for_weights({**arch, "num_heads": 1} if heads_unknown else arch, state,
+                                        stored=stored is not None and not overrides)
+    except ValueError as error:
+        if stored is not None and not overrides and "does not match the checkpoint's tensors" not in str(error):
+            raise ValueError(f"the architecture stored in the checkpoint ({stored.get('name')}) cannot be built: "
+                             f"{error}") from None
+        raise
     check_state_dict_fits(skeleton, state, looks_like)
+    if heads_unknown:
+        raise ValueError(f"the checkpoint stores no architecture and its width {arch['hidden_size']} is none of "
+                         f"SiT's sizes ({', '.join(str(h) for h in sorted(_HEADS_BY_HIDDEN))}), so its number of "
+                         "attention heads cannot be read from the weights; pass it: load_pretrained(path, num_heads=N)")
     model = create_model(**arch)
     model.load_state_dict(state)
     return model.eval()

@@ -33,7 +33,7 @@ _SPARE_GRAPHS = 3
 def compiled_regions(model: nn.Module) -> list:
     """The modules :func:`compile_model` compiles: the transformer blocks, and ELIT's Read/Write."""
     from models.elit import LatentRead, LatentWrite
-    from models.layers import SiTBlock
+    from models.blocks import SiTBlock
 
     return [m for m in model.modules() if isinstance(m, (SiTBlock, LatentRead, LatentWrite))]
 

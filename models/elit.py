@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.layers import Mlp, modulate
+from models.blocks import Mlp
+from models.layers import modulate
 
 LATENT_POS_TOKENS = 4096  # rows of the latent position table (a 64 x 64 token grid at most)
 _EPS = 1e-6  # fractions that are exact levels in decimal (e.g. 0.3 * 10) must not round down

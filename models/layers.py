@@ -1,4 +1,5 @@
-"""Building blocks of SiT / DiT (SPEC §3). Parameter names match the published checkpoints."""
+"""Embedders, heads and helpers of SiT / DiT (SPEC §3); the transformer block is in models/blocks.py.
+Parameter names match the published checkpoints."""
 from __future__ import annotations
 
 import math
@@ -89,60 +90,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through ``scaled_dot_product_attention`` (flash on GPU)."""
-
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        # REPA builds qk-norm with timm's default nn.LayerNorm (affine, eps 1e-5): keep it loadable
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
-
-
-class Mlp(nn.Module):
-    """Linear -> tanh-GELU -> Linear (keys fc1, fc2)."""
-
-    def __init__(self, dim: int, hidden: int, bias: bool = True):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
 class FinalLayer(nn.Module):
     """LayerNorm -> adaLN modulation -> Linear(D, p*p*C)."""
 
@@ -175,16 +122,17 @@ def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequ
 class StagePatchEmbedders(nn.Module):
     """DFM: one patch embedder per stage; all stages land on the same token grid (summed).
 
-    Stage ``s`` at side ``H / 2^(S-1-s)`` uses patch ``p / 2^(S-1-s)``. Where that is below 1
-    (e.g. S = 3 on a /2 model) the level is nearest-upsampled by ``1 / p_s`` and embedded with
-    patch 1; the matching output head predicts on the upsampled grid and is average-pooled back.
+    Stage ``s`` of side ``H_s`` (``H / 2^(S-1-s)`` for the Laplacian pyramid) and ``C_s`` channels
+    uses patch ``p_s = p H_s / H``. Where that is below 1 (e.g. S = 3 on a /2 model) the level is
+    nearest-upsampled by ``1 / p_s`` and embedded with patch 1; the matching output head predicts
+    on the upsampled grid and is average-pooled back.
     """
 
-    def __init__(self, patch_sizes: List[float], in_channels: int, hidden_size: int):
+    def __init__(self, patch_sizes: List[float], channels: List[int], hidden_size: int):
         super().__init__()
         self.patch_sizes = patch_sizes
         self.embedders = nn.ModuleList(
-            [PatchEmbed(max(1, int(p)), in_channels, hidden_size) for p in patch_sizes])
+            [PatchEmbed(max(1, int(p)), c, hidden_size) for p, c in zip(patch_sizes, channels)])
 
     def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
         tokens = 0
@@ -210,15 +158,16 @@ class StageTimestepEmbedders(nn.Module):
 class StageFinalLayers(nn.Module):
     """DFM: one output head per stage, all reading the same final tokens and conditioning."""
 
-    def __init__(self, patch_sizes: List[float], hidden_size: int, out_channels: int):
+    def __init__(self, patch_sizes: List[float], hidden_size: int, channels: List[int]):
         super().__init__()
         self.patch_sizes = patch_sizes
+        self.channels = list(channels)
         self.projections = nn.ModuleList(
-            [FinalLayer(hidden_size, max(1, int(p)), out_channels) for p in patch_sizes])
+            [FinalLayer(hidden_size, max(1, int(p)), c) for p, c in zip(patch_sizes, channels)])
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, channels: int, grid: int) -> List[torch.Tensor]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: int) -> List[torch.Tensor]:
         outputs = []
-        for p, head in zip(self.patch_sizes, self.projections):
+        for p, channels, head in zip(self.patch_sizes, self.channels, self.projections):
             out = unpatchify(head(x, c), max(1, int(p)), channels, grid)
             if p < 1:
                 out = F.avg_pool2d(out, kernel_size=int(round(1 / p)))

@@ -7,12 +7,14 @@ The prefixes compose: ``DFM-ELIT-SiT-XL/2`` is DFM's interfaces on the ELIT back
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 
 import torch
 
 from models.elit_sit import ELITSiT
 from models.sit import SiT
+from utils.registry import SpecDefault
 
 SIZES = {  # depth, hidden, heads, REPA encoder_depth
     "S": dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
@@ -27,10 +29,19 @@ PATCH_SIZES = (2, 4, 8)
 PREFIXES = ("", "DFM-", "ELIT-", "DFM-ELIT-")
 MODEL_NAMES = [f"{prefix}SiT-{size}/{p}" for prefix in PREFIXES for size in SIZES for p in PATCH_SIZES]
 DEFAULT_DFM_STAGES = 2
-OVERRIDES = {"input_size", "in_channels", "num_classes", "stages", "qk_norm", "class_dropout_prob",
-             "z_dims", "encoder_depth", "projector_dim", "depth", "hidden_size", "num_heads",
-             "mlp_ratio", "time_flip", "stage_scales"}
-ELIT_OVERRIDES = {"group_size", "elit_min_mask_prob", "elit_max_mask_prob", "elit_tail_depth"}
+
+def _constructor_options(cls) -> dict:
+    """{argument: default} of a model class's constructor (its named arguments are the arch options)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name != "self"}
+
+
+# The arch options: every named constructor argument (a new one with a default needs no code here),
+# except the two that the name decides.
+SIT_OPTIONS = {k: v for k, v in _constructor_options(SiT).items() if k not in ("patch_size", "multistage")}
+OVERRIDES = set(SIT_OPTIONS)
+ELIT_OVERRIDES = set(_constructor_options(ELITSiT)) - OVERRIDES - {"patch_size", "multistage"}
 _NAME = re.compile(r"^(DFM-)?(ELIT-)?SiT-(S|B|L|XL)/(2|4|8)$")
 
 
@@ -55,15 +66,36 @@ def is_elit(name: str) -> bool:
 def create_model(name: str, **overrides) -> SiT:
     """Build a freshly initialised model by name.
 
-    Overrides: input_size (full-resolution side; 32 = 256 px latents), in_channels (4),
-    num_classes (1000), stages (DFM only, default 2), qk_norm, class_dropout_prob (0.1),
-    z_dims (REPA projector output dims), encoder_depth, and depth/hidden_size/num_heads/
-    mlp_ratio for small experiments, stage_scales (stage calibration, SPEC §11: one positive
-    multiplier per pyramid level, stored in ``arch``; None = the reference). ELIT models also take group_size (default: the token
-    grid / 4), elit_min_mask_prob / elit_max_mask_prob (default 0 / 0: one budget, all
-    latents), elit_tail_depth (default 4 for L/XL, 2 for S/B); their encoder_depth (head
-    blocks) defaults to 8. ``create_model(**model.arch)`` rebuilds a model.
+    Overrides are the model constructors' named arguments (``models.sit.SiT``, and for ELIT
+    models ``models.elit_sit.ELITSiT``): input_size (full-resolution side; 32 = 256 px latents),
+    in_channels (4), num_classes (1000), stages (DFM only, default 2), qk_norm,
+    class_dropout_prob (0.1), z_dims (REPA projector output dims), encoder_depth,
+    depth/hidden_size/num_heads/mlp_ratio for small experiments, stage_scales (stage calibration,
+    SPEC §11), the registry specs ``decomposition`` (dfm/decompositions.py) and ``mlp``, ``norm``,
+    ``attention`` (models/blocks.py). ELIT models also take group_size (default: the token grid /
+    4), elit_min_mask_prob / elit_max_mask_prob (default 0 / 0: one budget, all latents),
+    elit_tail_depth (default 4 for L/XL, 2 for S/B); their encoder_depth (head blocks) defaults to
+    8. ``model.arch`` holds the name, the size's settings and the overrides given (registry specs
+    in their compact form); ``create_model(**model.arch)`` rebuilds the model.
     """
+    multistage, size, patch = parse_name(name)
+    elit = is_elit(name)
+    config, stages = _model_config(name, overrides)
+    if elit:
+        model = ELITSiT(patch_size=patch, stages=stages, multistage=multistage, **config)
+    else:
+        model = SiT(patch_size=patch, stages=stages, multistage=multistage, **config)
+    allowed = OVERRIDES | ELIT_OVERRIDES if elit else OVERRIDES
+    model.arch = {"name": name, "stages": stages, **{k: v for k, v in config.items() if k in allowed}}
+    if not multistage:
+        model.arch.pop("stages")
+    return model
+
+
+def _model_config(name: str, overrides: dict):
+    """(constructor keyword arguments, stages) of ``name`` with ``overrides``: the size's settings,
+    ELIT's defaults, the overrides (None = default) in their stored form. ValueError for an
+    unknown option or a bad stage count."""
     multistage, size, patch = parse_name(name)
     elit = is_elit(name)
     allowed = OVERRIDES | ELIT_OVERRIDES if elit else OVERRIDES
@@ -76,7 +108,7 @@ def create_model(name: str, **overrides) -> SiT:
     if not multistage and stages != 1:
         raise ValueError(f"stages={stages} is not allowed for {name}: SiT models have 1 stage; "
                          f"use DFM-{name} for a multi-stage model")
-    if not isinstance(stages, int) or stages < 1:
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
     config = dict(SIZES[size])
     if elit:
@@ -87,16 +119,41 @@ def create_model(name: str, **overrides) -> SiT:
         config["z_dims"] = [int(z) for z in config["z_dims"]]
     if "stage_scales" in config:  # stored in arch as plain floats (checkpoint and safetensors header)
         config["stage_scales"] = [float(c) for c in config["stage_scales"]]
-    if elit:
-        if "group_size" not in config:
-            config["group_size"] = _default_group_size(config.get("input_size", 32), patch)
-        model = ELITSiT(patch_size=patch, stages=stages, multistage=multistage, **config)
-    else:
-        model = SiT(patch_size=patch, stages=stages, multistage=multistage, **config)
-    model.arch = {"name": name, "stages": stages, **{k: v for k, v in config.items() if k in allowed}}
-    if not multistage:
-        model.arch.pop("stages")
-    return model
+    for key, default in SIT_OPTIONS.items():  # registry specs: stored compactly, checked here
+        if isinstance(default, SpecDefault) and key in config:
+            config[key] = default.registry.compact(config[key])
+    if elit and "group_size" not in config:
+        config["group_size"] = _default_group_size(config.get("input_size", 32), patch)
+    return config, stages
+
+
+def canonical_arch(arch: dict) -> dict:
+    """Every option of ``arch`` with its default filled in and registry specs in full: two arch
+    dicts build the same model exactly when their canonical forms are equal, so an option added
+    later (with a default that keeps the old behaviour) leaves older checkpoints' arch equal."""
+    arch = dict(arch)
+    name = arch.pop("name")
+    config, stages = _model_config(name, arch)
+    defaults = dict(SIT_OPTIONS)
+    if is_elit(name):
+        defaults.update({k: v for k, v in _constructor_options(ELITSiT).items() if k in ELIT_OVERRIDES})
+    full = {"name": name, "stages": stages}
+    for key, default in defaults.items():
+        if key == "stages":
+            continue
+        value = config.get(key, default)
+        if isinstance(default, SpecDefault):
+            value = default.registry.canonical(value)
+        elif isinstance(value, (list, tuple)):
+            value = [float(v) if isinstance(v, float) else v for v in value]
+        full[key] = value
+    return full
+
+
+def arch_differences(old: dict, new: dict) -> list:
+    """``["key: old -> new", ...]`` for the options on which two arch dicts disagree (canonical forms)."""
+    a, b = canonical_arch(old), canonical_arch(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _default_group_size(input_size: int, patch: int) -> int:
@@ -129,3 +186,46 @@ def skeleton_model(name: str, **overrides) -> SiT:
     shapes (and FLOP counts) of an architecture at no memory and almost no time."""
     with torch.device("meta"), _initialisers_off():
         return create_model(name, **overrides)
+
+
+@contextlib.contextmanager
+def _bounded_by(state: dict, arch: dict, stored: bool):
+    """Stop a model build as soon as it registers far more parameters and buffers than ``state``
+    holds tensors (twice as many, plus 16), or one far larger than the largest of them (16 times):
+    an edited ``arch`` (``depth: 100000``, a 10^9-row label table) ends in one ValueError after a few
+    meta-device modules, whatever option was edited (no list of options or parameter names). A
+    plausible mismatch gets through, to be named key by key (``check_state_dict_fits``)."""
+    limit, largest = 2 * len(state) + 16, 16 * max((t.numel() for t in state.values()), default=0)
+    count = [0]
+
+    def check(module, name, tensor):
+        if tensor is None:
+            return
+        count[0] += 1
+        if count[0] > limit or tensor.numel() > largest:
+            what = (f"more tensors than twice the {len(state)} the checkpoint holds" if count[0] > limit else
+                    f"a {type(module).__name__}.{name} of {tensor.numel():,} values, far more than the checkpoint's "
+                    f"largest tensor ({largest // 16:,})")
+            whose = "stored in the checkpoint" if stored else "asked for"
+            why = "; its arch metadata is damaged or was edited" if stored else ""
+            raise ValueError(f"the architecture {whose} ({arch.get('name')}) does not match the checkpoint's "
+                             f"tensors: it builds {what}{why}, so no model was built")
+
+    from torch.nn.modules import module as torch_module
+
+    handles = [torch_module.register_module_parameter_registration_hook(check),
+               torch_module.register_module_buffer_registration_hook(check)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def skeleton_for_weights(arch: dict, state: dict, stored: bool = True) -> SiT:
+    """:func:`skeleton_model` of ``arch``, stopped early (one ValueError) when it builds far more or
+    far larger tensors than the state dict ``state`` holds; ``stored``: the arch came with the
+    checkpoint (else the caller asked for it). A model that gets through still has to match the
+    names and shapes (``models.checkpoints.check_state_dict_fits``)."""
+    with _bounded_by(state, arch, stored):
+        return skeleton_model(**arch)

@@ -10,9 +10,10 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from dfm.pyramid import check_stage_scales
+from dfm.decompositions import DECOMPOSITIONS
 
-from models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, SiTBlock, StageFinalLayers,
+from models.blocks import ATTENTIONS, MLPS, NORMS, SiTBlock
+from models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, StageFinalLayers,
                            StagePatchEmbedders, StageTimestepEmbedders, TimestepEmbedder,
                            build_projector, sincos_pos_embed_2d, unpatchify)
 
@@ -30,18 +31,15 @@ class SiT(nn.Module):
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, stages: int = 1,
                  multistage: bool = False, qk_norm: bool = False, z_dims: Sequence[int] = (),
                  encoder_depth: int = 8, projector_dim: int = 2048, time_flip: bool = False,
-                 stage_scales: Optional[Sequence[float]] = None):
+                 stage_scales: Optional[Sequence[float]] = None, decomposition=DECOMPOSITIONS.default(),
+                 mlp=MLPS.default(), norm=NORMS.default(), attention=ATTENTIONS.default()):
         super().__init__()
         if not multistage and stages != 1:
             raise ValueError(f"a plain SiT has exactly 1 stage, got stages={stages}; use a DFM-SiT model")
         if stages < 1:
             raise ValueError(f"stages must be >= 1, got {stages}")
-        factor = 2 ** (stages - 1)
         if input_size % patch_size != 0:
             raise ValueError(f"input_size {input_size} is not divisible by the patch size {patch_size}")
-        if input_size % factor != 0:
-            raise ValueError(f"stages={stages} needs input_size divisible by 2^(stages-1) = {factor}, "
-                             f"got input_size={input_size}")
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
         self.input_size = input_size
@@ -54,26 +52,46 @@ class SiT(nn.Module):
         self.encoder_depth = encoder_depth
         self.time_flip = time_flip
         self.grid = input_size // patch_size
-        self.stage_sizes = [input_size // 2 ** (stages - 1 - s) for s in range(stages)]
-        # Stage calibration (SPEC §11): the per-level multipliers of the space the stages were
-        # trained in. Not used by forward; the pyramid applies and removes them (dfm.pyramid_of).
-        self.stage_scales = check_stage_scales(stage_scales, stages)
+        # The decomposition the stages live in (with the stage calibration, SPEC §11): training,
+        # sampling, calibration and FLOP counting all use this one (not used by forward).
+        self.decomposition = DECOMPOSITIONS.build(decomposition, num_stages=stages, scales=stage_scales)
+        self.stage_scales = self.decomposition.scales
+        self.stage_shapes = self.decomposition.level_shapes((in_channels, input_size, input_size))
+        patch_sizes = self._stage_patch_sizes()
         self.arch: dict = {}  # filled in by models.create_model
 
         if multistage:
-            patch_sizes = [patch_size / 2 ** (stages - 1 - s) for s in range(stages)]
-            self.x_embedder = StagePatchEmbedders(patch_sizes, in_channels, hidden_size)
+            channels = [c for c, _, _ in self.stage_shapes]
+            self.x_embedder = StagePatchEmbedders(patch_sizes, channels, hidden_size)
             self.t_embedder = StageTimestepEmbedders(stages, hidden_size)
-            self.final_layer = StageFinalLayers(patch_sizes, hidden_size, in_channels)
+            self.final_layer = StageFinalLayers(patch_sizes, hidden_size, channels)
         else:
+            if self.stage_shapes != [(in_channels, input_size, input_size)]:
+                raise ValueError(f"a plain SiT needs a one-stage decomposition that keeps the input's shape "
+                                 f"({in_channels}, {input_size}, {input_size}), got {self.stage_shapes}")
             self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
             self.t_embedder = TimestepEmbedder(hidden_size)
             self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp=mlp, norm=norm,
+                                              attention=attention) for _ in range(depth)])
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in z_dims])
         self.initialize_weights()
+
+    def _stage_patch_sizes(self) -> List[float]:
+        """Patch size of every stage: ``p * H_s / H``, so that each stage covers the token grid
+        (an integer, or ``1 / k`` for a level that is nearest-upsampled by ``k``)."""
+        sizes = []
+        for s, (_c, h, w) in enumerate(self.stage_shapes):
+            p = self.patch_size * h / self.input_size
+            fits = h == w and (float(p).is_integer() or (p < 1 and float(1 / p).is_integer()))
+            if not fits or (h / p) != self.grid:
+                raise ValueError(f"stage {s} of the decomposition is {h}x{w}, which does not cover the "
+                                 f"{self.grid}x{self.grid} token grid of patch {self.patch_size} on "
+                                 f"{self.input_size}x{self.input_size} inputs with a whole (or 1/k) patch size")
+            sizes.append(p)
+        return sizes
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
@@ -106,8 +124,8 @@ class SiT(nn.Module):
                 inference_budget=None):
         """Velocities for every stage.
 
-        xs: list of S tensors (B, C, H_s, W_s), stage 0 coarsest (a plain tensor when S = 1,
-            which then returns a plain tensor); t: (B, S) or (B,) raw times in [0, 1];
+        xs: list of S tensors (B, C_s, H_s, W_s) (``stage_shapes``), stage 0 coarsest (a plain
+            tensor when S = 1, which then returns a plain tensor); t: (B, S) or (B,) raw times in [0, 1];
             y: (B,) labels (``num_classes`` = null); active: None, (S,) or (B, S) bool;
             inference_budget: ELIT models only (see ``models.elit_sit``); must be None here.
         Returns the list of S velocities, and with ``return_features`` also the list of REPA
@@ -141,7 +159,7 @@ class SiT(nn.Module):
         c = c + self.y_embedder(y)
         x, zs = self.run_blocks(x, c, return_features, inference_budget)
         if self.multistage:
-            outputs = self.final_layer(x, c, self.in_channels, self.grid)
+            outputs = self.final_layer(x, c, self.grid)
         else:
             outputs = [unpatchify(self.final_layer(x, c), self.patch_size, self.in_channels, self.grid)]
         if self.time_flip:

@@ -1,6 +1,8 @@
-"""Samplers: time schedules (single and multistage), ODE/SDE integrators, guidance."""
-from samplers.schedules import multistage_schedule, sde_schedule, validate_schedule
-from samplers.sampling import METHODS, GuidedVelocity, check_budgets, sample
+"""Samplers: time schedules (single and multistage), registered integrators (samplers/methods.py), guidance."""
+from samplers.schedules import default_schedule, multistage_schedule, sde_schedule, validate_schedule
+from samplers.methods import SAMPLER_METHODS, SamplerMethod, StepContext, build_method, describe, method_name
+from samplers.sampling import GuidedVelocity, check_budgets, sample
 
-__all__ = ["multistage_schedule", "sde_schedule", "validate_schedule", "sample", "METHODS", "GuidedVelocity",
-           "check_budgets"]
+__all__ = ["default_schedule", "multistage_schedule", "sde_schedule", "validate_schedule", "sample",
+           "SAMPLER_METHODS", "SamplerMethod", "StepContext", "build_method", "describe", "method_name",
+           "GuidedVelocity", "check_budgets"]

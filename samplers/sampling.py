@@ -1,4 +1,4 @@
-"""Euler / Heun ODE and Euler–Maruyama SDE sampling over a (multistage) schedule (SPEC §5).
+"""Sampling over a (multistage) schedule (SPEC §5) with any registered method (samplers/methods.py).
 
 One loop serves SiT (one stage) and DFM (S stages): every step moves the active stages from
 their current time to the next; inactive stages keep their initial noise at ``t = 1``.
@@ -9,11 +9,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from dfm.paths import score_from_velocity
-from dfm.pyramid import pyramid_of
-from samplers.schedules import multistage_schedule, sde_schedule
-
-METHODS = ("euler", "heun", "sde")
+from dfm.decompositions import decomposition_of
+from samplers.methods import StepContext, build_method
 
 
 def _per_stage(value, num_stages: int, name: str) -> List[float]:
@@ -134,84 +131,61 @@ def _randn_like(x: torch.Tensor, generator: Union[None, torch.Generator, Sequenc
 
 @torch.no_grad()
 def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_per_scale: Sequence[int],
-           thresholds: Sequence[float] = (), method: str = "euler", cfg_scale: float = 1.0,
+           thresholds: Sequence[float] = (), method="euler", cfg_scale: float = 1.0,
            guidance_low=0.0, guidance_high=1.0, path_type: str = "linear",
            generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
            return_previews: bool = False, inference_budget=None, unconditional_inference_budget=None,
            autoguidance: bool = False):
     """Integrate from noise (t = 1) to data (t = 0).
 
-    noise: list of S tensors (B, C, H_s, W_s), each stage's N(0, I) at its resolution
-    (coarsest first); y: (B,) labels. ``method``: ``euler`` (NFE = N), ``heun`` (corrects every
-    step but the last, NFE = 2N - 1) or ``sde`` (Euler–Maruyama with ``w(t) = 2t``, last step
-    deterministic, NFE = N; its noise comes from ``generator``: one generator or one per sample).
-    ``guidance_low``/``guidance_high`` are numbers or per-stage lists.
+    noise: list of S tensors (B, C_s, H_s, W_s), each stage's N(0, I) in its shape
+    (``model.stage_shapes``, coarsest first); y: (B,) labels. ``method``: a spec of
+    ``samplers.methods.SAMPLER_METHODS`` -- ``euler`` (NFE = N), ``heun`` (corrects every step
+    but the last, NFE = 2N - 1), ``sde`` (Euler–Maruyama with ``w(t) = 2t``, last step
+    deterministic, NFE = N; its noise comes from ``generator``: one generator or one per sample)
+    or a registered method of one's own. ``guidance_low``/``guidance_high`` are numbers or
+    per-stage lists.
     ELIT models: ``inference_budget`` (a fraction in (0, 1] or a latent count; None: the model's
     only budget) for the conditional pass; ``unconditional_inference_budget`` turns CFG into cheap
     CFG (the unconditional pass at that budget); ``autoguidance`` keeps the real label in that
     low-budget pass (it needs ``unconditional_inference_budget``). See :class:`GuidedVelocity`.
-    Every stage lives in the model's (scaled) pyramid space (``model.stage_scales``, SPEC §11):
-    ``noise`` is N(0, I) there and the returned stages are there; ``dfm.pyramid_of(model)``
-    recomposes them. Returns the list of S final per-stage tensors (float32); with
-    ``return_previews`` also ``previews``: previews[i] recomposes stages 0..i at the end of stage
-    i's chunk (scales removed).
+    Every stage lives in the model's (scaled) decomposition space (``model.decomposition``, SPEC
+    §11): ``noise`` is N(0, I) there and the returned stages are there;
+    ``model.decomposition.recompose`` turns them into an image. Returns the list of S final
+    per-stage tensors (float32); with ``return_previews`` also ``previews``: previews[i] is the
+    image of stages 0..i at the end of stage i's chunk (scales removed).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    solver = build_method(method)
     S = len(noise)
     if S != model.num_stages:
         raise ValueError(f"model has {model.num_stages} stages but {S} noise tensors were given")
     if len(list(num_steps_per_scale)) != S:
         raise ValueError(f"num_steps_per_scale must have one entry per stage ({S}), got {list(num_steps_per_scale)}")
-    if method == "sde":
-        times, active = sde_schedule(num_steps_per_scale, thresholds)
-    else:
-        times, active = multistage_schedule(num_steps_per_scale, thresholds)
+    times, active = solver.schedule(num_steps_per_scale, thresholds)
     check_budgets(model, inference_budget, unconditional_inference_budget, autoguidance)
     velocity = GuidedVelocity(model, y, cfg_scale, _per_stage(guidance_low, S, "guidance_low"),
                               _per_stage(guidance_high, S, "guidance_high"), inference_budget,
                               unconditional_inference_budget, autoguidance)
-    chunk_ends = {}
-    start = 0
-    for i, n in enumerate(num_steps_per_scale):
-        start += int(n) - (1 if method == "sde" and i == S - 1 else 0)
-        chunk_ends[start] = i
+    N = active.shape[0]
+    # the preview of stage i is taken where stage i + 1 starts to move
+    chunk_ends = {int(active[:, i + 1].nonzero()[0]): i for i in range(S - 1)}
     xs = [z.to(torch.float64) for z in noise]
     times_model = _to_device(times, xs[0].device, velocity.dtype)
     active_model = _to_device(active, xs[0].device)
+
+    def guided(states, time_row: int, active_row: int):
+        return velocity(states, times[time_row], active[active_row], times_model[time_row], active_model[active_row])
+
+    ctx = StepContext(velocity=guided, times=times, active=active, num_steps=N, generator=generator,
+                      path_type=path_type, noise_like=_randn_like)
     previews = []
-    pyramid = pyramid_of(model)
-    N = active.shape[0]
+    decomposition = decomposition_of(model, S)
     for step in range(N):
-        t_cur, t_next, on = times[step], times[step + 1], active[step]
-        v = velocity(xs, t_cur, on, times_model[step], active_model[step])
-        if method == "sde" and step < N - 1:
-            new = []
-            for s, (x, vs) in enumerate(zip(xs, v)):
-                if not on[s]:
-                    new.append(x)
-                    continue
-                dt = t_next[s] - t_cur[s]
-                w = 2 * t_cur[s]
-                drift = vs - 0.5 * w * score_from_velocity(vs, x, t_cur[s], path_type)
-                new.append(x + drift * dt + torch.sqrt(w * dt.abs()) * _randn_like(x, generator))
-            xs_next = new
-        elif method == "sde":  # last step: deterministic drift to t = 0
-            xs_next = []
-            for s, (x, vs) in enumerate(zip(xs, v)):
-                drift = vs - t_cur[s] * score_from_velocity(vs, x, t_cur[s], path_type)
-                xs_next.append(x + drift * (t_next[s] - t_cur[s]) if on[s] else x)
-        else:
-            xs_next = [x + (t_next[s] - t_cur[s]) * vs if on[s] else x for s, (x, vs) in enumerate(zip(xs, v))]
-            if method == "heun" and step < N - 1:
-                v2 = velocity(xs_next, t_next, on, times_model[step + 1], active_model[step])
-                xs_next = [x + (t_next[s] - t_cur[s]) * 0.5 * (a + b) if on[s] else x
-                           for s, (x, a, b) in enumerate(zip(xs, v, v2))]
-        xs = xs_next
-        if return_previews and (step + 1) in chunk_ends and chunk_ends[step + 1] < S - 1:
+        xs = solver.step(ctx, step, xs)
+        if return_previews and (step + 1) in chunk_ends:
             i = chunk_ends[step + 1]
-            previews.append(pyramid.coarsest(i + 1).recompose(xs[:i + 1]).float())
+            previews.append(decomposition.recompose_first(xs, i + 1).float())
     final = [x.float() for x in xs]
     if return_previews:
-        return final, previews + [pyramid.recompose(final)]
+        return final, previews + [decomposition.recompose(final)]
     return final

@@ -61,3 +61,14 @@ def sde_schedule(num_steps_per_scale: Sequence[int], thresholds: Sequence[float]
     times = torch.cat([times, torch.zeros(1, times.shape[1], dtype=torch.float64)])
     active = torch.cat([active, active[-1:]])
     return times, active
+
+
+def default_schedule(num_stages: int) -> Tuple[list, list]:
+    """``(num_steps_per_scale, thresholds)`` when a config leaves them null: ``[50]`` for one stage,
+    the reference's ``[40, 10]`` with ``[0.1]`` for two (SPEC §5), ``[40] + [10] * (S - 1)`` with
+    ``0.1 / 2^i`` beyond (50 + 10 (S - 2) NFE)."""
+    if num_stages == 1:
+        return [50], []
+    if num_stages == 2:
+        return [40, 10], [0.1]
+    return [40] + [10] * (num_stages - 1), [0.1 / 2**i for i in range(num_stages - 1)]

@@ -7,7 +7,7 @@ from models import infer_arch, load_pretrained
 
 def inputs(model, batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(batch, model.in_channels, s, s, generator=g) for s in model.stage_sizes]
+    xs = [torch.randn(batch, *shape, generator=g) for shape in model.stage_shapes]
     t = torch.rand(batch, model.num_stages, generator=g)
     return xs, t, torch.tensor([1, 2, 3][:batch])
 

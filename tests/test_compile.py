@@ -92,7 +92,7 @@ class Trainer:
         self.ema_model = create_ema(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        objective = dfm.FlowMatchingObjective(model.num_stages, stage_sampling=stage_sampling, weighting="lognormal",
+        objective = dfm.FlowMatchingObjective(model.num_stages, stage_sampling=stage_sampling, time_distribution="lognormal",
                                               proj_coeff=0.5 if encoders else 0.0)
         self.train_step = TrainStep(Accelerator(cpu=True, mixed_precision="no"), model, objective, optimizer,
                                     schedule, EMA(model, self.ema_model, 0.9), MetricWindow(model.num_stages, "cpu"),
@@ -123,7 +123,7 @@ class Trainer:
 def sample(model, budget=None, cfg_scale=1.0):
     g = torch.Generator().manual_seed(3)
     S = model.num_stages
-    noise = [torch.randn(BATCH, model.in_channels, s, s, generator=g) for s in model.stage_sizes]
+    noise = [torch.randn(BATCH, *shape, generator=g) for shape in model.stage_shapes]
     y = torch.randint(0, model.num_classes, (BATCH,), generator=g)
     return samplers.sample(model, noise, y, num_steps_per_scale=[2] * S, thresholds=[0.5 / 2 ** i for i in range(S - 1)],
                            cfg_scale=cfg_scale, guidance_low=0.0, guidance_high=0.6, inference_budget=budget)

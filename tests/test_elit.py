@@ -27,7 +27,7 @@ def tiny_elit(name="ELIT-SiT-S/2", seed=0, **overrides):
 
 def inputs(model, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(batch, model.in_channels, s, s, generator=g) for s in model.stage_sizes]
+    xs = [torch.randn(batch, *shape, generator=g) for shape in model.stage_shapes]
     t = torch.rand(batch, model.num_stages, generator=g)
     y = torch.randint(0, model.num_classes, (batch,), generator=g)
     return xs, t, y
@@ -245,7 +245,7 @@ def test_reference_format_state_dict_loads(tmp_path):
     state.update({k: torch.randn(shape, generator=g) for k, shape in reference_elit_keys(64, 2).items()})
     path = tmp_path / "elit_reference.pt"
     torch.save({"ema": state, "model": {k: v + 1 for k, v in state.items()}}, path)
-    depths = dict(encoder_depth=1, elit_tail_depth=1)
+    depths = dict(encoder_depth=1, elit_tail_depth=1, num_heads=4)  # a width of none of SiT's sizes: heads given
     inferred = load_pretrained(str(path), **depths)  # ELIT and the group size from the weights
     named = load_pretrained(str(path), "ELIT-SiT-S/2", **depths)
     for model in (inferred, named):
@@ -256,9 +256,8 @@ def test_reference_format_state_dict_loads(tmp_path):
     torch.testing.assert_close(inferred(xs[0], t[:, 0], y), named(xs[0], t[:, 0], y))
     with pytest.raises(ValueError, match="holds ELIT weights.*allowed names: ELIT-SiT-S/2, ELIT-SiT-S/4"):
         load_pretrained(str(path), "SiT-S/2")
-    # a 7x7 token grid (where g = 2 could not divide it either) is refused before anything is built
-    with pytest.raises(ValueError, match=r"architecture asked for \(ELIT-SiT-S/2\) does not match the checkpoint's "
-                                         r"tensors: input_size=14 where the tensors say 16"):
+    # a 7x7 token grid (where g = 2 could not divide it either) is refused on the meta device
+    with pytest.raises(ValueError, match=r"group_size must divide the 7x7 token grid"):
         load_pretrained(str(path), input_size=14, **depths)
     torch.save({"ema": sit.state_dict()}, tmp_path / "sit.pt")
     with pytest.raises(ValueError, match="no ELIT weights"):
@@ -276,8 +275,7 @@ def test_our_elit_checkpoint_round_trips(tmp_path):
 
 # ------------------------------------------------------------------------------ sampling
 def _sample(model, method="euler", **kw):
-    noise = [torch.randn(2, model.in_channels, s, s, generator=torch.Generator().manual_seed(1))
-             for s in model.stage_sizes]
+    noise = [torch.randn(2, *shape, generator=torch.Generator().manual_seed(1)) for shape in model.stage_shapes]
     steps = [3] * model.num_stages
     thresholds = [0.5] if model.num_stages == 2 else []
     gens = [torch.Generator().manual_seed(i) for i in range(2)] if method == "sde" else None

@@ -151,7 +151,7 @@ def test_preview_captions_name_each_budget_and_its_counted_flops(tmp_path):
     model = models.create_model("DFM-ELIT-SiT-S/4", input_size=16, in_channels=3, num_classes=2, depth=4,
                                 hidden_size=64, num_heads=4, encoder_depth=1, group_size=2, elit_min_mask_prob=0.0,
                                 elit_max_mask_prob=0.75)
-    maker = make_previewer(cfg, model, 3, str(tmp_path), "cpu", True)
+    maker = make_previewer(cfg, model, str(tmp_path), "cpu", True)
     assert maker.budget_flops == [counted_forward_flops(model, b) for b in (0.25, 0.5, 1.0)]
     assert maker.budget_flops[0] < maker.budget_flops[1] < maker.budget_flops[2]
     grids = [np.zeros((10, 20, 3), np.uint8)] * 3

@@ -16,7 +16,7 @@ import torch
 import dfm
 import samplers
 from models import create_model
-from models.layers import SiTBlock
+from models.blocks import SiTBlock
 
 TINY = dict(depth=3, hidden_size=32, num_heads=2, num_classes=4)
 ELIT = dict(group_size=4, elit_max_mask_prob=0.9375, encoder_depth=1, elit_tail_depth=1)
@@ -48,7 +48,7 @@ def training_parts(key, device, accumulation=2):
     ema_model = create_ema(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, s / 10))
-    objective = dfm.FlowMatchingObjective(model.num_stages, stage_sampling=stage_sampling, weighting="lognormal",
+    objective = dfm.FlowMatchingObjective(model.num_stages, stage_sampling=stage_sampling, time_distribution="lognormal",
                                           proj_coeff=0.5 if repa else 0.0)
     accelerator = Accelerator(cpu=device.type != "cuda", mixed_precision="no")
     metrics = MetricWindow(model.num_stages, device)
@@ -82,7 +82,7 @@ def train_steps(parts, steps=2, generator=None):
 
 def sampler_inputs(model, device):
     g = torch.Generator().manual_seed(1)
-    noise = [torch.randn(BATCH, 4, s, s, generator=g).to(device) for s in model.stage_sizes]
+    noise = [torch.randn(BATCH, *shape, generator=g).to(device) for shape in model.stage_shapes]
     y = torch.randint(0, 4, (BATCH,), generator=g).to(device)
     return noise, y
 

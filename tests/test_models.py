@@ -51,7 +51,7 @@ def test_state_dict_keys_follow_the_published_names():
 @pytest.mark.parametrize("name,stages", [("SiT-S/2", 1), ("DFM-SiT-S/2", 2), ("DFM-SiT-S/4", 3)])
 def test_output_is_zero_at_init(name, stages):
     model = tiny_model(name, input_size=16, **({"stages": stages} if name.startswith("DFM") else {}))
-    xs = [torch.randn(2, 4, s, s) for s in model.stage_sizes]
+    xs = [torch.randn(2, *shape) for shape in model.stage_shapes]
     out = model(xs, torch.rand(2, stages), torch.tensor([1, 2]))
     assert len(out) == stages
     for o, x in zip(out, xs):
@@ -158,7 +158,7 @@ def test_label_dropout_only_in_train_mode():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_attention_matches_explicit_softmax_attention(qk_norm):
-    from models.layers import Attention
+    from models.blocks import Attention
 
     torch.manual_seed(0)
     attn = Attention(32, 4, qk_norm=qk_norm).double()
@@ -189,7 +189,7 @@ def test_bad_model_arguments():
     with pytest.raises(ValueError, match="unknown model name 'SiT-M/2'"):
         create_model("SiT-M/2")
     assert "DFM-SiT-XL/2" in MODEL_NAMES and "DFM-ELIT-SiT-XL/2" in MODEL_NAMES and len(MODEL_NAMES) == 48
-    with pytest.raises(ValueError, match="stages=3 needs input_size divisible by 2\\^\\(stages-1\\) = 4"):
+    with pytest.raises(ValueError, match="a 3-stage pyramid needs the height divisible by 2\\^\\(stages-1\\) = 4"):
         create_model("DFM-SiT-S/2", stages=3, input_size=18, depth=1, hidden_size=64, num_heads=4)
     with pytest.raises(ValueError, match="SiT models have 1 stage"):
         create_model("SiT-B/2", stages=2)

@@ -75,7 +75,7 @@ def test_one_stage_objective_is_plain_sit_loss():
         recorded["xs"], recorded["t"] = args[0], args[1]
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    out = FlowMatchingObjective(1, weighting="uniform")(model, x, y, generator=torch.Generator().manual_seed(3))
+    out = FlowMatchingObjective(1, time_distribution="uniform")(model, x, y, generator=torch.Generator().manual_seed(3))
     handle.remove()
     t = recorded["t"][:, 0]
     x_t = recorded["xs"][0]
@@ -157,5 +157,5 @@ def test_bad_objective_arguments():
         FlowMatchingObjective(2, stage_weights=[1.0])
     with pytest.raises(ValueError, match="stage_sampling"):
         FlowMatchingObjective(2, stage_sampling="per_gpu")
-    with pytest.raises(ValueError, match="weighting"):
-        FlowMatchingObjective(1, weighting="cosmap")
+    with pytest.raises(ValueError, match="unknown time distribution 'cosmap'.*registered in this checkout: uniform"):
+        FlowMatchingObjective(1, time_distribution="cosmap")

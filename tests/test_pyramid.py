@@ -26,7 +26,7 @@ def test_exact_reconstruction(stages, channels, size):
     pyramid = LaplacianPyramid(stages)
     levels = pyramid.decompose(x)
     assert [lvl.shape[-1] for lvl in levels] == [size // 2 ** (stages - 1 - s) for s in range(stages)]
-    assert pyramid.stage_sizes(size) == [lvl.shape[-1] for lvl in levels]
+    assert pyramid.level_shapes((channels, size, size)) == [tuple(lvl.shape[1:]) for lvl in levels]
     torch.testing.assert_close(pyramid.recompose(levels), x, rtol=0, atol=1e-12)
 
 
@@ -63,5 +63,5 @@ def test_bad_sizes_and_stage_counts():
         LaplacianPyramid(3).decompose(torch.randn(1, 3, 18, 16))
     with pytest.raises(ValueError, match="num_stages"):
         LaplacianPyramid(0)
-    with pytest.raises(ValueError, match="expected 2 pyramid levels"):
+    with pytest.raises(ValueError, match="expected 2 levels"):
         LaplacianPyramid(2).recompose([torch.zeros(1, 1, 4, 4)])

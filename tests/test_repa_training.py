@@ -170,7 +170,7 @@ def test_projection_loss_falls_on_a_fixed_batch(repa_data, encoder_file):
 
     inputs = _fixed_batch(repa_data, encoder_file)
     model = _tiny_repa_model("SiT-S/2", 1)
-    objective = dfm.FlowMatchingObjective(1, weighting="uniform", proj_coeff=0.5)
+    objective = dfm.FlowMatchingObjective(1, time_distribution="uniform", proj_coeff=0.5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for step in range(25):
@@ -197,13 +197,13 @@ def test_dfm_and_elit_repa_step(repa_data, encoder_file, name, extra, aligned, f
 
     inputs = _fixed_batch(repa_data, encoder_file)
     model = _tiny_repa_model(name, 1, **extra)
-    objective = dfm.FlowMatchingObjective(model.num_stages, weighting="uniform", proj_coeff=0.5)
+    objective = dfm.FlowMatchingObjective(model.num_stages, time_distribution="uniform", proj_coeff=0.5)
     out = objective(model, inputs.x, inputs.y, encoder_features=inputs.encoder_features,
                     generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and out["proj_loss"] != 0
     # the projection term alone, recomputed from the model's features (independent of the objective)
     t = torch.rand(8, model.num_stages)
-    xs = [torch.randn(8, 4, s, s) for s in model.stage_sizes]
+    xs = [torch.randn(8, *shape) for shape in model.stage_shapes]
     _, zs = model(xs if model.num_stages > 1 else xs[0], t, inputs.y, return_features=True)
     cos = torch.nn.functional.cosine_similarity(zs[0], inputs.encoder_features[0], dim=-1)
     proj = projection_loss(zs, inputs.encoder_features)
@@ -352,7 +352,7 @@ def test_shipped_repa_configs():
     repa_keys = dict(proj_coeff=0.5, enc_type="dinov2-vit-b", encoder_weights=None)
     for name, model, depth in (("repa_sit_xl_2_256.yaml", "SiT-XL/2", 8), ("repa_sit_b_2_256.yaml", "SiT-B/2", 4)):
         cfg = load(name)
-        assert (cfg.model, cfg.encoder_depth, cfg.weighting, cfg.path_type, cfg.batch_size, cfg.lr, cfg.resolution,
+        assert (cfg.model, cfg.encoder_depth, cfg.time_distribution, cfg.path_type, cfg.batch_size, cfg.lr, cfg.resolution,
                 cfg.cfg_prob, cfg.max_train_steps) == (model, depth, "uniform", "linear", 256, 1e-4, 256, 0.1, 400_000)
         assert {k: cfg[k] for k in repa_keys} == repa_keys
     for res in (256, 512):

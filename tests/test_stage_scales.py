@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import randomize_, tiny_model
-from dfm import FlowMatchingObjective, LaplacianPyramid, check_stage_scales, measure_stage_scales, pyramid_of
+from dfm import FlowMatchingObjective, LaplacianPyramid, check_stage_scales, measure_stage_scales
 from training.config import ConfigError
 from training.demo_data import write_demo_dataset
 from training.loop import train
@@ -33,7 +33,7 @@ def test_scaled_levels_are_c_times_the_reference_levels_and_round_trip(stages, s
     torch.testing.assert_close(scaled_pyramid.recompose(scaled), x, rtol=0, atol=1e-12)
     # a partial pyramid (the sampler's stage previews) removes the scales of its own levels only
     for n in range(1, stages + 1):
-        torch.testing.assert_close(scaled_pyramid.coarsest(n).recompose(scaled[:n]),
+        torch.testing.assert_close(scaled_pyramid.recompose_first(scaled, n),
                                    LaplacianPyramid(n).recompose(plain[:n]), rtol=0, atol=1e-12)
 
 
@@ -62,9 +62,11 @@ def test_objective_without_scales_is_unchanged_and_with_scales_trains_on_c_times
     pred = [torch.randn(8, 3, 4, 4, dtype=torch.float64), torch.randn(8, 3, 8, 8, dtype=torch.float64)]
     kwargs = dict(stage_weights=[0.5, 0.5], stage_sampling="per_sample")
 
-    def run(**extra):
+    def run(**extra):  # the objective decomposes with the model's decomposition (and its scales)
         model = Recorder(2, lambda xs, t: pred)
-        out = FlowMatchingObjective(2, **kwargs, **extra)(model, x, y, generator=torch.Generator().manual_seed(4))
+        if extra:
+            model.decomposition = LaplacianPyramid(2, extra["stage_scales"])
+        out = FlowMatchingObjective(2, **kwargs)(model, x, y, generator=torch.Generator().manual_seed(4))
         return model, out
 
     base_model, base = run()
@@ -94,7 +96,7 @@ def test_auto_rule_against_an_independent_pyramid():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64).cumsum(-1).cumsum(-2) * 0.1  # smooth data
     batches = [x[:4], x[4:]]
-    got = measure_stage_scales(batches, 3)
+    got = measure_stage_scales(batches, LaplacianPyramid(3))
     levels, cur = [], x
     for _ in range(2):
         low = F.avg_pool2d(cur, 2)
@@ -107,7 +109,7 @@ def test_auto_rule_against_an_independent_pyramid():
 
 def test_auto_rule_refuses_a_level_without_signal():
     with pytest.raises(ValueError, match="nothing to calibrate"):
-        measure_stage_scales([torch.ones(2, 3, 8, 8)], 2)  # constant images: the fine level is 0
+        measure_stage_scales([torch.ones(2, 3, 8, 8)], LaplacianPyramid(2))  # constant images: the fine level is 0
 
 
 # ----------------------------------------------------------------------------- training
@@ -203,7 +205,7 @@ def test_auto_on_an_empty_dataset_is_one_line(tmp_path):
     from training.calibration import measure_dataset_scales
 
     with pytest.raises(ConfigError, match="holds no items"):
-        measure_dataset_scales([], 2, True, 0)
+        measure_dataset_scales([], LaplacianPyramid(2), True, 0)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "dataset.json").write_text('{"labels": []}')
@@ -240,13 +242,13 @@ def test_generate_samples_with_the_checkpoint_scales_and_refuses_others(tmp_path
     got = np.stack([np.asarray(Image.open(os.path.join(summary["run_dir"], f"{i:06d}.png"))) for i in range(4)])
     # independently: sample the per-stage states, divide each level by its scale, recompose unscaled
     model.eval()
-    noise = initial_noise(0, list(range(4)), [(3, s, s) for s in model.stage_sizes])
+    noise = initial_noise(0, list(range(4)), model.stage_shapes)
     y = class_labels(4, 4, 0, "balanced")
     final = samplers.sample(model, noise, y, num_steps_per_scale=[3, 2], thresholds=[0.1])
     expected = to_uint8(LaplacianPyramid(2).recompose([final[0] / 1.0, final[1] / 3.0])).numpy()
     assert np.array_equal(got, expected)
     assert not np.array_equal(got, to_uint8(LaplacianPyramid(2).recompose(final)).numpy())
-    assert pyramid_of(model).scales == [1.0, 3.0]
+    assert model.decomposition.scales == [1.0, 3.0]
 
     generate(stage_scales="auto")  # the checkpoint's, as with no key
     for given in ("[1.0,2.0]", "none"):
@@ -270,7 +272,7 @@ def test_stage_time_shift_moves_the_trained_stage_logit_normal_only():
     x = torch.zeros(n, 1, 4, 4)
     model = Recorder(2, lambda xs, t: [torch.zeros_like(v) for v in xs])
     objective = FlowMatchingObjective(2, stage_weights=[0.5, 0.5], stage_sampling="per_sample",
-                                      weighting="lognormal", stage_time_shift=[0.0, 1.5])
+                                      time_distribution="lognormal", stage_time_shift=[0.0, 1.5])
     objective(model, x, torch.zeros(n, dtype=torch.long), generator=torch.Generator().manual_seed(0))
     t, active = model.t.double(), model.active
     trained1 = active[:, 1]
@@ -280,9 +282,9 @@ def test_stage_time_shift_moves_the_trained_stage_logit_normal_only():
     assert stats.kstest(logit[trained0, 0].numpy(), stats.norm(loc=0.0).cdf).pvalue > 1e-3
     # no shift: the reference draws, bit for bit
     a, b = Recorder(2, model.predict), Recorder(2, model.predict)
-    FlowMatchingObjective(2, weighting="lognormal")(a, x[:16], torch.zeros(16, dtype=torch.long),
+    FlowMatchingObjective(2, time_distribution="lognormal")(a, x[:16], torch.zeros(16, dtype=torch.long),
                                                     generator=torch.Generator().manual_seed(1))
-    FlowMatchingObjective(2, weighting="lognormal", stage_time_shift=None)(
+    FlowMatchingObjective(2, time_distribution="lognormal", stage_time_shift=None)(
         b, x[:16], torch.zeros(16, dtype=torch.long), generator=torch.Generator().manual_seed(1))
     assert torch.equal(a.t, b.t)
 

@@ -43,7 +43,7 @@ def test_save_config_roundtrip(tmp_path):
     (["stage_weights=[0.5,0.3,0.2]"], ["stage_weights", "one entry per stage"]),
     (["model=SiT-XL/2", "stages=2"], ["stages", "plain SiT"]),
     (["model=DFM-SiT-XL/3"], ["model", "unknown name"]),
-    (["weighting=cosmic"], ["weighting", "uniform"]),
+    (["weighting=cosmic"], ["time_distribution (weighting)", "unknown time distribution 'cosmic'", "uniform"]),
     (["prediction=eps"], ["prediction"]),
     (["model=DFM-SiT-XL/8", "resolution=96"], ["patch size 8", "12"]),
     (["model=DFM-SiT-XL/2", "stages=4", "resolution=32"], ["stages=4", "divisible"]),
@@ -91,14 +91,14 @@ def test_every_shipped_config_validates():
     for name, cfg in seen.items():
         if name.startswith("sit_") and "uniform" not in name:
             twin = seen[name.replace("sit_", "dfm_sit_", 1)]
-            assert cfg.weighting == twin.weighting and cfg.model == twin.model.replace("DFM-", "")
+            assert cfg.time_distribution == twin.time_distribution and cfg.model == twin.model.replace("DFM-", "")
             assert cfg.batch_size == twin.batch_size == 256 and cfg.lr == twin.lr
     # The reference baselines behind the published 18.97 / 21.82 (SPEC §9) use uniform timesteps.
     for res in (256, 512):
         uniform, ours = seen[f"sit_xl_2_{res}_uniform.yaml"], seen[f"sit_xl_2_{res}.yaml"]
-        assert uniform.weighting == "uniform" and ours.weighting == "lognormal"
-        assert {k: v for k, v in uniform.items() if k not in ("weighting", "exp_name")} == \
-            {k: v for k, v in ours.items() if k not in ("weighting", "exp_name")}
+        assert uniform.time_distribution == "uniform" and ours.time_distribution == "lognormal"
+        assert {k: v for k, v in uniform.items() if k not in ("time_distribution", "exp_name")} == \
+            {k: v for k, v in ours.items() if k not in ("time_distribution", "exp_name")}
 
 
 def test_evaluation_scripts_defaults_resolve_against_their_training_config():

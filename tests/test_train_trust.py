@@ -210,7 +210,7 @@ def test_an_unusable_run_folder_is_one_line(tiny_data, tmp_path, monkeypatch, ca
     import errno
 
     import training.logger as tlog
-    import training.setup as tsetup
+    import training.run_folder as run_folder
 
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
@@ -251,7 +251,7 @@ def test_an_unusable_run_folder_is_one_line(tiny_data, tmp_path, monkeypatch, ca
     def disk_full(cfg, path):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
-    monkeypatch.setattr(tsetup, "save_config", disk_full)
+    monkeypatch.setattr(run_folder, "save_config", disk_full)
     assert train_cli.main(tiny_argv(tiny_data, str(tmp_path), exp_name="full")) == 1
     expected = (f"error: cannot write {tmp_path}/full/config.yaml: [Errno 28] No space left on device; free some "
                 "space and start again (no step was trained, no checkpoint touched)")

@@ -13,8 +13,58 @@ from typing import List, Optional
 
 import torch
 
-from models.elit import latents_per_window
+from models.elit import latents_per_window, level_budgets, mask_levels
+from models.registry import ELIT_WINDOWS_PER_SIDE, is_elit
+from training.errors import ConfigError
 from training.rng import shared_generator
+
+REFERENCE_GROUP_SIZE = 4  # the reference's elit_group_size default: accepted (and dropped) for non-ELIT models
+
+
+def resolve_elit_keys(cfg, grid: int) -> None:
+    """The ELIT keys of a training config (`group_size`, `elit_min_mask_prob`, `elit_max_mask_prob`,
+    `preview.budgets`): defaults filled in (group_size = grid / 4, elit_min_mask_prob = the max,
+    the preview budgets of :func:`default_preview_budgets`) and checked; other models must leave
+    them at their defaults. `grid`: the model's token grid side."""
+    p = cfg.preview
+    if not is_elit(cfg.model):
+        if cfg.group_size == REFERENCE_GROUP_SIZE:  # the reference's YAML files carry it for every model
+            cfg.group_size = None
+        for key, default in (("group_size", None), ("elit_min_mask_prob", None), ("elit_max_mask_prob", 0.0)):
+            if cfg[key] != default:
+                raise ConfigError(f"{key}={cfg[key]} is an ELIT key, but {cfg.model} is not an ELIT model; "
+                                  f"remove it, or train {cfg.model.replace('SiT-', 'ELIT-SiT-', 1)}")
+        if p.budgets is not None:
+            raise ConfigError(f"preview.budgets is for ELIT models only ({cfg.model} has no compute budget); "
+                              "remove it")
+        return
+    divisors = [d for d in range(1, grid + 1) if grid % d == 0]
+    if cfg.group_size is None:
+        if grid % ELIT_WINDOWS_PER_SIDE:
+            raise ConfigError(f"group_size: no default for the {grid}x{grid} token grid of {cfg.model} at "
+                              f"resolution {cfg.resolution}; set group_size to one of {divisors}")
+        cfg.group_size = grid // ELIT_WINDOWS_PER_SIDE
+    if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or grid % cfg.group_size:
+        raise ConfigError(f"group_size={cfg.group_size} must divide the {grid}x{grid} token grid of {cfg.model} at "
+                          f"resolution {cfg.resolution}; allowed: {divisors}")
+    if cfg.elit_min_mask_prob is None:
+        cfg.elit_min_mask_prob = cfg.elit_max_mask_prob
+    cfg.elit_min_mask_prob = float(cfg.elit_min_mask_prob)
+    cfg.elit_max_mask_prob = float(cfg.elit_max_mask_prob)
+    try:
+        mask_levels(cfg.group_size, cfg.elit_min_mask_prob, cfg.elit_max_mask_prob)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if p.budgets is None:
+        p.budgets = default_preview_budgets(
+            level_budgets(cfg.group_size, cfg.elit_min_mask_prob, cfg.elit_max_mask_prob))
+    if not len(p.budgets):
+        raise ConfigError("preview.budgets must name at least one budget (or be null for the defaults)")
+    for b in p.budgets:
+        try:
+            latents_per_window(b, cfg.group_size, grid * grid)
+        except ValueError as e:
+            raise ConfigError(f"preview.budgets: {e}") from None
 
 
 class BudgetSampler:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from training.config import ConfigError
+from training.errors import ConfigError
 
 AUTO_SAMPLE_SIZE = 1024  # training items the `auto` rule reads (fewer if the dataset is smaller)
 AUTO_BATCH = 64
@@ -51,9 +51,10 @@ def _describe(scales) -> str:
     return "none (no stage calibration)" if scales is None else str(list(scales))
 
 
-def run_stage_scales(cfg, dataset, ckpt: Optional[dict], pixel_space: bool, log) -> Optional[list]:
+def run_stage_scales(cfg, dataset, ckpt: Optional[dict], pixel_space: bool, log, decomposition) -> Optional[list]:
     """The scales this run trains with: a resumed run's come from its checkpoint (and must agree
-    with the key); a new run's are the key's, with `auto` measured now."""
+    with the key); a new run's are the key's, with `auto` measured now on the levels of
+    `decomposition` (the model's, without scales)."""
     given = cfg.stage_scales
     if ckpt is not None:
         arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
@@ -68,14 +69,14 @@ def run_stage_scales(cfg, dataset, ckpt: Optional[dict], pixel_space: bool, log)
         return None if stored is None else [float(c) for c in stored]
     if given != "auto":
         return given
-    scales, n = measure_dataset_scales(dataset, cfg.stages, pixel_space, cfg.seed,
+    scales, n = measure_dataset_scales(dataset, decomposition, pixel_space, cfg.seed,
                                        skip_bad=cfg.bad_samples == "skip")
     log.info(f"stage_scales auto: {scales} (every level to the coarsest level's RMS, measured on {n} training "
              f"items drawn with seed {cfg.seed})")
     return scales
 
 
-def measure_dataset_scales(dataset, num_stages: int, pixel_space: bool, seed: int,
+def measure_dataset_scales(dataset, decomposition, pixel_space: bool, seed: int,
                            skip_bad: bool = False) -> tuple[list, int]:
     """(`auto` scales, items read): a seeded sample of up to AUTO_SAMPLE_SIZE items, in the
     model's input space (latents: posterior samples from a seeded generator). A pure function
@@ -90,7 +91,7 @@ def measure_dataset_scales(dataset, num_stages: int, pixel_space: bool, seed: in
         raise ConfigError("stage_scales=auto: the dataset holds no items to measure the stages on")
     g = torch.Generator().manual_seed(derive_seed(seed, 0, "stage-calibration", 0))
     indices = sorted(torch.randperm(len(dataset), generator=g)[:AUTO_SAMPLE_SIZE].tolist())
-    energy = LevelEnergy(num_stages)
+    energy = LevelEnergy(decomposition)
     read = 0
     for lo in range(0, len(indices), AUTO_BATCH):
         items = []

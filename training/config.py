@@ -9,6 +9,8 @@ or GPU work, raising `ConfigError` with a message that names the key.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -17,23 +19,27 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
-from models.registry import is_elit, parse_name
+from models.registry import ELIT_OVERRIDES, OVERRIDES, is_elit, parse_name
+from training.budget import resolve_elit_keys
+from training.calibration import check_stage_scales_key
+from training.errors import ConfigError
+from training.evaluator import EvalSamplerConfig, check_eval_keys
+from training.objective import build_objective, check_objective_keys
+from training.previews import PreviewConfig, check_preview_keys
+from training.repa import check_repa_config
 from utils.config import Alias, config_to_dict, load_config
+from utils.config import option_help as _help
 
-# Architecture keys a config may override (tiny demo / test models). Shapes that follow from
-# the data (input_size, in_channels, num_classes) and keys with their own config entry are not
-# allowed here.
-MODEL_OVERRIDE_KEYS = ("depth", "hidden_size", "num_heads", "mlp_ratio", "elit_tail_depth")
+# Architecture options a config sets through their own top-level key (or that follow from the
+# data); every other option of the model constructors may go in `model_overrides`.
+OWN_KEYS = {"input_size": "resolution", "in_channels": "vae", "num_classes": "num_classes", "qk_norm": "qk_norm",
+            "stages": "stages", "class_dropout_prob": "cfg_prob", "encoder_depth": "encoder_depth",
+            "z_dims": "enc_type", "stage_scales": "stage_scales", "decomposition": "decomposition",
+            "group_size": "group_size", "elit_min_mask_prob": "elit_min_mask_prob",
+            "elit_max_mask_prob": "elit_max_mask_prob", "time_flip": None}
+MODEL_OVERRIDE_KEYS = tuple(sorted((OVERRIDES | ELIT_OVERRIDES) - set(OWN_KEYS)))
 VAE_NONE = ("none", "", None)
 LR_SCHEDULERS = ("constant", "constant_with_linear_warmup")
-REFERENCE_GROUP_SIZE = 4  # the reference's elit_group_size default: accepted (and dropped) for non-ELIT models
-# ImageNet classes shown in previews when num_classes == 1000 (REPA / DiT favourites):
-# golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
-IMAGENET_PREVIEW_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
-
-
-class ConfigError(ValueError):
-    """A problem the user can fix in the config or the data; the message says what to change."""
 
 
 def _resume_step(value, cfg) -> dict:
@@ -76,60 +82,13 @@ TRAIN_ALIASES = ReferenceAliases({
     "adam_beta1": Alias(convert=_adam_beta(0), note="betas[0]"),
     "adam_beta2": Alias(convert=_adam_beta(1), note="betas[1]"),
     "elit_group_size": Alias("group_size"),
+    "weighting": Alias("time_distribution"),
     "resume_step": Alias(convert=_resume_step, note="resume (-1/0 -> auto, N -> step N)"),
     "epochs": Alias(note="training length is max_train_steps"),
     "logging_dir": Alias(note="logs go to <output_dir>/<exp_name>/log.txt"),
     "fused_attn": Alias(note="attention always runs torch's fused scaled_dot_product_attention"),
     "legacy": Alias(note="label dropout is always applied inside the model (cfg_prob)"),
 })
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass
-class SamplerSettings:
-    """Solver and guidance keys shared by the preview and evaluation samplers (as in generate.py)."""
-    method: str = field(default="euler", metadata=_help("euler | heun | sde"))
-    cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
-    guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
-    guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
-
-
-@dataclass
-class PreviewConfig(SamplerSettings):
-    num_samples: int = field(default=16, metadata=_help("images in each preview grid (0 = no previews)"))
-    num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
-        "sampler steps per stage; null = [50] for S=1, [40,10] for S=2, [40]+[10]*(S-1) for S>=3"))
-    thresholds: Optional[List[float]] = field(default=None, metadata=_help(
-        "stage hand-over times tau_0 > ... (length S-1); null = [0.1] for S=2, 0.1/2^i for S>=3"))
-    labels: Optional[List[int]] = field(default=None, metadata=_help(
-        "class labels of the preview samples (cycled); null = one class per grid row (8 fixed ImageNet "
-        "classes for 1000 classes, else 0, 1, 2, ...)"))
-    nrow: Optional[int] = field(default=None, metadata=_help("images per grid row; null = about sqrt(num_samples)"))
-    show_stages: bool = field(default=False, metadata=_help(
-        "also save the coarse-stage previews (end of each sampler chunk) beside the final images"))
-    seed: int = field(default=0, metadata=_help("seed of the fixed preview noise"))
-    upscale: int = field(default=1, metadata=_help("enlarge the saved grids by this factor (nearest), for tiny images"))
-    budgets: Optional[List[float]] = field(default=None, metadata=_help(
-        "ELIT: inference budgets of the preview, one grid each, side by side (lowest left); null = the "
-        "training budget (single-budget) or the smallest, middle and largest level (multi-budget)"))
-
-
-@dataclass
-class EvalSamplerConfig(SamplerSettings):
-    """The sampler of the evaluations during training (`eval_every`); the keys of generate.py."""
-    num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
-        "sampler steps per stage; null = the preview's"))
-    thresholds: Optional[List[float]] = field(default=None, metadata=_help(
-        "stage hand-over times (length S-1); null = the preview's"))
-    inference_budget: Optional[float] = field(default=None, metadata=_help(
-        "ELIT models: budget of the conditional pass (fraction in (0, 1] or latent count); null = the model's"))
-    labels: str = field(default="balanced", metadata=_help("balanced | random (generation/labels.py)"))
-    seed: int = field(default=0, metadata=_help(
-        "seed of the evaluation noise and labels (sample i depends on (seed, i) only)"))
-    batch_size: int = field(default=64, metadata=_help("images per sampler call on each process"))
 
 
 @dataclass
@@ -157,7 +116,11 @@ class TrainConfig:
     encoder_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
         "REPA encoder architecture overrides for tiny test encoders, keys depth, embed_dim, num_heads, mlp_ratio"))
     model_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
-        f"architecture overrides for small models, keys {list(MODEL_OVERRIDE_KEYS)}"))
+        f"other architecture options (small models, block parts), keys {list(MODEL_OVERRIDE_KEYS)}; mlp / "
+        "norm / attention take a name or {name: ..., parameter: value} (models/blocks.py)"))
+    decomposition: Any = field(default=None, metadata=_help(
+        "DFM's multi-scale decomposition: a name or {name: ..., parameter: value} (dfm/decompositions.py); "
+        "null = laplacian (the reference's pyramid). Stored with the model", spec=True))
     # --- objective ---
     stage_weights: Optional[List[float]] = field(default=None, metadata=_help(
         "probability of training each stage (length S, sums to 1); null = [1] / [0.9,0.1] / "
@@ -172,7 +135,9 @@ class TrainConfig:
     stage_time_shift: Optional[List[float]] = field(default=None, metadata=_help(
         "per-stage logit shift of the trained stage's time: t = sigmoid(logit(t) + shift_s) (lognormal: "
         "logit-normal(shift_s, 1); > 0 = noisier); null = reference"))
-    weighting: str = field(default="lognormal", metadata=_help("timestep distribution: uniform | lognormal"))
+    time_distribution: Any = field(default="lognormal", metadata=_help(
+        "time distribution of the trained stage: a name or {name: ..., parameter: value} (dfm/timesteps.py), e.g. "
+        "lognormal, uniform, {name: logit_normal, loc: 0.0, scale: 1.0}; `weighting` is the same key", spec=True))
     path_type: str = field(default="linear", metadata=_help("linear | cosine"))
     prediction: str = field(default="v", metadata=_help("model output; only v (velocity)"))
     cfg_prob: float = field(default=0.1, metadata=_help("label dropout probability (for CFG)"))
@@ -254,7 +219,21 @@ class TrainConfig:
 def config_docs() -> str:
     from utils.config import config_help
 
-    return config_help(TrainConfig, TRAIN_ALIASES)
+    return config_help(TrainConfig, TRAIN_ALIASES, registries=REGISTRY_KEYS)
+
+
+def _registries() -> dict:
+    from dfm.decompositions import DECOMPOSITIONS
+    from dfm.timesteps import TIME_DISTRIBUTIONS
+    from models.blocks import ATTENTIONS, MLPS, NORMS
+    from samplers.methods import SAMPLER_METHODS
+
+    return {"decomposition": DECOMPOSITIONS, "time_distribution": TIME_DISTRIBUTIONS,
+            "model_overrides.mlp": MLPS, "model_overrides.norm": NORMS, "model_overrides.attention": ATTENTIONS,
+            "preview.method / eval_sampler.method": SAMPLER_METHODS}
+
+
+REGISTRY_KEYS = _registries
 
 
 def parse_config(argv) -> "OmegaConf":
@@ -268,22 +247,55 @@ def parse_config(argv) -> "OmegaConf":
     return resolve_config(cfg)
 
 
-def default_preview_schedule(num_stages: int) -> tuple[list, list]:
-    if num_stages == 1:
-        return [50], []
-    if num_stages == 2:
-        return [40, 10], [0.1]
-    return [40] + [10] * (num_stages - 1), [0.1 / 2**i for i in range(num_stages - 1)]
+# Keys that change what a run trains: a default experiment name carries a hash of those set to
+# other values than the defaults, so that two different runs never share a folder by accident.
+RUN_IDENTITY_KEYS = ("stages", "qk_norm", "encoder_depth", "proj_coeff", "group_size", "model_overrides", "decomposition", "stage_weights", "stage_sampling", "earlier_stage_loc",
+                     "earlier_stage_scale", "stage_scales", "stage_time_shift", "time_distribution", "path_type",
+                     "cfg_prob", "enc_type", "num_classes", "batch_size", "lr", "lr_scheduler", "warmup_steps",
+                     "betas", "weight_decay", "adam_eps", "max_grad_norm", "ema_decay", "seed")
 
 
-def default_exp_name(cfg) -> str:
+def _identity_hash(cfg) -> Optional[str]:
+    """8 hex digits of the RUN_IDENTITY_KEYS that differ from the defaults (None when none does)."""
+    defaults = config_to_dict(OmegaConf.structured(TrainConfig))
+    given = {k: cfg[k] for k in RUN_IDENTITY_KEYS if cfg.get(k) is not None or defaults.get(k) is not None}
+    changed = {k: v for k, v in config_to_dict(OmegaConf.create(given)).items() if v != defaults.get(k)}
+    if not changed:
+        return None
+    return hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def default_exp_name(cfg, identity: Optional[str]) -> str:
+    """`<model>-<resolution>[px]-<time distribution>[-mask...]`, then `-<identity hash>` for a run whose
+    settings differ from the defaults, unless an older folder of the plain name holds the same run."""
+    from dfm.timesteps import TIME_DISTRIBUTIONS
+
     name = cfg.model.replace("/", "-").lower()
     space = "px" if is_pixel_space(cfg) else ""
     budgets = ""
     if is_elit(cfg.model) and cfg.elit_max_mask_prob > 0:  # runs with other budgets get other folders
         lo, hi = cfg.elit_min_mask_prob, cfg.elit_max_mask_prob
         budgets = f"-mask{lo:g}" + (f"-{hi:g}" if hi != lo else "")
-    return f"{name}-{cfg.resolution}{space}-{cfg.weighting}{budgets}"
+    plain = f"{name}-{cfg.resolution}{space}-{TIME_DISTRIBUTIONS.tag(cfg.time_distribution)}{budgets}"
+    if identity is None or _same_run_folder(cfg, os.path.join(cfg.output_dir, plain)):
+        return plain
+    return f"{plain}-{identity}"
+
+
+def _same_run_folder(cfg, folder: str) -> bool:
+    """A folder of the plain default name, made before names carried the hash, by a run with the same settings."""
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return False
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # noqa: BLE001 - an unreadable file is not the same run
+        return False
+    if not isinstance(saved, dict):
+        return False
+    saved.setdefault("time_distribution", saved.get("weighting"))
+    return all(saved.get(k) == config_to_dict(OmegaConf.create({k: cfg[k]}))[k]
+                                           for k in RUN_IDENTITY_KEYS)
 
 
 def is_pixel_space(cfg) -> bool:
@@ -293,9 +305,13 @@ def is_pixel_space(cfg) -> bool:
 def resolve_config(cfg) -> "OmegaConf":
     """Fill model-dependent defaults and validate; returns a new DictConfig.
 
-    Raises ConfigError naming the offending key.
+    Raises ConfigError naming the offending key. Each piece checks its own keys (stage scales:
+    training.calibration, ELIT: training.budget, REPA: training.repa, previews and evaluation:
+    training.previews / training.evaluator); the architecture and the objective are checked by
+    building them (on the meta device), so a registry entry's signature is its validation.
     """
     cfg = OmegaConf.create(config_to_dict(cfg))  # plain (untyped) copy we may edit freely
+    identity = _identity_hash(cfg)
     try:
         is_dfm, _size, patch = parse_name(cfg.model)
     except ValueError:
@@ -310,46 +326,25 @@ def resolve_config(cfg) -> "OmegaConf":
     if cfg.stages < 1:
         raise ConfigError(f"stages must be >= 1, got {cfg.stages}")
     S = cfg.stages
-
-    import dfm
-
-    if cfg.stage_weights is None:
-        cfg.stage_weights = dfm.default_stage_weights(S)
-    try:
-        cfg.stage_weights = dfm.validate_stage_weights(list(cfg.stage_weights), S)
-    except ValueError as e:
-        raise ConfigError(f"stage_weights: {e}") from None
-    from training.calibration import check_stage_scales_key
-
     check_stage_scales_key(cfg)
-    _choice(cfg, "stage_sampling", dfm.STAGE_SAMPLING)
-    _choice(cfg, "weighting", dfm.WEIGHTINGS)
-    _choice(cfg, "path_type", dfm.PATH_TYPES)
-    _choice(cfg, "prediction", ("v",))
     if str(cfg.mixed_precision) in ("False", "false"):  # YAML reads a bare `no` as false
         cfg.mixed_precision = "no"
-    _choice(cfg, "mixed_precision", ("bf16", "fp16", "no"))
-    _choice(cfg, "report_to", ("none", "wandb", "tensorboard"))
+    for key, allowed in (("prediction", ("v",)), ("mixed_precision", ("bf16", "fp16", "no")),
+                         ("report_to", ("none", "wandb", "tensorboard")), ("lr_scheduler", LR_SCHEDULERS),
+                         ("bad_samples", ("error", "skip")), ("save_format", ("pt", "safetensors"))):
+        _choice(cfg, key, allowed)
     if cfg.wandb_mode is not None:
         _choice(cfg, "wandb_mode", ("online", "offline", "disabled"))
-    _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
-    _choice(cfg, "bad_samples", ("error", "skip"))
-    _choice(cfg, "save_format", ("pt", "safetensors"))
     if cfg.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    if cfg.earlier_stage_scale <= 0:
-        raise ConfigError(f"earlier_stage_scale must be > 0, got {cfg.earlier_stage_scale}")
     if not 0.0 <= cfg.cfg_prob < 1.0:
         raise ConfigError(f"cfg_prob must be in [0, 1), got {cfg.cfg_prob}")
     for key in cfg.model_overrides:
         if key not in MODEL_OVERRIDE_KEYS:
-            hint = {"input_size": "resolution", "in_channels": "vae", "num_classes": "num_classes",
-                    "qk_norm": "qk_norm", "stages": "stages", "class_dropout_prob": "cfg_prob",
-                    "encoder_depth": "encoder_depth"}.get(key)
-            raise ConfigError(
-                f"model_overrides.{key} is not allowed"
-                + (f"; set the top-level key '{hint}' instead" if hint else "")
-                + f". Allowed: {list(MODEL_OVERRIDE_KEYS)}")
+            hint = OWN_KEYS.get(key)
+            raise ConfigError(f"model_overrides.{key} is not allowed"
+                              + (f"; set the top-level key '{hint}' instead" if hint else "")
+                              + f". Allowed: {list(MODEL_OVERRIDE_KEYS)}")
     if "elit_tail_depth" in cfg.model_overrides and not is_elit(cfg.model):
         raise ConfigError(f"model_overrides.elit_tail_depth is an ELIT key, but {cfg.model} is not an ELIT model")
 
@@ -362,19 +357,14 @@ def resolve_config(cfg) -> "OmegaConf":
     if not pixel and cfg.resolution % 8:
         raise ConfigError(f"resolution {cfg.resolution} must be a multiple of 8 for a latent run (VAE x8)")
     size = cfg.resolution if pixel else cfg.resolution // 8
-    coarsest = size // 2 ** (S - 1)
-    if size % 2 ** (S - 1) or coarsest < 1:
-        raise ConfigError(f"stages={S} needs the {'image' if pixel else 'latent'} size {size} to be "
-                          f"divisible by 2^(S-1) = {2 ** (S - 1)}")
     if size % patch:
         raise ConfigError(f"model {cfg.model}: patch size {patch} does not divide the "
                           f"{'image' if pixel else 'latent'} size {size} (resolution {cfg.resolution})")
     if cfg.num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {cfg.num_classes}")
-    _resolve_elit(cfg, size // patch)
-    from training.repa import check_repa_config
-
+    resolve_elit_keys(cfg, size // patch)
     check_repa_config(cfg, pixel=pixel, size=size, patch=patch)
+    _check_model_and_objective(cfg, pixel, size)
 
     # --- optimisation / schedule ---
     for key in ("batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
@@ -400,29 +390,41 @@ def resolve_config(cfg) -> "OmegaConf":
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
 
-    # --- preview ---
-    p = cfg.preview
-    if p.num_samples < 0:
-        raise ConfigError(f"preview.num_samples must be >= 0, got {p.num_samples}")
-    _check_schedule(p, *default_preview_schedule(S), S, "preview.")
-    if p.labels is not None:
-        bad = [label for label in p.labels if not 0 <= label <= cfg.num_classes]
-        if bad or not len(p.labels):
-            raise ConfigError(f"preview.labels must be non-empty class indices in [0, {cfg.num_classes}] "
-                              f"({cfg.num_classes} = unconditional), got {list(p.labels)}")
-    if p.upscale < 1:
-        raise ConfigError(f"preview.upscale must be >= 1, got {p.upscale}")
-    if p.nrow is not None and p.nrow < 1:
-        raise ConfigError(f"preview.nrow must be >= 1, got {p.nrow}")
-    _resolve_preview_budgets(cfg, size // patch)
+    from samplers.schedules import default_schedule
 
-    _check_eval(cfg, S)
+    check_preview_keys(cfg, *default_schedule(S))
+    check_eval_keys(cfg)
 
     # --- output ---
     if cfg.exp_name is None or cfg.exp_name == "":
-        cfg.exp_name = default_exp_name(cfg)
+        cfg.exp_name = default_exp_name(cfg, identity)
     if os.sep in cfg.exp_name or cfg.exp_name in (".", ".."):
         raise ConfigError(f"exp_name must be a plain folder name, got {cfg.exp_name!r}")
+    _resolve_resume(cfg)
+    if cfg.data_dir is None or str(cfg.data_dir) == "":
+        raise ConfigError("data_dir is not set: pass --data-dir DIR (a folder or ZIP written by "
+                          "dataset_tools.py convert/encode)")
+    return cfg
+
+
+def _check_model_and_objective(cfg, pixel: bool, size: int) -> None:
+    """Build the architecture on the meta device and the objective once: every option, registry
+    spec and parameter is checked by the code that uses it (one ConfigError naming the key)."""
+    from models.registry import skeleton_model
+
+    try:
+        model = skeleton_model(cfg.model, **model_kwargs(cfg, 3 if pixel else 4, size))
+    except ValueError as e:
+        raise ConfigError(f"model {cfg.model} with stages={cfg.stages} (model_overrides, decomposition): {e}") from None
+    for key in ("decomposition",):  # stored compactly, as in the model's arch
+        if cfg[key] is not None:
+            cfg[key] = model.arch.get(key)
+    cfg.model_overrides = {k: model.arch.get(k, v) for k, v in cfg.model_overrides.items()}
+    check_objective_keys(cfg)
+
+
+def _resolve_resume(cfg) -> None:
+    """`resume`: none | auto | a step of this experiment | a checkpoint file (ConfigError otherwise)."""
     resume = "none" if cfg.resume is None else str(cfg.resume)
     if resume.lower() in ("none", "null", "false", "no", ""):
         cfg.resume = "none"
@@ -439,115 +441,6 @@ def resolve_config(cfg) -> "OmegaConf":
     elif not os.path.isfile(resume):
         raise ConfigError(f"resume: checkpoint file {resume!r} does not exist "
                           "(use resume=auto, resume=none, a step number or an existing .pt file)")
-    if cfg.data_dir is None or str(cfg.data_dir) == "":
-        raise ConfigError("data_dir is not set: pass --data-dir DIR (a folder or ZIP written by "
-                          "dataset_tools.py convert/encode)")
-    return cfg
-
-
-def _resolve_elit(cfg, grid: int) -> None:
-    """ELIT keys: defaults filled in (group_size = grid / 4, elit_min_mask_prob = the max) and
-    checked; other models must leave them at their defaults."""
-    from models.elit import mask_levels
-    from models.registry import ELIT_WINDOWS_PER_SIDE
-
-    if not is_elit(cfg.model):
-        if cfg.group_size == REFERENCE_GROUP_SIZE:  # the reference's YAML files carry it for every model
-            cfg.group_size = None
-        for key, default in (("group_size", None), ("elit_min_mask_prob", None), ("elit_max_mask_prob", 0.0)):
-            if cfg[key] != default:
-                raise ConfigError(f"{key}={cfg[key]} is an ELIT key, but {cfg.model} is not an ELIT model; "
-                                  f"remove it, or train {cfg.model.replace('SiT-', 'ELIT-SiT-', 1)}")
-        return
-    divisors = [d for d in range(1, grid + 1) if grid % d == 0]
-    if cfg.group_size is None:
-        if grid % ELIT_WINDOWS_PER_SIDE:
-            raise ConfigError(f"group_size: no default for the {grid}x{grid} token grid of {cfg.model} at "
-                              f"resolution {cfg.resolution}; set group_size to one of {divisors}")
-        cfg.group_size = grid // ELIT_WINDOWS_PER_SIDE
-    if isinstance(cfg.group_size, bool) or not isinstance(cfg.group_size, int) or grid % cfg.group_size:
-        raise ConfigError(f"group_size={cfg.group_size} must divide the {grid}x{grid} token grid of {cfg.model} at "
-                          f"resolution {cfg.resolution}; allowed: {divisors}")
-    if cfg.elit_min_mask_prob is None:
-        cfg.elit_min_mask_prob = cfg.elit_max_mask_prob
-    cfg.elit_min_mask_prob = float(cfg.elit_min_mask_prob)
-    cfg.elit_max_mask_prob = float(cfg.elit_max_mask_prob)
-    try:
-        mask_levels(cfg.group_size, cfg.elit_min_mask_prob, cfg.elit_max_mask_prob)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _resolve_preview_budgets(cfg, grid: int) -> None:
-    """preview.budgets: null -> the defaults of training.budget; given -> checked by the budget rule."""
-    p = cfg.preview
-    if not is_elit(cfg.model):
-        if p.budgets is not None:
-            raise ConfigError(f"preview.budgets is for ELIT models only ({cfg.model} has no compute budget); "
-                              "remove it")
-        return
-    from models.elit import latents_per_window, level_budgets
-    from training.budget import default_preview_budgets
-
-    if p.budgets is None:
-        p.budgets = default_preview_budgets(
-            level_budgets(cfg.group_size, cfg.elit_min_mask_prob, cfg.elit_max_mask_prob))
-    if not len(p.budgets):
-        raise ConfigError("preview.budgets must name at least one budget (or be null for the defaults)")
-    for b in p.budgets:
-        try:
-            latents_per_window(b, cfg.group_size, grid * grid)
-        except ValueError as e:
-            raise ConfigError(f"preview.budgets: {e}") from None
-
-
-def _check_schedule(node, steps, thresholds, S: int, prefix: str) -> None:
-    """Fill a sampler group's null `num_steps_per_scale` / `thresholds` with the given defaults
-    and check them and `method` (ConfigError naming `prefix` + key)."""
-    if node.num_steps_per_scale is None:
-        node.num_steps_per_scale = list(steps)
-        if node.thresholds is None:
-            node.thresholds = list(thresholds)
-    if node.thresholds is None:
-        node.thresholds = list(thresholds)
-    node.num_steps_per_scale = [int(n) for n in node.num_steps_per_scale]
-    node.thresholds = [float(x) for x in node.thresholds]
-    if len(node.num_steps_per_scale) != S or any(n < 1 for n in node.num_steps_per_scale):
-        raise ConfigError(f"{prefix}num_steps_per_scale needs {S} positive entries (one per stage), "
-                          f"got {list(node.num_steps_per_scale)}")
-    if len(node.thresholds) != S - 1:
-        raise ConfigError(f"{prefix}thresholds needs {S - 1} entries for {S} stages, got {list(node.thresholds)}")
-    if any(not 0 < x < 1 for x in node.thresholds) or any(
-            a <= b for a, b in zip(node.thresholds, node.thresholds[1:])):
-        raise ConfigError(f"{prefix}thresholds must be strictly decreasing inside (0, 1), got {list(node.thresholds)}")
-    _choice(node, "method", ("euler", "heun", "sde"), prefix=prefix)
-
-
-def _check_eval(cfg, S: int) -> None:
-    """The evaluation keys (files and weights are checked when the evaluator is built, before training)."""
-    from evaluation.stats_file import METRICS
-
-    if cfg.eval_every < 0:
-        raise ConfigError(f"eval_every must be >= 0 (0 = no evaluation), got {cfg.eval_every}")
-    metrics = list(cfg.eval_metrics or [])
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics or len(set(metrics)) < len(metrics):
-        raise ConfigError(f"eval_metrics must be a non-empty list of distinct names from {list(METRICS)}, "
-                          f"got {metrics}")
-    e = cfg.eval_sampler
-    _check_schedule(e, cfg.preview.num_steps_per_scale, cfg.preview.thresholds, S, "eval_sampler.")
-    _choice(e, "labels", ("balanced", "random"), prefix="eval_sampler.")
-    if e.batch_size < 1:
-        raise ConfigError(f"eval_sampler.batch_size must be >= 1, got {e.batch_size}")
-    if cfg.eval_every == 0:
-        return
-    if not cfg.eval_ref_stats:
-        raise ConfigError("eval_every is set but eval_ref_stats is not: pass the reference statistics file "
-                          "(`python -m evaluation.ref_stats` output, e.g. eval_ref_stats=ref/imagenet256.npz)")
-    if not os.path.isfile(str(cfg.eval_ref_stats)):
-        raise ConfigError(f"eval_ref_stats: no such file {cfg.eval_ref_stats!r}")
-    if cfg.eval_num_samples < 2:
-        raise ConfigError(f"eval_num_samples must be >= 2, got {cfg.eval_num_samples}")
 
 
 def _choice(node, key, allowed, prefix=""):
@@ -556,16 +449,30 @@ def _choice(node, key, allowed, prefix=""):
         raise ConfigError(f"{prefix}{key} must be one of {list(allowed)}, got {value!r}")
 
 
+def recipe_objective(num_stages: int, **keys):
+    """The objective train.py builds from the recipe's defaults for a model of `num_stages` stages,
+    with the objective `keys` given changed (benchmarks and tests)."""
+    cfg = OmegaConf.create(config_to_dict(OmegaConf.structured(TrainConfig)))
+    cfg.stages = num_stages
+    for key, value in keys.items():
+        cfg[key] = value
+    check_objective_keys(cfg)
+    return build_objective(cfg)
+
+
 def model_kwargs(cfg, in_channels: int, input_size: int) -> dict:
     """Keyword arguments for `models.create_model(cfg.model, **kwargs)`."""
     kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=cfg.num_classes,
-                  class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm)
+                  class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm, decomposition=cfg.decomposition)
     if cfg.model.startswith("DFM-"):
         kwargs["stages"] = cfg.stages
     if cfg.encoder_depth is not None:
         kwargs["encoder_depth"] = cfg.encoder_depth
+    if isinstance(cfg.stage_scales, (list, tuple)) or type(cfg.stage_scales).__name__ == "ListConfig":
+        kwargs["stage_scales"] = list(cfg.stage_scales)
     if is_elit(cfg.model):
         kwargs.update(group_size=cfg.group_size, elit_min_mask_prob=cfg.elit_min_mask_prob,
                       elit_max_mask_prob=cfg.elit_max_mask_prob)
-    kwargs.update(dict(cfg.model_overrides))
+    kwargs.update(config_to_dict(cfg.model_overrides) if not isinstance(cfg.model_overrides, dict)
+                  else cfg.model_overrides)
     return kwargs

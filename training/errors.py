@@ -4,6 +4,10 @@ the loop also writes them to the run's log.txt)."""
 from utils.atomic import describe_write_error  # noqa: F401 - where the loop has always imported it
 
 
+class ConfigError(ValueError):
+    """A problem the user can fix in the config or the data; the message says what to change."""
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped for a reason the message explains; earlier checkpoints are intact."""
 

@@ -22,14 +22,63 @@ bit-identical weights).
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from training.config import ConfigError
-from training.previews import autocast_dtype, cuda_autocast
+from training.errors import ConfigError
+from training.previews import SamplerSettings, autocast_dtype, check_sampler_keys, cuda_autocast
+from utils.config import option_help as _help
+
+
+@dataclass
+class EvalSamplerConfig(SamplerSettings):
+    """The sampler of the evaluations during training (`eval_every`); the keys of generate.py."""
+    method: Any = field(default=None, metadata=_help(
+        "sampler method (a name or {name: ..., parameter: value}); null = the preview's", spec=True))
+    num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
+        "sampler steps per stage; null = the preview's"))
+    thresholds: Optional[List[float]] = field(default=None, metadata=_help(
+        "stage hand-over times (length S-1); null = the preview's"))
+    inference_budget: Optional[float] = field(default=None, metadata=_help(
+        "ELIT models: budget of the conditional pass (fraction in (0, 1] or latent count); null = the model's"))
+    labels: str = field(default="balanced", metadata=_help("balanced | random (generation/labels.py)"))
+    seed: int = field(default=0, metadata=_help(
+        "seed of the evaluation noise and labels (sample i depends on (seed, i) only)"))
+    batch_size: int = field(default=64, metadata=_help("images per sampler call on each process"))
+
+
+def check_eval_keys(cfg) -> None:
+    """The evaluation keys (files and weights are checked when the evaluator is built, before training)."""
+    from evaluation.stats_file import METRICS
+
+    if cfg.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0 = no evaluation), got {cfg.eval_every}")
+    metrics = list(cfg.eval_metrics or [])
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics or len(set(metrics)) < len(metrics):
+        raise ConfigError(f"eval_metrics must be a non-empty list of distinct names from {list(METRICS)}, "
+                          f"got {metrics}")
+    e = cfg.eval_sampler
+    check_sampler_keys(e, cfg.preview.num_steps_per_scale, cfg.preview.thresholds, cfg.stages, "eval_sampler.",
+                       method=cfg.preview.method)
+    if e.labels not in ("balanced", "random"):
+        raise ConfigError(f"eval_sampler.labels must be one of ['balanced', 'random'], got {e.labels!r}")
+    if e.batch_size < 1:
+        raise ConfigError(f"eval_sampler.batch_size must be >= 1, got {e.batch_size}")
+    if cfg.eval_every == 0:
+        return
+    if not cfg.eval_ref_stats:
+        raise ConfigError("eval_every is set but eval_ref_stats is not: pass the reference statistics file "
+                          "(`python -m evaluation.ref_stats` output, e.g. eval_ref_stats=ref/imagenet256.npz)")
+    if not os.path.isfile(str(cfg.eval_ref_stats)):
+        raise ConfigError(f"eval_ref_stats: no such file {cfg.eval_ref_stats!r}")
+    if cfg.eval_num_samples < 2:
+        raise ConfigError(f"eval_num_samples must be >= 2, got {cfg.eval_num_samples}")
 
 
 class TrainingEvaluator:
@@ -62,27 +111,25 @@ class TrainingEvaluator:
         """uint8 (len(indices), H, W, 3) images of the given sample indices (deterministic per index)."""
         import samplers
         from data.vae import samples_to_uint8
-        from dfm import pyramid_of
         from generation.noise import initial_noise, sde_generators
 
         e = self.sampler
-        shapes = [(model.in_channels, s, s) for s in model.stage_sizes]
-        pyramid = pyramid_of(model)
+        decomposition = model.decomposition
         extra = {} if e.inference_budget is None else {"inference_budget": e.inference_budget}
         out = []
         for lo in range(0, len(indices), int(e.batch_size)):
             batch = indices[lo:lo + int(e.batch_size)]
-            noise = [n.to(self.device) for n in initial_noise(int(e.seed), batch, shapes)]
+            noise = [n.to(self.device) for n in initial_noise(int(e.seed), batch, model.stage_shapes)]
             y = self.labels[batch].to(self.device)
-            generator = sde_generators(int(e.seed), batch, device=self.device) if e.method == "sde" else None
+            generator = sde_generators(int(e.seed), batch, device=self.device)
             with self._autocast():
                 final = samplers.sample(
                     model, noise, y, num_steps_per_scale=list(e.num_steps_per_scale), thresholds=list(e.thresholds),
                     method=e.method, cfg_scale=float(e.cfg_scale), guidance_low=float(e.guidance_low),
                     guidance_high=float(e.guidance_high), path_type=self.path_type, generator=generator, **extra)
-            out.append(samples_to_uint8(self.vae, pyramid.recompose([f.float() for f in final])))
+            out.append(samples_to_uint8(self.vae, decomposition.recompose([f.float() for f in final])))
         if not out:
-            size = model.stage_sizes[-1] * (1 if self.vae is None else 8)
+            size = model.input_size * (1 if self.vae is None else 8)
             return np.zeros((0, size, size, 3), np.uint8)
         return np.concatenate(out)
 

@@ -32,19 +32,21 @@ from training.checkpoint import (atomic_torch_save, checkpoint_path, list_checkp
 from training.batch import BatchPreparer
 from training.budget import BudgetSampler
 from training.calibration import run_stage_scales
-from training.config import ConfigError, is_pixel_space
+from training.config import is_pixel_space
 from training.evaluator import make_evaluator
 from data.robust import CorruptSampleError
-from training.errors import (CheckpointWriteError, CorruptDataError, NonFiniteLossError, TrainingStopped,
-                             describe_write_error)
+from training.errors import (CheckpointWriteError, ConfigError, CorruptDataError, NonFiniteLossError,
+                             TrainingStopped, describe_write_error)
 from training.logger import RunLogger, log_error_to_file
 from training.preemption import Preemption
 from training.repa import RepaFeatures, load_run_encoders
 from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
 from training.sampler import ResumableBatchSampler
+from training.objective import build_objective
+from training.run_folder import open_run_folder, record_config
 from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
-                            gather_objects, load_decoder_vae, make_previewer, open_run_folder, open_training_dataset,
-                            previews_on, resume_target, world_size_from_env, write_demo_data)
+                            gather_objects, load_decoder_vae, make_previewer, model_decomposition,
+                            open_training_dataset, previews_on, resume_target, world_size_from_env, write_demo_data)
 from training.step import TrainStep
 from utils.config import config_to_dict
 from utils.progress import progress_bar
@@ -94,7 +96,8 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     P, A, S = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.stages
     preemption.connect(P)
     exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
-    log = open_run_folder(cfg, exp_dir, accelerator)  # log.txt and config.yaml, or one line on every rank
+    gather = lambda obj: gather_objects(accelerator, obj)  # noqa: E731
+    log = open_run_folder(cfg, exp_dir, accelerator, gather)  # log.txt, or one line on every rank
 
     # ---- data, resume target (before building anything heavy: a bad path or arch fails early)
     write_demo_data(cfg, accelerator, log)
@@ -108,18 +111,15 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     # REPA: the frozen encoders, on every rank (never part of the model or its checkpoints)
     repa_features = RepaFeatures(load_run_encoders(cfg, device), accelerator.autocast)
 
-    # ---- model, EMA, optimizer, LR schedule, objective
-    import dfm
-
-    cfg.stage_scales = run_stage_scales(cfg, dataset, ckpt, is_pixel_space(cfg), log)  # `auto` measured here
+    # ---- model, EMA, optimizer, LR schedule, objective (which decomposes with the model's decomposition)
+    cfg.stage_scales = run_stage_scales(cfg, dataset, ckpt, is_pixel_space(cfg), log,  # `auto` measured here
+                                        model_decomposition(cfg, in_channels, input_size))
     extra = {"stage_scales": cfg.stage_scales, **({"z_dims": repa_features.z_dims()} if repa_features.encoders else {})}
     state = build_train_state(cfg, in_channels, input_size, device, ckpt, resume_path, extra_model_kwargs=extra)
     raw_model, ema_model, optimizer = state.model, state.ema_model, state.optimizer
-    objective = dfm.FlowMatchingObjective(
-        S, stage_weights=list(cfg.stage_weights), stage_sampling=cfg.stage_sampling,
-        weighting=cfg.weighting, path_type=cfg.path_type, earlier_stage_loc=cfg.earlier_stage_loc,
-        earlier_stage_scale=cfg.earlier_stage_scale, proj_coeff=cfg.proj_coeff, stage_scales=raw_model.stage_scales,
-        stage_time_shift=cfg.stage_time_shift)
+    record_config(cfg, exp_dir, state.start_step, ckpt.get("config") if ckpt is not None else None, log, is_main,
+                  gather)
+    objective = build_objective(cfg)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
 
     # ---- random streams and data position
@@ -148,9 +148,9 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
 
     # ---- previews (loads the VAE for latent runs: fails here, before any training), logging
     vae = load_decoder_vae(cfg, device) if previews_on(cfg, is_main) or cfg.eval_every else None
-    previewer = make_previewer(cfg, raw_model, in_channels, exp_dir, device, is_main, vae)
+    previewer = make_previewer(cfg, raw_model, exp_dir, device, is_main, vae)
     evaluator = make_evaluator(cfg, exp_dir=exp_dir, device=device, rank=rank, num_processes=P, log=log,
-                               gather=lambda part: gather_objects(accelerator, part), vae=vae)
+                               gather=gather, vae=vae)
     config_dict = config_to_dict(cfg)
     tracker = RunLogger(exp_dir, log, cfg.report_to, is_main, config=config_dict, project=cfg.wandb_project,
                         run_name=cfg.exp_name, wandb_mode=cfg.wandb_mode)

@@ -14,15 +14,98 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from training.config import IMAGENET_PREVIEW_CLASSES
+from training.errors import ConfigError
 from utils.atomic import atomic_write
+from utils.config import option_help as _help
+
+# ImageNet classes shown in previews when num_classes == 1000 (REPA / DiT favourites):
+# golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox.
+IMAGENET_PREVIEW_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+@dataclass
+class SamplerSettings:
+    """Solver and guidance keys shared by the preview and evaluation samplers (as in generate.py)."""
+    method: Any = field(default="euler", metadata=_help(
+        "sampler method: a name or {name: ..., parameter: value} (samplers/methods.py)", spec=True))
+    cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
+    guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
+    guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
+
+
+@dataclass
+class PreviewConfig(SamplerSettings):
+    num_samples: int = field(default=16, metadata=_help("images in each preview grid (0 = no previews)"))
+    num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
+        "sampler steps per stage; null = [50] for S=1, [40,10] for S=2, [40]+[10]*(S-1) for S>=3"))
+    thresholds: Optional[List[float]] = field(default=None, metadata=_help(
+        "stage hand-over times tau_0 > ... (length S-1); null = [0.1] for S=2, 0.1/2^i for S>=3"))
+    labels: Optional[List[int]] = field(default=None, metadata=_help(
+        "class labels of the preview samples (cycled); null = one class per grid row (8 fixed ImageNet "
+        "classes for 1000 classes, else 0, 1, 2, ...)"))
+    nrow: Optional[int] = field(default=None, metadata=_help("images per grid row; null = about sqrt(num_samples)"))
+    show_stages: bool = field(default=False, metadata=_help(
+        "also save the coarse-stage previews (end of each sampler chunk) beside the final images"))
+    seed: int = field(default=0, metadata=_help("seed of the fixed preview noise"))
+    upscale: int = field(default=1, metadata=_help("enlarge the saved grids by this factor (nearest), for tiny images"))
+    budgets: Optional[List[float]] = field(default=None, metadata=_help(
+        "ELIT: inference budgets of the preview, one grid each, side by side (lowest left); null = the "
+        "training budget (single-budget) or the smallest, middle and largest level (multi-budget)"))
+
+
+def check_sampler_keys(node, steps, thresholds, S: int, prefix: str, method=None) -> None:
+    """Fill a sampler group's null `num_steps_per_scale` / `thresholds` (and `method`) with the given
+    defaults; check them (ConfigError naming `prefix` + key). `method` is stored in its compact form."""
+    from samplers.methods import SAMPLER_METHODS
+
+    if node.num_steps_per_scale is None:
+        node.num_steps_per_scale = list(steps)
+        if node.thresholds is None:
+            node.thresholds = list(thresholds)
+    if node.thresholds is None:
+        node.thresholds = list(thresholds)
+    node.num_steps_per_scale = [int(n) for n in node.num_steps_per_scale]
+    node.thresholds = [float(x) for x in node.thresholds]
+    if len(node.num_steps_per_scale) != S or any(n < 1 for n in node.num_steps_per_scale):
+        raise ConfigError(f"{prefix}num_steps_per_scale needs {S} positive entries (one per stage), "
+                          f"got {list(node.num_steps_per_scale)}")
+    if len(node.thresholds) != S - 1:
+        raise ConfigError(f"{prefix}thresholds needs {S - 1} entries for {S} stages, got {list(node.thresholds)}")
+    if any(not 0 < x < 1 for x in node.thresholds) or any(
+            a <= b for a, b in zip(node.thresholds, node.thresholds[1:])):
+        raise ConfigError(f"{prefix}thresholds must be strictly decreasing inside (0, 1), got {list(node.thresholds)}")
+    if node.method is None:
+        node.method = method
+    try:
+        node.method = SAMPLER_METHODS.compact(node.method)
+        SAMPLER_METHODS.build(node.method).schedule(node.num_steps_per_scale, node.thresholds)
+    except ValueError as e:
+        raise ConfigError(f"{prefix}method: {e}") from None
+
+
+def check_preview_keys(cfg, steps, thresholds) -> None:
+    """The `preview` group of a training config (ELIT budgets: training.budget)."""
+    p = cfg.preview
+    if p.num_samples < 0:
+        raise ConfigError(f"preview.num_samples must be >= 0, got {p.num_samples}")
+    check_sampler_keys(p, steps, thresholds, cfg.stages, "preview.")
+    if p.labels is not None:
+        bad = [label for label in p.labels if not 0 <= label <= cfg.num_classes]
+        if bad or not len(p.labels):
+            raise ConfigError(f"preview.labels must be non-empty class indices in [0, {cfg.num_classes}] "
+                              f"({cfg.num_classes} = unconditional), got {list(p.labels)}")
+    if p.upscale < 1:
+        raise ConfigError(f"preview.upscale must be >= 1, got {p.upscale}")
+    if p.nrow is not None and p.nrow < 1:
+        raise ConfigError(f"preview.nrow must be >= 1, got {p.nrow}")
 
 
 def grid_nrow(num_samples: int, nrow: Optional[int]) -> int:
@@ -108,7 +191,7 @@ def cuda_autocast(device: torch.device, dtype):
 class PreviewMaker:
     """Samples a fixed preview batch from a model and writes PNG grids to `out_dir`."""
 
-    def __init__(self, preview_cfg, *, num_classes: int, in_channels: int, stage_sizes: List[int],
+    def __init__(self, preview_cfg, *, num_classes: int, stage_shapes: List[tuple],
                  path_type: str, out_dir: str, device, vae=None, autocast_dtype=None, batch_size: int = 64,
                  budget_fractions: Optional[List[float]] = None, budget_flops: Optional[List[float]] = None):
         """budget_fractions: ELIT models only, the fraction of latents each of `preview.budgets`
@@ -130,7 +213,7 @@ class PreviewMaker:
             preview_labels(n, num_classes, self.nrow, list(preview_cfg.labels) if preview_cfg.labels else None),
             dtype=torch.long)
         g = torch.Generator().manual_seed(int(preview_cfg.seed))
-        self.noise = [torch.randn(n, in_channels, s, s, generator=g) for s in stage_sizes]
+        self.noise = [torch.randn(n, *shape, generator=g) for shape in stage_shapes]
         self.sde_seed = int(preview_cfg.seed) + 1
 
     def _decode(self, x: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from training.config import ConfigError
+from training.errors import ConfigError
 
 # Architecture keys of the timm ViT that `encoder_overrides` may shrink (tests, small experiments).
 ENCODER_OVERRIDE_KEYS = ("depth", "embed_dim", "num_heads", "mlp_ratio")

@@ -5,7 +5,6 @@ message that says what to change; the loop itself stays a readable sequence of s
 """
 from __future__ import annotations
 
-import errno
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -13,11 +12,9 @@ from typing import Optional
 import torch
 
 from training.checkpoint import list_checkpoints, load_checkpoint, select_resume_checkpoint
-from training.config import ConfigError, is_pixel_space, model_kwargs
+from training.config import is_pixel_space, model_kwargs
 from training.ema import EMA, create_ema
-from training.errors import CheckpointWriteError, describe_write_error
-from training.logger import setup_file_logger
-from utils.config import save_config
+from training.errors import ConfigError
 
 
 def world_size_from_env() -> int:
@@ -59,50 +56,6 @@ def gather_objects(accelerator, obj) -> list:
     out = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def open_run_folder(cfg, exp_dir: str, accelerator):
-    """The run's logger. Rank 0 creates `exp_dir` with log.txt and config.yaml (the resolved
-    config); a folder that cannot be created or written ends the run on every rank with one line:
-    ConfigError naming `output_dir` / `exp_name` (a file in the way, no permission, a read-only
-    file system, a name too long), CheckpointWriteError for a full disk or quota."""
-    error = None
-    if not accelerator.is_main_process:
-        log = setup_file_logger(None, False)
-    else:
-        try:
-            log = setup_file_logger(exp_dir, True)
-        except OSError as e:
-            log, error = setup_file_logger(None, True), _run_folder_error(cfg, exp_dir, e)
-        path = os.path.join(exp_dir, "config.yaml")
-        try:
-            if error is None:
-                save_config(cfg, path)
-        except OSError as e:
-            error = _run_folder_error(cfg, exp_dir, e, f"cannot write {path}")
-    error = next((e for e in gather_objects(accelerator, error) if e is not None), None)
-    if error is not None:
-        raise error
-    return log
-
-
-def _run_folder_error(cfg, exp_dir: str, error: OSError, what: str = ""):
-    what = what or f"cannot create the run folder {exp_dir}"
-    reason = describe_write_error(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CheckpointWriteError(f"{what}: {reason}; free some space and start again (no step was trained, "
-                                    "no checkpoint touched)")
-    if error.errno == errno.ENAMETOOLONG and len(os.fsencode(cfg.exp_name)) > 255:
-        return ConfigError(f"exp_name: {cfg.exp_name[:32]!r}... ({len(os.fsencode(cfg.exp_name))} bytes) is too long "
-                           f"for a folder name in {cfg.output_dir} ({reason}; most file systems allow 255 bytes); "
-                           "choose a shorter exp_name")
-    blocker = exp_dir
-    while blocker and not os.path.exists(blocker):
-        blocker = os.path.dirname(blocker)
-    if blocker and not os.path.isdir(blocker):
-        return ConfigError(f"output_dir: {what}: {reason} ({blocker} is a file, not a folder); "
-                           "choose another output_dir or exp_name")
-    return ConfigError(f"output_dir: {what}: {reason}; choose an output_dir you can write to")
 
 
 def write_demo_data(cfg, accelerator, log) -> None:
@@ -233,9 +186,17 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if ckpt is not None:
-        if ckpt.get("arch") not in (None, model.arch):
-            raise ConfigError(f"resume: checkpoint {resume_path} was trained with arch {ckpt['arch']}, but the "
-                              f"config builds {model.arch}; resume with the checkpoint's settings")
+        stored = ckpt.get("arch")
+        if isinstance(stored, dict):
+            from models.registry import arch_differences
+
+            try:
+                changed = arch_differences(stored, model.arch)
+            except ValueError as e:  # an option this checkout does not know
+                raise ConfigError(f"resume: checkpoint {resume_path}: its architecture cannot be built here: {e}") from None
+            if changed:
+                raise ConfigError(f"resume: checkpoint {resume_path} was trained with another architecture than the "
+                                  f"config builds ({'; '.join(changed)}); resume with the checkpoint's settings")
         model.load_state_dict(ckpt["model"])
     model.to(device).train()
     ema_model = create_ema(model)
@@ -281,7 +242,16 @@ def load_decoder_vae(cfg, device):
                           "preview.num_samples=0 (and evaluation with eval_every=0).") from None
 
 
-def make_previewer(cfg, model, in_channels, exp_dir, device, is_main, vae=None):
+def model_decomposition(cfg, in_channels: int, input_size: int):
+    """The decomposition (without stage scales) of the model this config builds, from a meta-device
+    twin: what `stage_scales: auto` measures."""
+    from models.registry import skeleton_model
+
+    kwargs = {**model_kwargs(cfg, in_channels, input_size), "stage_scales": None}
+    return skeleton_model(cfg.model, **kwargs).decomposition
+
+
+def make_previewer(cfg, model, exp_dir, device, is_main, vae=None):
     """The preview maker (rank 0), or None. `vae`: the run's decoder (load_decoder_vae)."""
     if not previews_on(cfg, is_main):
         return None
@@ -294,8 +264,8 @@ def make_previewer(cfg, model, in_channels, exp_dir, device, is_main, vae=None):
         from bench.flops import counted_forward_flops
 
         flops = [counted_forward_flops(model, b) for b in budgets]
-    return PreviewMaker(cfg.preview, num_classes=cfg.num_classes, in_channels=in_channels,
-                        stage_sizes=list(model.stage_sizes), path_type=cfg.path_type,
+    return PreviewMaker(cfg.preview, num_classes=cfg.num_classes, stage_shapes=list(model.stage_shapes),
+                        path_type=cfg.path_type,
                         out_dir=os.path.join(exp_dir, "previews"), device=device, vae=vae,
                         autocast_dtype=autocast, budget_fractions=fractions, budget_flops=flops if budgets else None)
 

@@ -40,7 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from utils.atomic import atomic_write
 
-__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "parse_argv", "config_help", "warn"]
+__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "parse_argv", "config_help", "warn", "option_help"]
 
 NULLS = ("null", "~", "Null", "NULL")
 
@@ -67,6 +67,13 @@ class Alias:
         return {}
 
 
+def option_help(text: str, spec: bool = False) -> dict:
+    """The metadata of a config dataclass field: its one-line meaning for `--help`; `spec`: the key
+    takes a registry spec (a name or a mapping with a name), which a later value replaces whole
+    instead of merging into (`method: {name: sde, last_noisy_time: 0.1}` then `method: euler`)."""
+    return {"help": text, "spec": spec}
+
+
 def warn(message: str) -> None:
     """One warning line on stderr, from rank 0 only (torchrun/accelerate set RANK)."""
     if os.environ.get("RANK", "0") == "0":
@@ -86,6 +93,21 @@ def _strip_optional(tp):
         if len(args) == 1:
             return args[0]
     return tp
+
+
+def _field_metadata(cls, path: Sequence[str]) -> Mapping:
+    """The metadata of the dotted key `path` in dataclass `cls` ({} if it is not a field)."""
+    tp = cls
+    for i, name in enumerate(path):
+        if not dataclasses.is_dataclass(tp):
+            return {}
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        if name not in fields:
+            return {}
+        if i == len(path) - 1:
+            return fields[name].metadata
+        tp = _strip_optional(_field_types(tp)[name])
+    return {}
 
 
 def _field_type(cls, path: Sequence[str]):
@@ -191,6 +213,8 @@ def _set(cfg: DictConfig, defaults_type, key: str, value: Any, where: str) -> No
             raise ValueError(f"Config key '{key}' in {where} takes a single value, got a mapping {dict(value)!r}.")
     elif dataclasses.is_dataclass(tp) and value is not None:
         raise ValueError(f"Config key '{key}' in {where} must be a mapping, got {value!r}.")
+    if _field_metadata(defaults_type, key.split(".")).get("spec"):  # replaced whole, never merged
+        OmegaConf.update(cfg, key, None, merge=False, force_add=False)
     try:
         OmegaConf.update(cfg, key, value, merge=True, force_add=False)
     except OmegaConfBaseException as e:
@@ -339,8 +363,10 @@ def yaml_spelling(value: Any) -> str:
     return text[len("v: "):] if text.startswith("v: ") else text
 
 
-def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None) -> str:
-    """One line per key: `key = default   # meaning` (defaults in YAML spelling) — for `--help`; then the aliases."""
+def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None, registries=None) -> str:
+    """One line per key: `key = default   # meaning` (defaults in YAML spelling) — for `--help`; then the
+    entries of every registry a key takes (`registries`: {key: Registry} or a function returning it),
+    each with its parameters; then the aliases."""
     lines: List[str] = []
 
     def walk(cls, prefix: str) -> Iterable[str]:
@@ -359,6 +385,9 @@ def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None) ->
             yield f"  {prefix}{f.name} = {yaml_spelling(default)}" + (f"   # {meaning}" if meaning else "")
 
     lines.extend(walk(defaults_type, ""))
+    for key, registry in (registries() if callable(registries) else registries or {}).items():
+        lines.append(f"{key}: a name, or {{name: ..., parameter: value}}; registered {registry.kind}s:")
+        lines.extend(registry.describe())
     if aliases:
         lines.append("reference-code option names accepted as aliases:")
         for name, alias in sorted(aliases.items()):

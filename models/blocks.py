@@ -1,0 +1,94 @@
+"""The transformer block of SiT / DiT (adaLN-Zero, SPEC §3) and its parts, each chosen by name.
+
+A block is ``norm -> modulate -> attention``, gated, then ``norm -> modulate -> MLP``, gated. Its
+three parts are registries; a model picks them with the ``mlp``, ``norm`` and ``attention`` arch
+options (``model_overrides: {mlp: swiglu}`` in a training config, stored in the checkpoint's
+``arch``). A new part is one function or class here, registered by name::
+
+    @MLPS.register("swiglu")
+    class SwiGLU(nn.Module):
+        def __init__(self, dim: int, hidden: int, bias: bool = True): ...
+
+The context arguments (``dim``, ``hidden`` = ``int(dim * mlp_ratio)``, ``num_heads``,
+``qk_norm``) come from the model; the other parameters are the part's config. Parameter names
+inside a part are the checkpoint's key names (``blocks.{i}.mlp.fc1.weight``); the defaults keep
+the published SiT / REPA / DFM key names. FLOPs are counted op by op (``bench.flops``), and
+compilation compiles whole blocks (``models.compile``), so a new part needs nothing else.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.layers import modulate
+from utils.registry import Registry
+
+MLPS = Registry("MLP", default="gelu", context=("dim", "hidden"))
+NORMS = Registry("normalisation", default="layernorm", context=("dim",))
+ATTENTIONS = Registry("attention", default="sdpa", context=("dim", "num_heads", "qk_norm"))
+
+
+@ATTENTIONS.register("sdpa")
+class Attention(nn.Module):
+    """Multi-head self-attention through ``scaled_dot_product_attention`` (flash on GPU); qkv bias,
+    optional qk-norm (REPA's: timm's default LayerNorm over the head dim)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        # REPA builds qk-norm with timm's default nn.LayerNorm (affine, eps 1e-5): keep it loadable
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+@MLPS.register("gelu")
+class Mlp(nn.Module):
+    """Linear -> tanh-GELU -> Linear (keys fc1, fc2): SiT's MLP."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@NORMS.register("layernorm")
+def layer_norm(dim: int, eps: float = 1e-6, affine: bool = False) -> nn.Module:
+    """LayerNorm over the hidden dim; SiT's has no affine parameters and eps 1e-6."""
+    return nn.LayerNorm(dim, elementwise_affine=affine, eps=eps)
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning; ``mlp``, ``norm`` and ``attention`` are specs
+    of :data:`MLPS`, :data:`NORMS` and :data:`ATTENTIONS`."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 mlp=MLPS.default(), norm=NORMS.default(), attention=ATTENTIONS.default()):
+        super().__init__()
+        self.norm1 = NORMS.build(norm, dim=hidden_size)
+        self.attn = ATTENTIONS.build(attention, dim=hidden_size, num_heads=num_heads, qk_norm=qk_norm)
+        self.norm2 = NORMS.build(norm, dim=hidden_size)
+        self.mlp = MLPS.build(mlp, dim=hidden_size, hidden=int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x

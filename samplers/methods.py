@@ -1,0 +1,145 @@
+"""Sampler methods (integrators), chosen by name: Euler and Heun ODE, Euler–Maruyama SDE (SPEC §5).
+
+Every key that picks a method (generate.py's ``method``, ``preview.method``,
+``eval_sampler.method``, the budget sweep's ``--method``) takes a name or a mapping with the
+name and its parameters (``{name: sde, last_noisy_time: 0.04}``). A new method is one class here::
+
+    @SAMPLER_METHODS.register("my_solver")
+    class MySolver(SamplerMethod):
+        def __init__(self, order: int = 2): ...
+        def step(self, ctx, i, xs): ...     # state of step i -> state of step i + 1
+
+:func:`samplers.sample` owns everything around the step: the schedule (``schedule``, the
+multistage grid unless overridden), guidance and budgets (``ctx.velocity``), float64 states,
+the coarse-stage previews.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple, Union
+
+import torch
+
+from dfm.paths import score_from_velocity
+from samplers.schedules import multistage_schedule, sde_schedule
+from utils.registry import Registry
+
+SAMPLER_METHODS = Registry("sampler method", default="euler")
+
+
+@dataclass
+class StepContext:
+    """What a method's ``step`` may use.
+
+    ``velocity(xs, time_row, active_row)``: the guided model velocity (float64 list) of the states
+    ``xs`` at schedule row ``time_row`` of ``times`` with the active mask of row ``active_row``;
+    ``times`` (N + 1, S) float64 and ``active`` (N, S) bool, on the CPU; ``num_steps`` N;
+    ``generator``: the SDE's noise (one generator or one per sample); ``path_type``.
+    """
+    velocity: Callable
+    times: torch.Tensor
+    active: torch.Tensor
+    num_steps: int
+    generator: Union[None, torch.Generator, Sequence[torch.Generator]]
+    path_type: str
+    noise_like: Callable  # noise_like(x, generator) -> N(0, I) of x's shape, device and dtype
+
+
+class SamplerMethod:
+    """Base class: the multistage schedule and one step of the integrator."""
+
+    def schedule(self, num_steps_per_scale: Sequence[int], thresholds: Sequence[float]
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(times (N + 1, S), active (N, S))`` of ``samplers.schedules``."""
+        return multistage_schedule(num_steps_per_scale, thresholds)
+
+    def nfe(self, num_steps: int) -> int:
+        """Model evaluations per sample (without CFG doubling) over ``num_steps`` steps."""
+        return num_steps
+
+    def step(self, ctx: StepContext, i: int, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        raise NotImplementedError
+
+
+def _euler(ctx: StepContext, i: int, xs, v) -> list:
+    t_cur, t_next, on = ctx.times[i], ctx.times[i + 1], ctx.active[i]
+    return [x + (t_next[s] - t_cur[s]) * vs if on[s] else x for s, (x, vs) in enumerate(zip(xs, v))]
+
+
+@SAMPLER_METHODS.register("euler")
+class Euler(SamplerMethod):
+    """Euler ODE (the reference's solver), NFE = N."""
+
+    def step(self, ctx, i, xs):
+        return _euler(ctx, i, xs, ctx.velocity(xs, i, i))
+
+
+@SAMPLER_METHODS.register("heun")
+class Heun(SamplerMethod):
+    """Heun ODE: Euler corrected by the velocity at the next time, every step but the last (NFE = 2N - 1)."""
+
+    def nfe(self, num_steps: int) -> int:
+        return 2 * num_steps - 1
+
+    def step(self, ctx, i, xs):
+        v = ctx.velocity(xs, i, i)
+        xs_next = _euler(ctx, i, xs, v)
+        if i == ctx.num_steps - 1:
+            return xs_next
+        t_cur, t_next, on = ctx.times[i], ctx.times[i + 1], ctx.active[i]
+        v2 = ctx.velocity(xs_next, i + 1, i)
+        return [x + (t_next[s] - t_cur[s]) * 0.5 * (a + b) if on[s] else x
+                for s, (x, a, b) in enumerate(zip(xs, v, v2))]
+
+
+@SAMPLER_METHODS.register("sde")
+class EulerMaruyama(SamplerMethod):
+    """Euler–Maruyama SDE with diffusion w(t) = 2t down to ``last_noisy_time``, then one deterministic
+    step to 0 (REPA's SDE sampler), NFE = N."""
+
+    def __init__(self, last_noisy_time: float = 0.04):
+        if not 0 < last_noisy_time < 1:
+            raise ValueError(f"sampler method 'sde': last_noisy_time must be in (0, 1), got {last_noisy_time}")
+        self.last_noisy_time = float(last_noisy_time)
+
+    def schedule(self, num_steps_per_scale, thresholds):
+        return sde_schedule(num_steps_per_scale, thresholds, last_noisy_time=self.last_noisy_time)
+
+    def step(self, ctx, i, xs):
+        v = ctx.velocity(xs, i, i)
+        t_cur, t_next, on = ctx.times[i], ctx.times[i + 1], ctx.active[i]
+        if i == ctx.num_steps - 1:  # last step: deterministic drift to t = 0
+            out = []
+            for s, (x, vs) in enumerate(zip(xs, v)):
+                drift = vs - t_cur[s] * score_from_velocity(vs, x, t_cur[s], ctx.path_type)
+                out.append(x + drift * (t_next[s] - t_cur[s]) if on[s] else x)
+            return out
+        out = []
+        for s, (x, vs) in enumerate(zip(xs, v)):
+            if not on[s]:
+                out.append(x)
+                continue
+            dt = t_next[s] - t_cur[s]
+            w = 2 * t_cur[s]
+            drift = vs - 0.5 * w * score_from_velocity(vs, x, t_cur[s], ctx.path_type)
+            out.append(x + drift * dt + torch.sqrt(w * dt.abs()) * ctx.noise_like(x, ctx.generator))
+        return out
+
+
+def build_method(spec) -> SamplerMethod:
+    """The method object of a spec (a name or ``{name, **params}``); RegistryError for a bad one."""
+    return spec if isinstance(spec, SamplerMethod) else SAMPLER_METHODS.build(spec)
+
+
+def method_name(spec) -> str:
+    """The registered name of a spec (``"sde"`` for ``{name: sde, ...}``)."""
+    return SAMPLER_METHODS.split(spec)[0]
+
+
+def describe(spec) -> str:
+    """``euler`` or ``sde(last_noisy_time=0.02)`` for logs."""
+    name, given = SAMPLER_METHODS.split(spec)
+    return name + (f"({', '.join(f'{k}={v}' for k, v in given.items())})" if given else "")
+
+
+__all__ = ["SAMPLER_METHODS", "SamplerMethod", "StepContext", "build_method", "method_name", "describe"]
