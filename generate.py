@@ -23,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         print("options (defaults <- --config FILE.yaml <- key=value / --key value):")
-        print(config_help(GenerateConfig, GENERATE_ALIASES))
+        from samplers.methods import SAMPLER_METHODS
+
+        print(config_help(GenerateConfig, GENERATE_ALIASES, registries={"method": SAMPLER_METHODS}))
         return 0
     try:
         try:

@@ -89,7 +89,7 @@ def train_runner(model, levels):
 
     from training.config import recipe_objective
     from training.ema import EMA, create_ema
-    from training.loop import MetricWindow
+    from training.metrics import MetricWindow
     from training.step import TrainStep
 
     model.train()

@@ -6,7 +6,7 @@ Plain flow matching (SiT) is the one-stage case of everything here. The extensio
 from dfm.decompositions import (DECOMPOSITIONS, Decomposition, LaplacianPyramid, check_stage_scales,
                                 decomposition_of, down, up)
 from dfm.paths import interpolant, velocity_target, score_from_velocity, PATH_TYPES
-from dfm.timesteps import (TIME_DISTRIBUTIONS, WEIGHTINGS, TimeDistribution, generator_as_global,
+from dfm.timesteps import (TIME_DISTRIBUTIONS, TimeDistribution, generator_as_global,
                            sample_logit_normal, sample_timesteps)
 from dfm.stages import sample_stages, default_stage_weights, validate_stage_weights, STAGE_SAMPLING
 from dfm.objective import FlowMatchingObjective, projection_loss
@@ -15,7 +15,7 @@ from dfm.calibration import LevelEnergy, measure_stage_scales
 __all__ = [
     "DECOMPOSITIONS", "Decomposition", "LaplacianPyramid", "check_stage_scales", "decomposition_of", "down", "up",
     "interpolant", "velocity_target", "score_from_velocity", "PATH_TYPES",
-    "TIME_DISTRIBUTIONS", "WEIGHTINGS", "TimeDistribution", "generator_as_global",
+    "TIME_DISTRIBUTIONS", "TimeDistribution", "generator_as_global",
     "sample_timesteps", "sample_logit_normal",
     "sample_stages", "default_stage_weights", "validate_stage_weights", "STAGE_SAMPLING",
     "FlowMatchingObjective", "projection_loss", "LevelEnergy", "measure_stage_scales",

@@ -25,9 +25,8 @@ import torch
 
 from utils.registry import Registry
 
+# The reference's / REPA's `weighting` values (uniform, lognormal) are the names of two entries.
 TIME_DISTRIBUTIONS = Registry("time distribution", default="lognormal", context=("path_type",))
-# The reference's / REPA's `weighting` values are the names of two entries.
-WEIGHTINGS = ("uniform", "lognormal")
 
 
 class TimeDistribution:

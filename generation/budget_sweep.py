@@ -65,8 +65,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="steps per stage, e.g. 50 or 40,10 (default: generate.py's)")
     parser.add_argument("--thresholds", type=lambda s: _numbers(s, float), default=None,
                         help="DFM stage thresholds (default: generate.py's)")
+    from samplers.methods import SAMPLER_METHODS
+
     parser.add_argument("--method", default="euler", type=_method,
-                        help="sampler method: a name (euler, heun, sde, ...) or a YAML mapping '{name: sde, last_noisy_time: 0.04}'")
+                        help=f"sampler method: a name ({', '.join(SAMPLER_METHODS.names())}) or a YAML mapping "
+                             "'{name: sde, last_noisy_time: 0.04}'")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale (both passes at the budget)")
     parser.add_argument("--budgets", type=lambda s: _numbers(s, float), default=None,
                         help="explicit budgets (fractions in (0, 1] or latent counts)")

@@ -32,11 +32,14 @@ class StepContext:
     """What a method's ``step`` may use.
 
     ``velocity(xs, time_row, active_row)``: the guided model velocity (float64 list) of the states
-    ``xs`` at schedule row ``time_row`` of ``times`` with the active mask of row ``active_row``;
-    ``times`` (N + 1, S) float64 and ``active`` (N, S) bool, on the CPU; ``num_steps`` N;
-    ``generator``: the SDE's noise (one generator or one per sample); ``path_type``.
+    ``xs`` at schedule row ``time_row`` of ``times`` with the active mask of row ``active_row``
+    (rows already on the device: no copy); ``velocity_at(xs, t, active_row)``: the same at any
+    times ``t`` (S,) float64 on the CPU (a midpoint, say); ``times`` (N + 1, S) float64 and
+    ``active`` (N, S) bool, on the CPU; ``num_steps`` N; ``generator``: the noise of a stochastic
+    method (one generator or one per sample), drawn with ``noise_like(x, generator)``; ``path_type``.
     """
     velocity: Callable
+    velocity_at: Callable
     times: torch.Tensor
     active: torch.Tensor
     num_steps: int
@@ -131,15 +134,10 @@ def build_method(spec) -> SamplerMethod:
     return spec if isinstance(spec, SamplerMethod) else SAMPLER_METHODS.build(spec)
 
 
-def method_name(spec) -> str:
-    """The registered name of a spec (``"sde"`` for ``{name: sde, ...}``)."""
-    return SAMPLER_METHODS.split(spec)[0]
-
-
 def describe(spec) -> str:
     """``euler`` or ``sde(last_noisy_time=0.02)`` for logs."""
     name, given = SAMPLER_METHODS.split(spec)
     return name + (f"({', '.join(f'{k}={v}' for k, v in given.items())})" if given else "")
 
 
-__all__ = ["SAMPLER_METHODS", "SamplerMethod", "StepContext", "build_method", "method_name", "describe"]
+__all__ = ["SAMPLER_METHODS", "SamplerMethod", "StepContext", "build_method", "describe"]

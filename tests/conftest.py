@@ -77,6 +77,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The training tests' dataset: the demo's coloured shapes, 16 px, 2 classes x 10 images (read only)."""
+    from training.demo_data import write_demo_dataset
+
+    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
+                              images_per_class=10, seed=0)
+
+
 @pytest.fixture
 def make_tiny_model():
     return tiny_model

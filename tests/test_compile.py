@@ -85,7 +85,7 @@ class Trainer:
         from accelerate import Accelerator
 
         from training.ema import EMA, create_ema
-        from training.loop import MetricWindow
+        from training.metrics import MetricWindow
         from training.step import TrainStep
 
         self.model = model.train()

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-from training.demo_data import write_demo_dataset
 from utils.threads import default_cpu_threads, using_cpu_threads
 
 from train_helpers import tiny_config
@@ -50,12 +49,6 @@ def _record_threads(monkeypatch, module, name):
 
     monkeypatch.setattr(module, name, recording)
     return seen
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
-                              images_per_class=10, seed=0)
 
 
 def test_training_step_runs_with_cpu_threads(tiny_data, tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from training.config import ConfigError, parse_config
-from training.demo_data import write_demo_dataset
 from training.loop import train
 from training.rng import shared_generator
 
@@ -20,12 +19,6 @@ LEVELS = [0.25, 0.5, 0.75, 1.0]  # group_size 2: k = 1 .. 4 of the 4 latents per
 # a 4x4 token grid (16 px, patch 4) in 2x2 windows; head 1 block, core 1, tail 2 (S default)
 ELIT = dict(model="ELIT-SiT-S/4", model_overrides="{depth: 4, hidden_size: 64, num_heads: 4}", encoder_depth=1,
             group_size=2, elit_min_mask_prob=0.0, elit_max_mask_prob=0.75, **{"preview.num_steps_per_scale": "[2]"})
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
-                              images_per_class=10, seed=0)
 
 
 def read_records(exp_dir):

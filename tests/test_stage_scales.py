@@ -12,7 +12,6 @@ from PIL import Image
 from conftest import randomize_, tiny_model
 from dfm import FlowMatchingObjective, LaplacianPyramid, check_stage_scales, measure_stage_scales
 from training.config import ConfigError
-from training.demo_data import write_demo_dataset
 from training.loop import train
 
 from test_objective import Recorder
@@ -113,12 +112,6 @@ def test_auto_rule_refuses_a_level_without_signal():
 
 
 # ----------------------------------------------------------------------------- training
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
-                              images_per_class=10, seed=0)
-
 
 def _independent_auto_scales(data_dir):
     """RMS ratio of the demo images' two levels, read with PIL (the tiny set has < 1024 items: all are used)."""

@@ -10,18 +10,11 @@ import torch
 from evaluation.compare import read_metrics
 from evaluation.swd import swd
 from training.config import ConfigError
-from training.demo_data import write_demo_dataset
 from training.loop import train
 
 from train_helpers import assert_same_weights, load_ckpt, read_losses, swd_reference, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
-                              images_per_class=10, seed=0)
 
 
 EVAL = {"eval_every": 2, "eval_num_samples": 6, "eval_metrics": "[swd]", "eval_sampler.num_steps_per_scale": "[2,2]",

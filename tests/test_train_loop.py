@@ -9,18 +9,11 @@ from PIL import Image
 
 import train as train_cli
 from training.config import ConfigError, parse_config
-from training.demo_data import write_demo_dataset
 from training.loop import train
 
 from train_helpers import assert_same_weights, load_ckpt, read_losses, tiny_argv, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
-                              images_per_class=10, seed=0)
 
 
 def test_exact_resume_and_auto_resume_past_truncated_checkpoint(tiny_data, tmp_path):

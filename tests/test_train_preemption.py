@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from training.demo_data import write_demo_dataset
 from training.loop import train
 from training.preemption import PREEMPTED_EXIT_CODE, Preemption
 
@@ -19,12 +18,6 @@ from preemption_worker import agreement_worker
 from train_helpers import assert_same_weights, load_ckpt, tiny_argv, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
-                              images_per_class=10, seed=0)
 
 
 def _stop_line(exp_dir, name, step):

@@ -8,17 +8,10 @@ import pytest
 import torch
 
 import train as train_cli
-from training.demo_data import write_demo_dataset
 from training.rng import micro_batch_seed, seed_micro_batch
 from utils.atomic import atomic_write
 
 from train_helpers import assert_same_weights, tiny_argv
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    return write_demo_dataset(str(tmp_path_factory.mktemp("data") / "shapes16"), resolution=16, num_classes=2,
-                              images_per_class=10, seed=0)
 
 
 def test_disk_full_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):

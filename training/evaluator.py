@@ -162,8 +162,8 @@ class TrainingEvaluator:
 def make_evaluator(cfg, *, exp_dir: str, device, rank: int, num_processes: int, log=None,
                    gather=None, vae=None) -> Optional[TrainingEvaluator]:
     """The evaluator of `eval_every` (None when it is 0); ConfigError on any input problem.
-    `vae`: the run's decoder (the loop loads it once for previews and evaluation); loaded here
-    when not given."""
+    `vae`: the run's decoder (`training.setup.load_decoder_vae`, loaded once for previews and
+    evaluation; None in pixel space)."""
     if not cfg.eval_every:
         return None
     from evaluation.npz import EvaluationError
@@ -175,10 +175,6 @@ def make_evaluator(cfg, *, exp_dir: str, device, rank: int, num_processes: int, 
                                  inception_weights=cfg.eval_inception_weights, dinov2_weights=cfg.eval_dinov2_weights)
     except (EvaluationError, ValueError, OSError) as e:
         raise ConfigError(f"eval_ref_stats / eval_metrics: {e}") from None
-    if vae is None:
-        from training.setup import load_decoder_vae
-
-        vae = load_decoder_vae(cfg, device)
     return TrainingEvaluator(cfg, scorer, num_classes=cfg.num_classes, path_type=cfg.path_type, device=device,
                              rank=rank, num_processes=num_processes, exp_dir=exp_dir, log=log, vae=vae,
                              autocast_dtype=autocast_dtype(cfg.mixed_precision), gather=gather)

@@ -1,0 +1,243 @@
+"""The worked examples of docs/EXTENDING.md, registered from this file and run through the whole pipeline.
+
+One of each kind of idea, each one class registered by name (here under an `example_` name, so
+that the test never collides with an entry the codebase may add later):
+
+- a decomposition: the orthonormal Haar wavelet (`decomposition: example_haar`), usable with 2 or
+  more stages, whose detail stages have 3C channels;
+- a time distribution with two parameters: Beta(a, b) (`time_distribution: {name: example_beta, a:
+  2.0, b: 1.5}`), drawn through `generator_as_global` (torch's Beta takes no generator);
+- a block part: a SwiGLU MLP (`model_overrides: {mlp: example_swiglu}`);
+- a sampler method: the explicit midpoint rule (`method: example_midpoint`).
+
+For each: train a few steps, kill and resume bit-exactly, sample with generate.py, evaluate during
+training, `stage_scales: auto` (it measures the decomposition the model uses), count the FLOPs,
+export `.safetensors` and load them. These tests keep the extension points open.
+"""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dfm import DECOMPOSITIONS, TIME_DISTRIBUTIONS, Decomposition, TimeDistribution, generator_as_global
+from models.blocks import MLPS
+from samplers.methods import SAMPLER_METHODS, SamplerMethod
+
+from train_helpers import assert_same_weights, load_ckpt, read_losses, swd_reference, tiny_config
+
+
+# ------------------------------------------------------------------------------ the four examples
+class HaarWavelet(Decomposition):
+    """Orthonormal 2-D Haar wavelet: stage 0 is the low-pass band after S - 1 levels, stage s >= 1
+    the three detail bands (3C channels) of level S - s."""
+
+    def __init__(self, num_stages: int, scales=None):
+        super().__init__(num_stages, scales)
+
+    def level_shapes(self, shape):
+        C, H, W = shape
+        f = 2 ** (self.num_stages - 1)
+        if H % f or W % f:
+            raise ValueError(f"a {self.num_stages}-stage Haar wavelet needs sides divisible by {f}, got {H}x{W}")
+        return [(C, H // f, W // f)] + [(3 * C, H >> (self.num_stages - s), W >> (self.num_stages - s))
+                                        for s in range(1, self.num_stages)]
+
+    def split(self, x):
+        details, cur = [], x
+        for _ in range(self.num_stages - 1):
+            a, b = cur[..., 0::2, 0::2], cur[..., 0::2, 1::2]
+            c, d = cur[..., 1::2, 0::2], cur[..., 1::2, 1::2]
+            details.insert(0, torch.cat([a - b + c - d, a + b - c - d, a - b - c + d], dim=1) / 2)
+            cur = (a + b + c + d) / 2
+        return [cur] + details
+
+    def merge(self, levels):
+        cur = levels[0]
+        for detail in levels[1:]:
+            lh, hl, hh = detail.chunk(3, dim=1)
+            B, C, h, w = cur.shape
+            out = cur.new_empty(B, C, 2 * h, 2 * w)
+            out[..., 0::2, 0::2] = (cur + lh + hl + hh) / 2
+            out[..., 0::2, 1::2] = (cur - lh + hl - hh) / 2
+            out[..., 1::2, 0::2] = (cur + lh - hl - hh) / 2
+            out[..., 1::2, 1::2] = (cur - lh - hl + hh) / 2
+            cur = out
+        return cur
+
+
+class BetaTimes(TimeDistribution):
+    """Beta(a, b) times (b < a: noisier); torch's Beta sampler takes no generator, so it draws
+    through generator_as_global (a private stream seeded from the run's)."""
+
+    def __init__(self, path_type: str = "linear", a: float = 2.0, b: float = 1.0):
+        if not (a > 0 and b > 0):
+            raise ValueError(f"time distribution 'example_beta': a and b must be > 0, got {a}, {b}")
+        super().__init__(path_type)
+        self.dist = torch.distributions.Beta(torch.tensor(float(a)), torch.tensor(float(b)))
+
+    def __call__(self, shape, device=None, generator=None):
+        with generator_as_global(generator):
+            return self.dist.sample(shape).to(device)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP: fc1 makes a value and a gate half, fc2 maps silu(gate) * value back; `width`
+    scales the hidden size (2/3 keeps the GELU MLP's parameter count)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = True, width: float = 2 / 3):
+        super().__init__()
+        inner = int(hidden * width)
+        self.fc1 = nn.Linear(dim, 2 * inner, bias=bias)
+        self.fc2 = nn.Linear(inner, dim, bias=bias)
+
+    def forward(self, x):
+        value, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * value)
+
+
+class Midpoint(SamplerMethod):
+    """Explicit midpoint rule (second order): a half Euler step, then the full step with the
+    velocity at the midpoint (NFE = 2N)."""
+
+    def nfe(self, num_steps: int) -> int:
+        return 2 * num_steps
+
+    def step(self, ctx, i, xs):
+        t_cur, t_next, on = ctx.times[i], ctx.times[i + 1], ctx.active[i]
+        v = ctx.velocity(xs, i, i)
+        t_mid = (t_cur + t_next) / 2
+        half = [x + (t_mid[s] - t_cur[s]) * vs if on[s] else x for s, (x, vs) in enumerate(zip(xs, v))]
+        v_mid = ctx.velocity_at(half, t_mid, i)
+        return [x + (t_next[s] - t_cur[s]) * vs if on[s] else x for s, (x, vs) in enumerate(zip(xs, v_mid))]
+
+
+EXAMPLES = [(DECOMPOSITIONS, "example_haar", HaarWavelet), (TIME_DISTRIBUTIONS, "example_beta", BetaTimes),
+            (MLPS, "example_swiglu", SwiGLU), (SAMPLER_METHODS, "example_midpoint", Midpoint)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    for registry, name, entry in EXAMPLES:
+        registry.register(name, replace=True)(entry)
+    yield
+    for registry, name, _ in EXAMPLES:
+        registry.unregister(name)
+
+
+# ------------------------------------------------------------------------------ units
+@pytest.mark.parametrize("stages", [2, 3])
+def test_haar_levels_against_an_independent_transform(stages):
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    haar = HaarWavelet(stages)
+    levels = haar.decompose(x)
+    assert [tuple(v.shape[1:]) for v in levels] == haar.level_shapes((3, 16, 16))
+    torch.testing.assert_close(haar.recompose(levels), x, rtol=0, atol=1e-12)
+    # orthonormal: energy is kept, and the low-pass band is 2^(S-1) times the block mean
+    assert sum(float((v ** 2).sum()) for v in levels) == pytest.approx(float((x ** 2).sum()), rel=1e-12)
+    f = 2 ** (stages - 1)
+    torch.testing.assert_close(levels[0], F.avg_pool2d(x, f) * f, rtol=0, atol=1e-12)
+
+
+def test_beta_times_follow_the_beta_law_and_leave_the_global_stream_alone():
+    from scipy import stats
+
+    dist = TIME_DISTRIBUTIONS.build({"name": "example_beta", "a": 2.0, "b": 1.5}, path_type="linear")
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    t = dist((4000,), None, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), before)  # the label-dropout stream is untouched
+    assert stats.kstest(t.numpy(), stats.beta(2.0, 1.5).cdf).pvalue > 1e-3
+    again = dist((4000,), None, torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)  # a pure function of the run's generator
+
+
+def test_midpoint_is_at_least_second_order():
+    from test_samplers import GaussianVelocity, endpoint_error
+
+    model = GaussianVelocity([[0.5], [-1.0], [2.0]], [0.3])
+    noise = [torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)]
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    errors = [endpoint_error(model, noise, y, num_steps_per_scale=[n], method="example_midpoint") for n in (8, 16, 32)]
+    euler = endpoint_error(model, noise, y, num_steps_per_scale=[32], method="euler")
+    assert errors[2] < euler / 100
+    assert all(a / b > 3.5 for a, b in zip(errors, errors[1:])), errors  # error ~ h^2 (or better)
+
+
+def test_swiglu_flops_are_counted_from_its_own_layers():
+    from bench.flops import counted_forward_flops
+    from conftest import tiny_model
+
+    gelu, swiglu = tiny_model("SiT-S/2"), tiny_model("SiT-S/2", mlp="example_swiglu")
+    D, T, L, hidden = 64, 16, 2, 256  # tiny_model: width 64, a 4x4 token grid, 2 blocks, mlp_ratio 4
+    inner = int(hidden * 2 / 3)
+    per_token = 2 * (D * 2 * inner + inner * D) - 2 * (2 * D * hidden)  # SwiGLU minus GELU matmuls
+    assert counted_forward_flops(swiglu) - counted_forward_flops(gelu) == L * T * per_token
+
+
+def test_unknown_names_and_parameters_are_one_line(tmp_path, tiny_data):
+    from training.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown decomposition 'example_har' \(did you mean 'example_haar'\?\); "
+                                          r"registered in this checkout: laplacian, example_haar"):
+        tiny_config(tiny_data, str(tmp_path), decomposition="example_har")
+    with pytest.raises(ConfigError, match=r"time distribution 'example_beta' takes no parameter 'c'; its "
+                                          r"parameters: a: float = 2.0, b: float = 1.0"):
+        tiny_config(tiny_data, str(tmp_path), time_distribution="{name: example_beta, c: 1}")
+    with pytest.raises(ConfigError, match=r"MLP 'example_swiglu': parameter 'width' must be a finite number"):
+        tiny_config(tiny_data, str(tmp_path), model_overrides="{depth: 2, hidden_size: 64, num_heads: 4, "
+                                                              "mlp: {name: example_swiglu, width: wide}}")
+    with pytest.raises(ConfigError, match=r"preview.method: unknown sampler method 'midpoint'"):
+        tiny_config(tiny_data, str(tmp_path), **{"preview.method": "midpoint"})
+
+
+# ------------------------------------------------------------------------------ the whole pipeline
+IDEAS = {
+    "decomposition": dict(decomposition="example_haar", stage_scales="auto"),
+    "time_distribution": dict(time_distribution="{name: example_beta, a: 2.0, b: 1.5}"),
+    "mlp": dict(model_overrides="{depth: 2, hidden_size: 64, num_heads: 4, mlp: {name: example_swiglu, width: 0.5}}"),
+    "sampler": {"preview.method": "example_midpoint", "eval_sampler.method": "example_midpoint"},
+}
+
+
+@pytest.mark.parametrize("idea", sorted(IDEAS))
+def test_each_idea_runs_through_the_whole_pipeline(idea, tiny_data, tmp_path):
+    from generation.config import load_generate_config
+    from generation.runner import run as generate
+    from models import load_pretrained
+    from training.loop import train
+
+    ref, _ = swd_reference(tmp_path / "ref.npz", resolution=16, count=8)
+    keys = dict(IDEAS[idea], max_train_steps=4, checkpointing_steps=2, save_format="safetensors", eval_every=4,
+                eval_num_samples=4, eval_metrics="[swd]", eval_ref_stats=ref, **{"eval_sampler.num_steps_per_scale": "[2,2]"})
+    out = str(tmp_path)
+    straight = train(tiny_config(tiny_data, out, exp_name="straight", **keys))
+    train(tiny_config(tiny_data, out, exp_name="cut", **keys), stop_after_step=3)  # killed after step 3
+    resumed = train(tiny_config(tiny_data, out, exp_name="cut", **keys))  # resumes from step 2
+    assert resumed.steps == 4
+    assert_same_weights(load_ckpt(resumed.last_checkpoint), load_ckpt(straight.last_checkpoint))
+    assert read_losses(resumed.exp_dir) == read_losses(straight.exp_dir)
+    swd = [json.loads(line) for line in open(os.path.join(straight.exp_dir, "metrics.jsonl")) if "swd" in line]
+    assert len(swd) == 1 and math.isfinite(swd[0]["swd"])  # evaluation during training
+
+    ckpt = load_ckpt(straight.last_checkpoint)
+    if idea == "decomposition":  # auto measured the Haar levels the model trains on, and stored them
+        scales = ckpt["arch"]["stage_scales"]
+        assert ckpt["arch"]["decomposition"] == "example_haar" and scales[0] == 1.0 and scales[1] > 1.0
+    # the exported weights rebuild the same model with no flag
+    exported = os.path.join(straight.exp_dir, "weights", "0000004.safetensors")
+    model = load_pretrained(exported)
+    for key, value in ckpt["ema"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    method = "example_midpoint" if idea == "sampler" else "euler"
+    for source in (straight.last_checkpoint, exported):
+        generate(load_generate_config([f"--ckpt={source}", "num_samples=4", "num_steps_per_scale=[2,2]",
+                                       f"method={method}", f"sample_dir={tmp_path / 'samples'}", "save_png=false",
+                                       f"run_name={os.path.basename(source)}", "cpu_threads=1"]))
+    a, b = (np.load(tmp_path / "samples" / f"{os.path.basename(p)}.npz")["arr_0"]
+            for p in (straight.last_checkpoint, exported))
+    assert a.shape == (4, 16, 16, 3) and np.array_equal(a, b)
