@@ -241,3 +241,36 @@ def test_each_idea_runs_through_the_whole_pipeline(idea, tiny_data, tmp_path):
     a, b = (np.load(tmp_path / "samples" / f"{os.path.basename(p)}.npz")["arr_0"]
             for p in (straight.last_checkpoint, exported))
     assert a.shape == (4, 16, 16, 3) and np.array_equal(a, b)
+
+
+def test_a_checkpoint_of_an_entry_this_checkout_lacks_is_one_line(tiny_data, tmp_path, capsys):
+    import generate
+    from models import load_pretrained
+    from training.config import ConfigError
+    from training.loop import train
+
+    keys = dict(model_overrides="{depth: 2, hidden_size: 64, num_heads: 4, mlp: example_swiglu}", max_train_steps=2)
+    result = train(tiny_config(tiny_data, str(tmp_path), exp_name="swiglu", **keys))
+    MLPS.unregister("example_swiglu")
+    try:
+        with pytest.raises(ValueError) as info:
+            load_pretrained(result.last_checkpoint)
+        assert str(info.value).startswith("the architecture stored in the checkpoint (DFM-SiT-S/4) cannot be built: "
+                                          "unknown MLP 'example_swiglu'; registered in this checkout: gelu")
+        assert generate.main(["--ckpt", result.last_checkpoint, f"sample_dir={tmp_path / 's'}"]) == 2
+        assert "unknown MLP 'example_swiglu'" in capsys.readouterr().err
+        with pytest.raises(ConfigError, match="unknown MLP 'example_swiglu'"):
+            tiny_config(tiny_data, str(tmp_path), exp_name="swiglu", **keys)
+    finally:
+        MLPS.register("example_swiglu", replace=True)(SwiGLU)
+
+
+def test_reference_sampler_aliases_leave_a_method_of_ones_own_alone():
+    from generation.config import load_generate_config
+
+    def method(*argv):
+        return load_generate_config(["--ckpt=x.pt", *argv]).method
+
+    assert method("method=example_midpoint", "mode=ode", "heun=false") == "example_midpoint"
+    assert method("method=sde", "mode=ode") == "euler" and method("method=heun", "heun=false") == "euler"
+    assert method("mode=sde", "heun=true") == "sde" and method("heun=true") == "heun"

@@ -129,3 +129,37 @@ def test_text_keys_keep_their_text_and_flags():
     assert cfg.mixed_precision == "no"          # YAML would read a bare `no` as False
     assert cfg.exp_name == "dfm-sit-xl-2-256px-lognormal"  # null -> derived name (pixel space)
     assert cfg.compile is True and cfg.resume == "none" and cfg.vae == "none"
+
+
+def test_evaluation_inherits_the_preview_method_and_specs_replace_whole():
+    cfg = parse_config(BASE + ["preview.method={name: sde, last_noisy_time: 0.05}", "preview.num_steps_per_scale=[8,4]"])
+    assert cfg.eval_sampler.method == {"name": "sde", "last_noisy_time": 0.05}  # null = the preview's, like its steps
+    assert list(cfg.eval_sampler.num_steps_per_scale) == [8, 4]
+    # a later spec replaces an earlier one whole (no stale last_noisy_time merged into euler)
+    cfg = parse_config(BASE + ["preview.method={name: sde, last_noisy_time: 0.05}", "preview.method=euler"])
+    assert cfg.preview.method == "euler" and cfg.eval_sampler.method == "euler"
+    with pytest.raises(ConfigError, match=r"preview.method: sampler method 'sde' takes no parameter 'tau'; its "
+                                          r"parameters: last_noisy_time: float = 0.04"):
+        parse_config(BASE + ["preview.method={name: sde, tau: 0.1}"])
+
+
+def test_default_experiment_names_tell_different_runs_apart(tmp_path):
+    from training.config import default_exp_name
+
+    base = BASE + [f"output_dir={tmp_path}"]
+    plain = parse_config(base)
+    assert plain.exp_name == "dfm-sit-xl-2-256-lognormal"  # the defaults: today's name
+    names = {parse_config(base + extra).exp_name for extra in
+             (["lr=2e-4"], ["seed=1"], ["stage_weights=[0.6,0.4]"], ["stage_scales=auto"], ["stage_sampling=per_sample"])}
+    assert len(names) == 5 and all(n.startswith("dfm-sit-xl-2-256-lognormal-") and len(n) == len("dfm-sit-xl-2-256-lognormal-") + 8 for n in names)
+    assert parse_config(base + ["lr=2e-4"]).exp_name == parse_config(base + ["lr=2e-4"]).exp_name  # stable
+    logit = parse_config(base + ["time_distribution={name: logit_normal, loc: 0.5}"]).exp_name
+    assert logit.startswith("dfm-sit-xl-2-256-logit_normal-loc0.5-")
+    # a folder of the plain name from before the hash, holding the same run, is kept
+    old = tmp_path / "dfm-sit-xl-2-256-lognormal"
+    old.mkdir()
+    seeded = parse_config(base + ["seed=1"])
+    save_config({**dict(seeded), "exp_name": old.name}, old / "config.yaml")
+    assert parse_config(base + ["seed=1"]).exp_name == old.name
+    assert parse_config(base + ["seed=2"]).exp_name != old.name
+    assert default_exp_name(seeded, None) == old.name
