@@ -113,3 +113,26 @@ def save_random_dinov2_weights(path) -> str:
     state = {k: torch.full_like(v, 0.2) if k.endswith(".gamma") else v for k, v in state.items()}
     torch.save(state, path)
     return str(path)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """`mount(size_bytes) -> folder`: a fresh tmpfs of that size (a disk that fills up for real),
+    unmounted afterwards. Needs root (CI runs as root); skipped with the reason otherwise."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size_bytes: int):
+        folder = tmp_path / f"tmpfs{len(mounts)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size_bytes)}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({(done.stderr or done.stdout).strip()[:120]}): needs root")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounts):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
