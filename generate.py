@@ -21,12 +21,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("options (defaults <- --config FILE.yaml <- key=value / --key value):")
         from samplers.methods import SAMPLER_METHODS
+        from utils.cli import print_text
 
-        print(config_help(GenerateConfig, GENERATE_ALIASES, registries={"method": SAMPLER_METHODS}))
-        return 0
+        return print_text(f"{__doc__}\noptions (defaults <- --config FILE.yaml <- key=value / --key value):\n"
+                          + config_help(GenerateConfig, GENERATE_ALIASES, registries={"method": SAMPLER_METHODS}))
     try:
         try:
             cfg = load_generate_config(argv)

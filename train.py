@@ -8,8 +8,9 @@ r"""Train SiT, DFM-SiT, ELIT-SiT and DFM-ELIT-SiT models, with or without REPA a
 Configuration: defaults <- --config YAML <- `key=value` / `--key value` overrides.
 See docs/TRAINING.md.
 
-Exit status: 0 done; 1 stopped by an error (one line, also in log.txt); 2 bad config or data;
-75 stopped by SIGTERM / SIGUSR1 after writing a checkpoint (run again with resume=auto).
+Exit status: 0 done; 1 stopped by an error (one line, also in log.txt); 2 bad config or data (or
+the experiment folder is in use by another run); 75 stopped by SIGTERM / SIGUSR1 / Ctrl-C after
+writing a checkpoint (run again with resume=auto).
 """
 
 import os
@@ -21,10 +22,9 @@ def main(argv=None) -> int:
     from training.config import ConfigError, config_docs, parse_config
 
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print("Config keys (default):")
-        print(config_docs())
-        return 0
+        from utils.cli import print_text
+
+        return print_text(f"{__doc__}\nConfig keys (default):\n{config_docs()}")
     rank = int(os.environ.get("RANK", "0"))
     from training.errors import TrainingStopped
     from training.loop import train
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
 
     try:
         cfg = parse_config(argv)
-        if train(cfg).preempted:  # SIGTERM / SIGUSR1: checkpoint written, the line logged
+        if train(cfg).preempted:  # SIGTERM / SIGUSR1 / Ctrl-C: checkpoint written, the line logged
             return PREEMPTED_EXIT_CODE
     except ConfigError as e:
         if rank == 0:

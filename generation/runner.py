@@ -109,6 +109,21 @@ def budget_kwargs(cfg: DictConfig) -> dict:
                 autoguidance=bool(cfg.autoguidance))
 
 
+def budget_text(model, cfg: DictConfig) -> str:
+    """' budget 0.3 (the level used: 0.25 = 4 of 16 latents per window) ...' for the run's first line:
+    the level a budget between the trained ones is rounded down to, said as it is used."""
+    def level(budget) -> str:
+        k, g2 = model.kept_latents(budget), model.group_size ** 2
+        used = f"{k / g2:g} = {k} of {g2} latents per window"
+        return f"{budget:g}" + ("" if budget > 1 or abs(budget - k / g2) < 1e-9 else f" (the level used: {used})")
+
+    text = "" if cfg.inference_budget is None else f" budget {level(cfg.inference_budget)}"
+    if cfg.unconditional_inference_budget is not None:
+        text += (f" ({'autoguidance' if cfg.autoguidance else 'unconditional pass'} at budget "
+                 f"{level(cfg.unconditional_inference_budget)})")
+    return text
+
+
 def check_model_budgets(model, cfg: DictConfig) -> None:
     """Budget keys against the loaded model (before any image is written); GenerationError naming the key."""
     import samplers
@@ -117,6 +132,11 @@ def check_model_budgets(model, cfg: DictConfig) -> None:
         samplers.check_budgets(model, **budget_kwargs(cfg))
     except ValueError as error:
         raise GenerationError(str(error)) from None  # the message names the key
+    if cfg.unconditional_inference_budget is not None and cfg.cfg_scale == 1.0:
+        from utils.config import warn
+
+        warn(f"unconditional_inference_budget={cfg.unconditional_inference_budget:g} has no effect with cfg_scale=1: "
+             "the guiding pass runs only with guidance (cfg_scale > 1)")
 
 
 def writing(path):
@@ -168,11 +188,18 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
 
     saved_config = run_dir / "config.yaml"
     if saved_config.is_file():
-        diff = mismatched_keys(OmegaConf.to_container(OmegaConf.load(saved_config)), cfg)
+        saved = OmegaConf.to_container(OmegaConf.load(saved_config))
+        diff = mismatched_keys(saved, cfg)
         if diff:
             raise GenerationError(
                 f"{run_dir} holds samples made with other settings ({'; '.join(diff)}); "
                 "choose another run_name or sample_dir, or delete that folder")
+        finished = saved.get("num_samples")
+        if (isinstance(finished, int) and finished != N and cfg.save_npz
+                and npz_is_complete(npz_path, (finished, size, size, 3))):
+            raise GenerationError(
+                f"{run_dir} is a finished run of {finished} samples ({npz_path} is complete); num_samples={N} "
+                f"would replace it: choose another run_name, or delete {npz_path} first")
     if cfg.save_npz and npz_is_complete(npz_path, (N, size, size, 3)) and saved_config.is_file():
         _log(ctx, f"{npz_path} is already complete; nothing to do")
         return summary
@@ -188,10 +215,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model} ({n_params:,} parameters, {cfg.stages} stage(s)), "
               f"{'EMA' if cfg.use_ema else 'raw'} weights from {cfg.ckpt}", flush=True)
-        budget = "" if cfg.inference_budget is None else f" budget {cfg.inference_budget:g}"
-        if cfg.unconditional_inference_budget is not None:
-            budget += (f" ({'autoguidance' if cfg.autoguidance else 'unconditional pass'} at budget "
-                       f"{cfg.unconditional_inference_budget:g})")
+        budget = budget_text(model, cfg)
         print(f"sampler {describe(cfg.method)} steps {list(cfg.num_steps_per_scale)} thresholds "
               f"{list(cfg.thresholds)} cfg {cfg.cfg_scale} [{cfg.guidance_low}, {cfg.guidance_high}]{budget}; "
               f"{N} images {size}px -> {run_dir}", flush=True)

@@ -29,6 +29,14 @@ def read_checkpoint(path: str, trust_checkpoint: bool = False, verify: bool = Tr
     back in the same shape as our ``.pt`` checkpoints. ``verify``: a file with a ``.sha256``
     sidecar is checked against it first (ChecksumMismatchError when it differs).
     """
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith((".pt", ".safetensors")))
+        found = os.path.join(path, "checkpoints")
+        if not inside and os.path.isdir(found):
+            inside = [os.path.join("checkpoints", n) for n in sorted(os.listdir(found)) if n.endswith(".pt")]
+        hint = f" (it holds {', '.join(inside[-3:])})" if inside else ""
+        raise FileNotFoundError(f"checkpoint {path} is a folder, not a checkpoint file{hint}; pass the file, e.g. "
+                                "exps/RUN/checkpoints/0400000.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if verify:

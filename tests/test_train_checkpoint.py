@@ -188,18 +188,28 @@ def test_a_checkpoint_outside_a_checkpoints_folder_needs_a_non_negative_step(tmp
         load_checkpoint(path)
 
 
+def run_folder(exp, limit=None):
+    """A RunFolder of one process (no collective) on `exp`, with checkpoints_total_limit `limit`."""
+    from types import SimpleNamespace
+
+    from training.run_folder import RunFolder
+
+    cfg = SimpleNamespace(checkpoints_total_limit=limit, exp_name="x", output_dir=str(exp))
+    return RunFolder(cfg, str(exp), SimpleNamespace(is_main_process=True), lambda obj: [obj])
+
+
 def test_a_resumed_run_never_writes_a_checkpoint_at_or_before_its_start(tmp_path):
     from training.errors import CheckpointWriteError
-    from training.loop import _write_checkpoint
 
     exp = str(tmp_path)
     path = checkpoint_path(exp, 40)
     atomic_torch_save(_fake_ckpt(40), path)
     before = open(path, "rb").read()
-    with pytest.raises(CheckpointWriteError) as info:
-        _write_checkpoint(_fake_ckpt(40), path, checkpoint_path(exp, 50), resumed_step=50)
+    with run_folder(exp) as folder, pytest.raises(CheckpointWriteError) as info:
+        folder.save_checkpoint(_fake_ckpt(40), checkpoint_path(exp, 50), resumed_step=50)
     assert str(info.value) == (f"refusing to write checkpoint {path} for step 40: this run resumed at step 50 "
                                "and writes only later steps")
     assert open(path, "rb").read() == before
-    _write_checkpoint(_fake_ckpt(51), checkpoint_path(exp, 51), path, resumed_step=50)  # later: written
+    with run_folder(exp) as folder:
+        folder.save_checkpoint(_fake_ckpt(51), path, resumed_step=50)  # later: written
     assert torch.load(checkpoint_path(exp, 51), weights_only=True)["steps"] == 51

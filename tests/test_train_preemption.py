@@ -71,8 +71,9 @@ def test_sigusr1_in_process_and_a_second_signal_while_saving(tiny_data, tmp_path
     checkpoint is being written changes nothing; after the stop the handlers stay, after a run
     without a signal the previous ones are back."""
     import training.loop as loop
+    import training.run_folder as run_folder
 
-    real_add_step, real_save = loop.MetricWindow.add_step, loop.atomic_torch_save
+    real_add_step, real_save = loop.MetricWindow.add_step, run_folder.atomic_torch_save
     steps_done = []
 
     def add_step(self, grad_norm):
@@ -87,7 +88,7 @@ def test_sigusr1_in_process_and_a_second_signal_while_saving(tiny_data, tmp_path
         real_save(obj, path)
 
     monkeypatch.setattr(loop.MetricWindow, "add_step", add_step)
-    monkeypatch.setattr(loop, "atomic_torch_save", save_with_a_second_signal)
+    monkeypatch.setattr(run_folder, "atomic_torch_save", save_with_a_second_signal)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     out = str(tmp_path)
     try:

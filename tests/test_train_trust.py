@@ -15,9 +15,9 @@ from train_helpers import assert_same_weights, tiny_argv
 
 
 def test_disk_full_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
-    import training.loop as loop
+    import training.run_folder as run_folder
 
-    real_save = loop.atomic_torch_save
+    real_save = run_folder.atomic_torch_save
     calls = []
 
     def save_then_fill_disk(obj, path):
@@ -28,7 +28,7 @@ def test_disk_full_gives_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_p
             f.write(b"PK\x03\x04 half a checkpoint")
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 5184 vs 5120")
 
-    monkeypatch.setattr(loop, "atomic_torch_save", save_then_fill_disk)
+    monkeypatch.setattr(run_folder, "atomic_torch_save", save_then_fill_disk)
     argv = tiny_argv(tiny_data, str(tmp_path), exp_name="full", max_train_steps=4, checkpointing_steps=2)
     code = train_cli.main(argv)
     captured = capsys.readouterr()
@@ -150,7 +150,8 @@ def test_bad_samples_error_names_the_file_and_skip_resumes_exactly(tiny_data, tm
 def test_safetensors_export_loads_without_unpickling(tiny_data, tmp_path):
     from models import load_pretrained
     from training.config import parse_config
-    from training.loop import exported_weights_path, train
+    from training.loop import train
+    from training.run_folder import exported_weights_path
 
     result = train(parse_config(tiny_argv(tiny_data, str(tmp_path), exp_name="st", save_format="safetensors",
                                           max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=1)))

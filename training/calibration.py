@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from training.errors import ConfigError
+from utils.config import config_to_dict
 
 AUTO_SAMPLE_SIZE = 1024  # training items the `auto` rule reads (fewer if the dataset is smaller)
 AUTO_BATCH = 64
@@ -27,9 +28,12 @@ def check_stage_scales_key(cfg) -> None:
 
     shift = cfg.stage_time_shift
     if shift is not None:
-        if len(shift) != cfg.stages or not all(math.isfinite(float(v)) for v in shift):
-            raise ConfigError(f"stage_time_shift needs {cfg.stages} finite numbers (one per stage), got {list(shift)}")
-        cfg.stage_time_shift = [float(v) for v in shift]
+        plain = config_to_dict(shift) if hasattr(shift, "_content") else shift
+        numbers = isinstance(plain, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in plain)
+        if not numbers or len(plain) != cfg.stages:
+            raise ConfigError(f"stage_time_shift needs {cfg.stages} finite numbers (one per stage), got {plain}")
+        cfg.stage_time_shift = [float(v) for v in plain]
 
     value = cfg.stage_scales
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
@@ -57,8 +61,14 @@ def run_stage_scales(cfg, dataset, ckpt: Optional[dict], pixel_space: bool, log,
     `decomposition` (the model's, without scales)."""
     given = cfg.stage_scales
     if ckpt is not None:
+        import dfm
+
         arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
-        stored = arch.get("stage_scales")
+        try:
+            stored = dfm.check_stage_scales(arch.get("stage_scales"), cfg.stages)
+        except ValueError as e:
+            raise ConfigError(f"resume: the checkpoint's arch holds stage_scales={arch.get('stage_scales')!r}, which "
+                              f"this run cannot use ({e}); the file is damaged or was edited") from None
         explicit = given is not None and not isinstance(given, str)  # a list (ListConfig from YAML/overrides)
         agrees = (given == "auto" and stored is not None) or (given is None and stored is None) or (
             explicit and stored is not None and [float(c) for c in given] == [float(c) for c in stored])
@@ -66,7 +76,7 @@ def run_stage_scales(cfg, dataset, ckpt: Optional[dict], pixel_space: bool, log,
             raise ConfigError(f"stage_scales={given if given is not None else 'null'}, but the checkpoint being "
                               f"resumed was trained with {_describe(stored)}; resume with the checkpoint's "
                               "stage_scales (or start a new experiment)")
-        return None if stored is None else [float(c) for c in stored]
+        return stored
     if given != "auto":
         return given
     scales, n = measure_dataset_scales(dataset, decomposition, pixel_space, cfg.seed,

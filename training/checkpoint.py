@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,7 +32,7 @@ import torch
 
 from utils.atomic import atomic_write
 from utils.checksum import SUFFIX as SIDECAR_SUFFIX
-from utils.checksum import HashingWriter, sidecar_path, write_sidecar
+from utils.checksum import ChecksumMismatchError, HashingWriter, sidecar_path, verify_file, write_sidecar
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 REQUIRED_KEYS = ("model", "ema", "opt", "steps")
@@ -46,25 +48,69 @@ def checkpoint_path(exp_dir: str, step: int) -> str:
 
 def atomic_torch_save(obj, path: str, checksum: bool = True) -> None:
     """`torch.save` to `path` atomically; with `checksum`, also `path.sha256` (written before
-    the rename, so a published `.pt` always has its sidecar)."""
+    the rename, so a published `.pt` always has its sidecar). The file is then known verified
+    in this process (see :func:`is_verified`)."""
     with atomic_write(path, "wb", fsync=True) as f:
         writer = HashingWriter(f) if checksum else f
         torch.save(obj, writer)
         if checksum:
             write_sidecar(path, writer.hexdigest())
+    _VERIFIED[path] = _identity(path)
+
+
+def _scan(exp_dir: str) -> tuple[list, list]:
+    """([(step, path)] of the regular files named like checkpoints, oldest first; [paths] of the
+    look-alikes: folders, symlinks, fifos, devices under a checkpoint's name)."""
+    folder = checkpoint_dir(exp_dir)
+    if not os.path.isdir(folder):
+        return [], []
+    found, others = [], []
+    for name in os.listdir(folder):
+        m = CHECKPOINT_NAME.match(name)
+        if not m:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            regular = stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            continue
+        (found.append((int(m.group(1)), path)) if regular else others.append(path))
+    return sorted(found), sorted(others)
 
 
 def list_checkpoints(exp_dir: str) -> list[tuple[int, str]]:
-    """[(step, path)] of the checkpoint files in `exp_dir`, oldest first."""
-    folder = checkpoint_dir(exp_dir)
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        m = CHECKPOINT_NAME.match(name)
-        if m:
-            found.append((int(m.group(1)), os.path.join(folder, name)))
-    return sorted(found)
+    """[(step, path)] of the checkpoint files in `exp_dir`, oldest first: regular files only (a
+    folder, symlink or fifo under a checkpoint's name is never read: opening a fifo would hang)."""
+    return _scan(exp_dir)[0]
+
+
+# path -> (size, mtime_ns) of the files this process knows to be complete and intact
+_VERIFIED: dict = {}
+
+
+def _identity(path: str):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def is_verified(path: str) -> bool:
+    """Whether `path` is an intact checkpoint: written by this process, or matching its `.sha256`
+    sidecar (hashed once per process and file version), or, without a sidecar (older runs), a
+    complete torch zip archive. Never raises for a damaged file."""
+    try:
+        identity = _identity(path)
+        if _VERIFIED.get(path) == identity:
+            return True
+        if os.path.exists(sidecar_path(path)):
+            ok = verify_file(path)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                ok = any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except (OSError, ValueError, zipfile.BadZipFile, ChecksumMismatchError):
+        return False
+    if ok:
+        _VERIFIED[path] = identity
+    return ok
 
 
 def remove_stale_temporaries(exp_dir: str) -> None:
@@ -82,19 +128,46 @@ def remove_stale_temporaries(exp_dir: str) -> None:
                     pass
 
 
-def prune_checkpoints(exp_dir: str, keep: Optional[int]) -> list[str]:
-    """Delete all but the newest `keep` checkpoints (None = keep all); returns deleted paths."""
+@dataclass
+class Pruned:
+    """What :func:`prune_checkpoints` did: the checkpoints it removed, and the files it left alone
+    because they are not intact checkpoints of this run (damaged ones, look-alikes)."""
+    removed: list = field(default_factory=list)
+    left_alone: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.removed)
+
+    def __iter__(self):
+        return iter(self.removed)
+
+    def __eq__(self, other) -> bool:
+        return list(self.removed) == list(other) if isinstance(other, list) else NotImplemented
+
+
+def prune_checkpoints(exp_dir: str, keep: Optional[int], protect: Optional[str] = None) -> Pruned:
+    """Keep the newest `keep` intact checkpoints (None = keep all) and delete the older intact ones.
+
+    Only verified checkpoints (:func:`is_verified`) count and only they are removed: a damaged file
+    (kept for a look, as resume keeps it) or a look-alike (a folder, symlink or fifo under a
+    checkpoint's name) is never counted, never removed and never opened beyond its checksum, and
+    the newest verified checkpoint and `protect` (the one just written) always stay, whatever
+    their step numbers say."""
+    found, others = _scan(exp_dir)
     if keep is None:
-        return []
-    ckpts = list_checkpoints(exp_dir)
-    doomed = [path for _, path in ckpts[:-keep]] if len(ckpts) > keep else []
+        return Pruned()
+    good = [(step, path) for step, path in found if is_verified(path)]
+    damaged = [path for _, path in found if path not in {p for _, p in good}]
+    doomed = [path for _, path in good[:-keep]] if len(good) > keep else []
+    doomed = [path for path in doomed if path != protect and (not good or path != good[-1][1])]
     for path in doomed:
         os.remove(path)
         try:
             os.remove(sidecar_path(path))
         except FileNotFoundError:
             pass
-    return doomed
+        _VERIFIED.pop(path, None)
+    return Pruned(doomed, sorted(damaged + others))
 
 
 def step_in_name(path: str) -> Optional[int]:

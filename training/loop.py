@@ -19,6 +19,7 @@ checkpoint is written after a non-finite loss, so the newest checkpoint is the l
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -27,8 +28,7 @@ from typing import Optional
 
 import torch
 
-from training.checkpoint import (atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints,
-                                 remove_stale_temporaries)
+from training.checkpoint import list_checkpoints, remove_stale_temporaries
 from training.batch import BatchPreparer
 from training.budget import BudgetSampler
 from training.calibration import run_stage_scales
@@ -41,10 +41,10 @@ from training.logger import RunLogger, log_error_to_file
 from training.metrics import MetricWindow
 from training.preemption import Preemption
 from training.repa import RepaFeatures, load_run_encoders
-from training.rng import rng_state, seed_micro_batch, seed_process, set_rng_state
-from training.sampler import ResumableBatchSampler
+from training.rng import restore_streams, rng_state, seed_micro_batch, seed_process
+from training.sampler import ResumableBatchSampler, check_data_position
 from training.objective import build_objective
-from training.run_folder import open_run_folder, record_config
+from training.run_folder import RunFolder
 from training.setup import (bad_sample_guard, build_train_state, check_batch_split, create_accelerator,
                             gather_objects, load_decoder_vae, make_previewer, model_decomposition,
                             open_training_dataset, previews_on, resume_target, world_size_from_env, write_demo_data)
@@ -77,6 +77,12 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
     try:
         with using_cpu_threads(cfg.cpu_threads), Preemption() as preemption:
             return _train(cfg, stop_after_step, preemption)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one stops after the step, with a checkpoint)
+        good = list_checkpoints(os.path.join(cfg.output_dir, cfg.exp_name))
+        error = TrainingStopped(f"interrupted by a second Ctrl-C: stopped at once, without a checkpoint of the "
+                                f"step in progress; {f'the last checkpoint is {good[-1][1]}' if good else 'no checkpoint was written'}")
+        log_error_to_file(f"error: {error}")
+        raise error from None
     except (ConfigError, TrainingStopped) as error:
         log_error_to_file(f"error: {error}")
         raise
@@ -92,13 +98,19 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     t_start = time.time()
     micro_batch = check_batch_split(cfg, world_size_from_env())
     accelerator = create_accelerator(cfg)
-    threads = apply_cpu_threads(cfg.cpu_threads)  # again: accelerate's multi-CPU start-up resets them
+    apply_cpu_threads(cfg.cpu_threads)  # again: accelerate's multi-CPU start-up resets them
+    preemption.connect(accelerator.num_processes)
+    gather = lambda obj: gather_objects(accelerator, obj)  # noqa: E731
+    exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
+    with RunFolder(cfg, exp_dir, accelerator, gather) as folder:  # the lock, then log.txt; one line on every rank
+        return _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch, t_start)
+
+
+def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int, t_start: float) -> TrainResult:
+    threads = torch.get_num_threads()
     rank, is_main, device = accelerator.process_index, accelerator.is_main_process, accelerator.device
     P, A, S = accelerator.num_processes, cfg.gradient_accumulation_steps, cfg.stages
-    preemption.connect(P)
-    exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)
-    gather = lambda obj: gather_objects(accelerator, obj)  # noqa: E731
-    log = open_run_folder(cfg, exp_dir, accelerator, gather)  # log.txt, or one line on every rank
+    exp_dir, log, gather = folder.exp_dir, folder.log, folder.gather
 
     # ---- data, resume target (before building anything heavy: a bad path or arch fails early)
     write_demo_data(cfg, accelerator, log)
@@ -118,8 +130,7 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     extra = {"stage_scales": cfg.stage_scales, **({"z_dims": repa_features.z_dims()} if repa_features.encoders else {})}
     state = build_train_state(cfg, in_channels, input_size, device, ckpt, resume_path, extra_model_kwargs=extra)
     raw_model, ema_model, optimizer = state.model, state.ema_model, state.optimizer
-    record_config(cfg, exp_dir, state.start_step, ckpt.get("config") if ckpt is not None else None, log, is_main,
-                  gather)
+    folder.record_config(cfg, state.start_step, ckpt.get("config") if ckpt is not None else None)
     objective = build_objective(cfg)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
 
@@ -127,20 +138,11 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     generator = torch.Generator(device=device)
     seed_process(cfg.seed, rank, generator)
     if ckpt is not None:
-        states = ckpt.get("rng") or []
-        if len(states) == P:
-            set_rng_state(states[rank], generator)
-        else:  # harmless: every micro-batch re-seeds from (seed, step, slot)
-            log.info(f"the checkpoint holds random states of {len(states)} process(es), this run has {P}; "
-                     "the per-process states are not restored")
+        restore_streams(ckpt, generator, rank, P, log)
     start_step = state.start_step
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, P, rank, A, cfg.seed, start_step)
-    if ckpt is not None and ckpt.get("data_position"):
-        saved, now = ckpt["data_position"], sampler.position(start_step)
-        changed = [k for k in ("dataset_len", "batch_size", "seed") if saved.get(k) != now.get(k)]
-        if changed:
-            log.warning(f"WARNING: {', '.join(changed)} changed since the checkpoint; the data order differs "
-                        "from the interrupted run")
+    if ckpt is not None:
+        check_data_position(ckpt.get("data_position"), sampler.position(start_step), log)
     resumed, ckpt = ckpt is not None, None  # free the loaded tensors
     loader_dataset, bad_log = bad_sample_guard(cfg, dataset, exp_dir, P)
     loader = torch.utils.data.DataLoader(
@@ -197,9 +199,8 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
             tracker.close()
             good = list_checkpoints(exp_dir)
             where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written"
-            raise NonFiniteLossError(
-                f"the training loss became non-finite (NaN/inf) at step {bad}; training stopped ({where}). "
-                "Lower lr, check the data, or use mixed_precision=bf16/no instead of fp16.")
+            raise NonFiniteLossError(f"the training loss became non-finite (NaN/inf) at step {bad}; training stopped "
+                                     f"({where}). {nonfinite_suspects(cfg)}")
 
     def save(step_now: int):
         nonlocal last_ckpt, last_saved_step
@@ -207,30 +208,32 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
         sync_bad_samples()
         _check_ranks_agree(accelerator, raw_model, step_now)
         states = gather_objects(accelerator, rng_state(generator))
-        if is_main:
-            path = checkpoint_path(exp_dir, step_now)
-            _write_checkpoint({
-                "model": raw_model.state_dict(), "ema": ema_model.state_dict(), "opt": optimizer.state_dict(),
-                "arch": dict(raw_model.arch), "config": config_dict, "steps": step_now, "rng": states,
-                "data_position": sampler.position(step_now)}, path, last_ckpt, start_step if resumed else None)
-            if cfg.save_format == "safetensors":
-                _export_weights(exp_dir, step_now, raw_model, ema_model, config_dict, last_ckpt)
-            removed = prune_checkpoints(exp_dir, cfg.checkpoints_total_limit)
-            _prune_exported_weights(exp_dir)
-            log.info(f"saved checkpoint {path}" + (f" (removed {len(removed)} old)" if removed else ""))
-            last_ckpt = path
+        payload = None if not is_main else {
+            "model": raw_model.state_dict(), "ema": ema_model.state_dict(), "opt": optimizer.state_dict(),
+            "arch": dict(raw_model.arch), "config": config_dict, "steps": step_now, "rng": states,
+            "data_position": sampler.position(step_now)}
+        export = ({"ema": ema_model.state_dict(), "model": raw_model.state_dict()}
+                  if is_main and cfg.save_format == "safetensors" else None)
+        last_ckpt = folder.save_checkpoint(payload or {"steps": step_now}, last_ckpt,
+                                           start_step if resumed else None, export)
         last_saved_step = step_now
         accelerator.wait_for_everyone()
 
     def preview(step_now: int):
         nonlocal last_preview
-        if previewer is not None:
-            out = previewer(ema_model, step_now)
+
+        def make() -> str:
+            try:
+                out = previewer(ema_model, step_now)
+            except OSError as e:
+                raise CheckpointWriteError(f"cannot write the preview of step {step_now} in {exp_dir}/previews: "
+                                           f"{describe_write_error(e)}; the checkpoints are intact") from None
             for name, (grid, path) in out.items():
                 tracker.log_image(f"previews/{name}", grid, step_now, caption=f"step {step_now}")
-            last_preview = out["samples"][1]
-            log.info(f"preview {last_preview}")
-        accelerator.wait_for_everyone()
+            log.info(f"preview {out['samples'][1]}")
+            return out["samples"][1]
+
+        last_preview = folder.on_main(make if previewer is not None else lambda: None) or last_preview
 
     if cfg.preview.num_samples > 0 and step < cfg.max_train_steps:
         preview(step)
@@ -281,6 +284,9 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
                 evaluator.maybe_run(ema_model, step, tracker)
     if last_saved_step != step:
         save(step)
+    if start_step >= cfg.max_train_steps:
+        log.warning(f"WARNING: the checkpoint is at step {start_step}, max_train_steps={cfg.max_train_steps}: nothing "
+                    "was trained (raise max_train_steps to continue the run)")
     log.info(preemption.stop_line(step, last_ckpt) or f"done: {step} steps in {time.time() - t_start:.1f} s; "
              f"checkpoint {last_ckpt}" + (f"; samples {last_preview}" if last_preview else ""))
     tracker.close()
@@ -289,52 +295,19 @@ def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> Train
     return TrainResult(exp_dir, step, last_ckpt, last_preview, time.time() - t_start, preemption.signal_name)
 
 
-# ----------------------------------------------------------------------------- pieces of the step
-
-def _write_checkpoint(payload: dict, path: str, last_good: Optional[str], resumed_step: Optional[int]) -> None:
-    """Atomic checkpoint write; a failure (disk full, quota, permissions) becomes one line that
-    names the file and the last good checkpoint, which the atomic write left untouched. A run
-    resumed at `resumed_step` writes only later steps: an earlier one would replace a checkpoint
-    of the run it continues (never expected; a guard against a wrong step count)."""
-    if resumed_step is not None and payload["steps"] <= resumed_step:
-        raise CheckpointWriteError(f"refusing to write checkpoint {path} for step {payload['steps']}: this run "
-                                   f"resumed at step {resumed_step} and writes only later steps")
-    try:
-        atomic_torch_save(payload, path)
-    except (OSError, RuntimeError) as e:
-        kept = f"the last good checkpoint {last_good} is intact" if last_good else "no earlier checkpoint exists"
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {describe_write_error(e)}; {kept}") from None
-
-
-def exported_weights_path(exp_dir: str, step: int) -> str:
-    return os.path.join(exp_dir, "weights", f"{step:07d}.safetensors")
-
-
-def _export_weights(exp_dir: str, step: int, model, ema_model, config: dict, last_good: Optional[str]) -> None:
-    """`save_format: safetensors`: the EMA and raw weights with arch and config, loadable by
-    `models.load_pretrained` and generate.py without unpickling anything."""
-    from models.weights_io import export_weights
-
-    path = exported_weights_path(exp_dir, step)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        export_weights(path, {"ema": ema_model.state_dict(), "model": model.state_dict()}, arch=dict(model.arch),
-                       config=config, steps=step)
-    except (OSError, RuntimeError) as e:
-        raise CheckpointWriteError(f"cannot write exported weights {path}: {describe_write_error(e)}; the "
-                                   f"checkpoint {last_good} is intact") from None
-
-
-def _prune_exported_weights(exp_dir: str) -> None:
-    """Exported weights follow their checkpoints out (checkpoints_total_limit)."""
-    folder = os.path.join(exp_dir, "weights")
-    if not os.path.isdir(folder):
-        return
-    kept = {step for step, _ in list_checkpoints(exp_dir)}
-    for name in os.listdir(folder):
-        stem = name.split(".")[0]
-        if name.endswith(".safetensors") and stem.isdigit() and int(stem) not in kept:
-            os.remove(os.path.join(folder, name))
+def nonfinite_suspects(cfg) -> str:
+    """What to look at after a non-finite loss, most likely first for this config."""
+    suspects = []
+    scales = cfg.stage_scales if isinstance(cfg.stage_scales, (list, tuple)) or \
+        type(cfg.stage_scales).__name__ == "ListConfig" else None
+    if scales is not None and max(abs(math.log10(float(c))) for c in scales) > 2:
+        energy = max(float(c) ** 2 for c in scales)
+        suspects.append(f"the stage_scales {list(scales)} (they multiply a level's energy by up to {energy:.3g}: "
+                        "choose scales nearer 1, or auto)")
+    if cfg.mixed_precision == "fp16":
+        suspects.append("fp16 (use mixed_precision=bf16 or no)")
+    suspects += ["the learning rate (lower lr)", "the data (bad_samples, dataset_tools.py verify)"]
+    return "Check " + "; ".join(suspects) + "."
 
 
 def _check_ranks_agree(accelerator, model, step: int) -> None:

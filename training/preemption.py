@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM / SIGUSR1 end a training run after the current optimizer step, with a checkpoint.
+"""Preemption: SIGTERM / SIGUSR1 / SIGINT end a training run after the current optimizer step, with a checkpoint.
 
 SLURM (at the time limit, or ahead of it with `--signal`) and Kubernetes (pod eviction) send
 SIGTERM, then SIGKILL after a grace period. `Preemption` turns the signal into a flag; the loop
@@ -20,6 +20,9 @@ it stops after the step it is in.
 
 A second signal while the checkpoint is being written changes nothing (the flag is already
 set); a SIGKILL then cannot leave half a file either, since checkpoints are written atomically.
+Ctrl-C (SIGINT) stops the same way, so an interrupted run keeps its last step; a second Ctrl-C
+stops at once (KeyboardInterrupt, which train.py turns into one line: the atomic write of a
+checkpoint in progress removes its temporary file).
 After a stop the handlers stay installed, so that a launcher's SIGTERM to the remaining workers
 (torchrun sends one as soon as the first worker has exited) does not turn their exit into a kill
 (Python's own shutdown still restores the default handlers at the very end); otherwise the
@@ -37,7 +40,7 @@ import torch
 # (finished), 1 (error), 2 (bad config) and 143 (killed by SIGTERM before the handler was set),
 # so a job script or a Kubernetes podFailurePolicy can tell "checkpointed, resume me" apart.
 PREEMPTED_EXIT_CODE = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preemption:
@@ -79,6 +82,8 @@ class Preemption:
     def _on_signal(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+        elif signum == signal.SIGINT and self.received == signal.SIGINT and self.stopped_by is None:
+            raise KeyboardInterrupt  # a second Ctrl-C before the run stopped: at once
 
     def connect(self, num_processes: int) -> None:
         """Use the process group of a `num_processes`-process run (a collective: every rank calls it)."""

@@ -76,3 +76,27 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     generator.set_state(state["generator"])
+
+
+def restore_streams(ckpt: dict, generator: torch.Generator, rank: int, num_processes: int, log) -> None:
+    """Restore this rank's random states from a checkpoint's `rng`. Not restoring them is harmless
+    (every micro-batch re-seeds its streams from (seed, step, slot)), so another process count or
+    states that do not read back (a damaged or edited file) are one log line, not an error."""
+    states = ckpt.get("rng")
+    if not isinstance(states, (list, tuple)):
+        log.warning(f"WARNING: the checkpoint's random states are unreadable ({type(states).__name__}); the "
+                    "per-process states start fresh (training stays exact: every micro-batch re-seeds from (seed, "
+                    "step, slot))")
+        return
+    if len(states) != num_processes:
+        log.info(f"the checkpoint holds random states of {len(states)} process(es), this run has {num_processes}; "
+                 "the per-process states are not restored")
+        return
+    saved = rng_state(generator)
+    try:
+        set_rng_state(states[rank], generator)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as e:
+        set_rng_state(saved, generator)
+        log.warning(f"WARNING: the checkpoint's random states do not read back ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:120]}); the per-process states start fresh (training stays exact: "
+                    "every micro-batch re-seeds from (seed, step, slot))")

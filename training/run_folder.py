@@ -1,9 +1,16 @@
-"""The experiment folder of a training run: created once, its log, and every version of its config.
+"""The experiment folder of a training run: the run owns it, and this piece is what owns it.
 
-`<output_dir>/<exp_name>/` holds `log.txt`, `config.yaml` (the config of the latest start),
-`configs/` (the config of every start that changed it, named by the step it started from),
-`checkpoints/`, `metrics.jsonl`, previews and the rest. Rank 0 writes; the other ranks learn of
+`<output_dir>/<exp_name>/` holds `run.lock` (the holder: host, process, start time), `log.txt`,
+`config.yaml` (the config of the latest start), `configs/` (the config of every start, named by
+the step it started from), `checkpoints/` (verified, pruned here), `weights/` (exported
+`.safetensors`), `metrics.jsonl`, previews and the rest. Rank 0 writes; the other ranks learn of
 an error through a collective and stop with the same line.
+
+One run at a time: `run.lock` is created and `flock`ed by rank 0 before anything else is written
+(a second run on the same folder gets one line naming the holder, and writes nothing). The lock
+of a process that died (kill -9, a crashed node) is released by the kernel with the process; a
+lock file naming a dead process of this host is taken over with one line. Another host's lock is
+never taken over (its process cannot be checked from here): the line says how to remove it.
 
 Resuming with other settings than the checkpoint's run is allowed for everything but the
 architecture (an error in `training.setup`): the change is logged as one warning line naming
@@ -11,14 +18,23 @@ each key (old -> new), and the earlier config stays in `configs/`.
 """
 from __future__ import annotations
 
+import datetime
 import errno
+import fcntl
+import json
 import os
+import socket
+import sys
+from typing import Optional
 
 from omegaconf import OmegaConf
 
-from training.errors import CheckpointWriteError, ConfigError, describe_write_error
+from training.checkpoint import atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints
+from training.errors import CheckpointWriteError, ConfigError, TrainingStopped, describe_write_error
 from training.logger import setup_file_logger
 from utils.config import config_to_dict, save_config
+
+LOCK_NAME = "run.lock"
 
 CONFIGS = "configs"
 # keys whose change on resume says nothing about the run (paths of the run itself, workers, logging)
@@ -26,13 +42,202 @@ NOT_COMPARED = ("resume", "cpu_threads", "num_workers", "output_dir", "exp_name"
                 "wandb_mode", "make_demo_data")
 
 
-def open_run_folder(cfg, exp_dir: str, accelerator, gather):
-    """The run's logger. Rank 0 creates `exp_dir` with log.txt; a folder that cannot be created or
-    written ends the run on every rank with one line: ConfigError naming `output_dir` / `exp_name`
-    (a file in the way, no permission, a read-only file system, a name too long),
-    CheckpointWriteError for a full disk or quota. `gather(obj)`: the objects of every rank."""
+class RunLocked(ConfigError):
+    """Another live run holds the experiment folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def acquire_lock(exp_dir: str):
+    """`(file object holding the flock, takeover line or None)` for `<exp_dir>/run.lock`; RunLocked
+    when a live run holds it. The caller keeps the file open for the length of the run."""
+    path = os.path.join(exp_dir, LOCK_NAME)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        raise RunLocked(f"{exp_dir} is in use by another run ({_holder(path)}); wait for it to finish, or choose "
+                        "another exp_name / output_dir") from None
+    info, line, here = _lock_info(path), None, socket.gethostname()
+    if info is not None:
+        if info.get("host") not in (None, here):
+            f.close()
+            raise RunLocked(f"{exp_dir} is locked by a run on another machine ({_holder(path)}), which cannot be "
+                            f"checked from {here}; if that run is gone, delete {path} and start again")
+        if isinstance(info.get("pid"), int) and info["pid"] != os.getpid() and _alive(info["pid"]):
+            f.close()
+            raise RunLocked(f"{exp_dir} is in use by another run ({_holder(path)}); wait for it to finish, or choose "
+                            "another exp_name / output_dir")
+        line = f"took over {path} from a run that is no longer running ({_holder(path)})"
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"host": here, "pid": os.getpid(),
+                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "command": " ".join(sys.argv)[:500]}) + "\n")
+    f.flush()
+    return f, line
+
+
+def _lock_info(path: str) -> Optional[dict]:
+    """The holder recorded in a lock file: None when empty, {} when unreadable."""
+    try:
+        text = open(path).read().strip()
+        info = json.loads(text) if text else None
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) or info is None else {}
+
+
+def _holder(path: str) -> str:
+    """'host H, process P, since T' (or what is known) of a lock file."""
+    info = _lock_info(path) or {}
+    if "host" not in info or "pid" not in info:
+        return "holder unknown"
+    return f"host {info['host']}, process {info['pid']}, since {info.get('started', '?')}"
+
+
+class RunFolder:
+    """The experiment folder, held by this run: the lock, the log, the config versions, checkpoints.
+
+    `RunFolder(cfg, exp_dir, accelerator, gather)` creates the folder and takes the lock (rank 0),
+    then opens the log; `close()` (or the `with` block) releases the lock. `gather(obj)` returns the
+    objects of every rank (a collective), so an error seen by rank 0 stops every rank.
+    """
+
+    def __init__(self, cfg, exp_dir: str, accelerator, gather):
+        self.cfg, self.exp_dir, self.gather = cfg, exp_dir, gather
+        self.is_main = accelerator.is_main_process
+        self._lock = None
+        self._reported: set = set()  # files already named in a "left alone" warning
+        error, takeover = None, None
+        if self.is_main:
+            try:
+                os.makedirs(exp_dir, exist_ok=True)
+                self._lock, takeover = acquire_lock(exp_dir)
+            except RunLocked as e:
+                error = e
+            except OSError as e:
+                error = run_folder_error(cfg, exp_dir, e)
+        self._raise_shared(error)  # before anything is written: a refused run leaves no trace
+        self.log = open_run_log(cfg, exp_dir, accelerator.is_main_process, gather)
+        if takeover:
+            self.log.warning(f"WARNING: {takeover}")
+
+    def _raise_shared(self, error) -> None:
+        """Raise rank 0's error on every rank (the others get the same message)."""
+        errors = [e for e in self.gather(error) if e is not None]
+        if errors:
+            raise errors[0]
+
+    def on_main(self, fn):
+        """`fn()` on rank 0 only; whatever stops it there stops every rank at once (a collective
+        instead of a barrier, so no rank waits for a process that is gone until the launcher's
+        timeout): rank 0 raises its error, the others TrainingStopped with its message."""
+        error, result = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as e:  # noqa: BLE001 - shared, then raised unchanged on rank 0
+                error = e
+        messages = [m for m in self.gather(None if error is None else f"{error}") if m]
+        if error is not None:
+            raise error
+        if messages:
+            raise TrainingStopped(f"stopped with rank 0: {messages[0]}")
+        return result
+
+    def close(self) -> None:
+        """Release the lock and remove the lock file (at the end of the run, also after an error)."""
+        if self._lock is not None:
+            try:
+                os.remove(os.path.join(self.exp_dir, LOCK_NAME))
+            except OSError:
+                pass
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def record_config(self, cfg, start_step: int, previous: Optional[dict]) -> None:
+        record_config(cfg, self.exp_dir, start_step, previous, self.log, self.is_main, self.gather)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, payload: dict, last_good: Optional[str], resumed_step: Optional[int],
+                        export: Optional[dict] = None) -> str:
+        """Rank 0: write checkpoint `payload` (atomically, with its checksum), the exported weights
+        (`export`: {"ema": ..., "model": ...} state dicts, `save_format: safetensors`), then prune
+        to `checkpoints_total_limit` (never the checkpoint just written nor the newest intact one);
+        an error stops every rank with one line. Returns the checkpoint's path."""
+        path = checkpoint_path(self.exp_dir, payload["steps"])
+        self.on_main(lambda: self._write(payload, path, last_good, resumed_step, export))
+        return path
+
+    def _write(self, payload, path, last_good, resumed_step, export) -> None:
+        step = payload["steps"]
+        if resumed_step is not None and step <= resumed_step:
+            raise CheckpointWriteError(f"refusing to write checkpoint {path} for step {step}: this run "
+                                       f"resumed at step {resumed_step} and writes only later steps")
+        kept = f"the last good checkpoint {last_good} is intact" if last_good else "no earlier checkpoint exists"
+        try:
+            atomic_torch_save(payload, path)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {describe_write_error(e)}; {kept}") from None
+        if export is not None:
+            from models.weights_io import export_weights
+
+            weights = exported_weights_path(self.exp_dir, step)
+            try:
+                os.makedirs(os.path.dirname(weights), exist_ok=True)
+                export_weights(weights, export, arch=payload["arch"], config=payload["config"], steps=step)
+            except (OSError, RuntimeError) as e:
+                raise CheckpointWriteError(f"cannot write exported weights {weights}: {describe_write_error(e)}; "
+                                           f"the checkpoint {path} is intact") from None
+        pruned = prune_checkpoints(self.exp_dir, self.cfg.checkpoints_total_limit, protect=path)
+        self._prune_exported_weights()
+        new = [p for p in pruned.left_alone if p not in self._reported]
+        if new:
+            self._reported.update(new)
+            self.log.warning(f"WARNING: left alone in {os.path.dirname(path)} (not intact checkpoints of this run, "
+                             f"never pruned or read): {', '.join(os.path.basename(p) for p in new)}")
+        self.log.info(f"saved checkpoint {path}" + (f" (removed {len(pruned)} old)" if pruned.removed else ""))
+
+    def _prune_exported_weights(self) -> None:
+        """Exported weights follow their checkpoints out (checkpoints_total_limit)."""
+        folder = os.path.join(self.exp_dir, "weights")
+        if not os.path.isdir(folder):
+            return
+        kept = {step for step, _ in list_checkpoints(self.exp_dir)}
+        for name in os.listdir(folder):
+            stem = name.split(".")[0]
+            full = os.path.join(folder, name)
+            if name.endswith(".safetensors") and stem.isdigit() and int(stem) not in kept and os.path.isfile(full):
+                os.remove(full)
+
+
+def exported_weights_path(exp_dir: str, step: int) -> str:
+    return os.path.join(exp_dir, "weights", f"{step:07d}.safetensors")
+
+
+def open_run_log(cfg, exp_dir: str, is_main: bool, gather):
+    """The run's logger: `<exp_dir>/log.txt` and the console on rank 0. A log file that cannot be
+    opened ends the run on every rank with one line (see :func:`run_folder_error`)."""
     error = None
-    if not accelerator.is_main_process:
+    if not is_main:
         log = setup_file_logger(None, False)
     else:
         try:

@@ -75,3 +75,19 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # a DataLoader asks; the stream is effectively infinite
         return 2**62
+
+
+def check_data_position(saved, now: dict, log) -> None:
+    """One warning line when the checkpoint's `data_position` says the data order changed (other
+    dataset size, batch size or seed), or when it is unreadable (the order is a pure function of
+    (seed, step) and continues regardless)."""
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        log.warning(f"WARNING: the checkpoint's data_position is unreadable ({type(saved).__name__}); the data "
+                    "order continues from the step as usual (it depends on seed and step only)")
+        return
+    changed = [k for k in ("dataset_len", "batch_size", "seed") if saved.get(k) != now.get(k)]
+    if changed:
+        log.warning(f"WARNING: {', '.join(changed)} changed since the checkpoint; the data order differs "
+                    "from the interrupted run")

@@ -211,7 +211,7 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
         weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=(torch.device(device).type == "cuda"))
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["opt"])
+        load_optimizer_state(optimizer, ckpt.get("opt"), resume_path)
     start_step = int(ckpt["steps"]) if ckpt is not None else 0
     # The schedule is a pure function of (lr, step): rebuilt at the resumed step, nothing to store.
     for group in optimizer.param_groups:
@@ -221,6 +221,38 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
         group["lr"] = cfg.lr * schedule.lr_lambdas[0](start_step)
     schedule.last_epoch = start_step
     return TrainState(model, ema_model, EMA(model, ema_model, cfg.ema_decay), optimizer, schedule, start_step)
+
+
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state, path: str) -> None:
+    """Load a checkpoint's AdamW state, checked first: every parameter's state holds `step` and two
+    moments of the parameter's shape. A state that does not fit (a damaged or edited file) is one
+    ConfigError here, not a KeyError at the first optimizer step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def fail(why: str):
+        raise ConfigError(f"resume: checkpoint {path}: its optimizer state does not fit this model ({why}); the "
+                          "file is damaged or was edited (resume from another checkpoint)")
+
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
+        fail(f"expected AdamW's state dict, found {type(state).__name__}")
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        fail(str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+    for index, param in enumerate(params):
+        entry = optimizer.state.get(param)
+        if entry is None:
+            continue
+        missing = [k for k in ADAMW_STATE if k not in entry]
+        if missing:
+            fail(f"parameter {index} has no {', '.join(missing)}")
+        wrong = [k for k in ADAMW_STATE[1:] if tuple(entry[k].shape) != tuple(param.shape)]
+        if wrong:
+            fail(f"parameter {index}: {wrong[0]} has shape {tuple(entry[wrong[0]].shape)}, the parameter "
+                 f"{tuple(param.shape)}")
 
 
 def previews_on(cfg, is_main: bool) -> bool:

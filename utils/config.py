@@ -286,20 +286,60 @@ def read_yaml_mapping(path: str) -> dict:
         raise ValueError(f"Cannot parse config file {path}: {e}") from None
     if not isinstance(loaded, DictConfig):
         raise ValueError(f"Config file {path} must hold a mapping of key: value pairs.")
-    return OmegaConf.to_container(loaded)
+    data = OmegaConf.to_container(loaded)
+    odd = [k for k in data if not isinstance(k, str) or not k or any(c.isspace() for c in k)]
+    if odd:
+        raise ValueError(f"config file {path} does not look like a config file: {_short_repr(odd[0])} is not a key "
+                         "(keys are names like lr or preview.method)")
+    return data
 
 
-def config_file_layers(path: str, _chain: tuple = ()) -> list[tuple[str, dict]]:
-    """[(path, mapping)] of a config file, preceded by the files it names under `include:` (a path
-    or a list of paths, relative to the file; included first, so the file's own keys win)."""
-    if os.path.realpath(path) in _chain or len(_chain) > 8:
-        raise ValueError(f"config file {path}: `include` goes round in a circle or too deep")
-    data = read_yaml_mapping(path)
-    included = data.pop("include", None) or []
-    layers = []
-    for name in [included] if isinstance(included, str) else included:
-        layers += config_file_layers(os.path.join(os.path.dirname(path), str(name)), _chain + (os.path.realpath(path),))
-    return layers + [(path, data)]
+MAX_INCLUDE_DEPTH = 8
+
+
+def config_file_layers(path: str) -> list[tuple[str, dict]]:
+    """[(path, mapping)] of a config file and the files it names under `include:` (a path or a list
+    of paths, relative to the file), in the order they are applied, later winning.
+
+    The order: every file once, each after the files it includes (in their listed order) and
+    before the file that includes it; a file included a second time (a diamond: a includes b and
+    c, both include d) is not applied again, so `d, b, c, a`: c's values beat b's, and a's beat
+    all. Each file is read once, so the cost grows with the number of files, not of include paths.
+    """
+    order: list = []
+    applied: set = set()
+
+    def visit(file: str, chain: tuple) -> None:
+        real = os.path.realpath(file)
+        if real in chain or len(chain) > MAX_INCLUDE_DEPTH:
+            raise ValueError(f"config file {file}: `include` goes round in a circle or deeper than "
+                             f"{MAX_INCLUDE_DEPTH} levels")
+        if real in applied:
+            return
+        data = read_yaml_mapping(file)
+        for name in _included_files(data.pop("include", None), file):
+            visit(os.path.join(os.path.dirname(file), name), chain + (real,))
+        applied.add(real)
+        order.append((file, data))
+
+    visit(path, ())
+    return order
+
+
+def _included_files(value, path: str) -> list[str]:
+    """The `include:` of config file `path` as a list of file names (ValueError for anything else)."""
+    if value is None:
+        return []
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ValueError(f"config file {path}: `include` takes a file name or a list of file names, got "
+                         f"{_short_repr(value)}")
+    return names
+
+
+def _short_repr(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load_config(defaults_type, argv: Sequence[str] | None = None, *,
