@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, describe_write_error, reported_write_errors
 
 METRICS_FILE = "metrics.jsonl"
 HIGHER_IS_BETTER = ("inception_score", "precision", "recall")
@@ -57,8 +57,14 @@ def read_metrics(run: str) -> List[Dict[str, object]]:
     path = metrics_path(run)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file; a run folder holds {METRICS_FILE} once it has been evaluated")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file (the byte at offset {exc.start} is not UTF-8); expected "
+                         f"{METRICS_FILE}, one JSON object per line") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read it ({describe_write_error(exc)})") from None
     lines = text.split("\n")
     by_step: Dict[int, Dict[str, object]] = {}
     for number, line in enumerate(lines, 1):
@@ -268,14 +274,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = crossing_table(curves, args.metric, args.interpolate)
     text = format_table(rows, args.metric, args.x)
     print(text)
-    if args.table:
-        with atomic_write(args.table, "w") as f:
-            if args.table.endswith(".json"):
-                json.dump([dict(vars(r), speedup=r.speedup) for r in rows], f, indent=2)
-            else:
-                f.write(text + "\n")
-    if args.out:
-        print(f"wrote {plot_runs(curves, args.metric, args.out, args.x)}")
+    try:
+        if args.table:
+            with reported_write_errors(args.table, ValueError), atomic_write(args.table, "w") as f:
+                if args.table.endswith(".json"):
+                    json.dump([dict(vars(r), speedup=r.speedup) for r in rows], f, indent=2)
+                else:
+                    f.write(text + "\n")
+        if args.out:
+            with reported_write_errors(args.out, ValueError):
+                print(f"wrote {plot_runs(curves, args.metric, args.out, args.x)}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

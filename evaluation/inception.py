@@ -36,7 +36,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 
 from utils.hub import host_reachable
 
-from .npz import EvaluationError
+from .npz import EvaluationError, first_line
 
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
@@ -45,12 +45,6 @@ SPATIAL_CHANNELS = 7
 
 class WeightsError(EvaluationError, RuntimeError):
     """Network weights that cannot be found, downloaded or loaded."""
-
-
-def first_line(exc: BaseException) -> str:
-    """``"TypeName: first line of the message"`` of an exception from a library."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager

@@ -117,6 +117,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     cores); ``"eigh"`` gives the same value for PSD covariances in a fraction of the time
     (and an exact one where N < D makes the covariances singular). Non-finite statistics raise
     one :class:`InputError` naming them by ``names`` (e.g. the samples', a reference file).
+    The value is clamped at 0 (float rounding makes the distance of a set to itself ~-1e-7).
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -131,7 +132,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     else:
         raise ValueError(f"unknown Fréchet method {method!r}; use 'sqrtm' or 'eigh'")
     diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # A distance is >= 0: rounding of a set against itself (or a near-identical one) can leave -1e-7.
+    return max(0.0, float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
 
 
 def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:

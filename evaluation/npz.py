@@ -13,13 +13,16 @@ from __future__ import annotations
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 
 POOL_DIM = 2048
 SPATIAL_DIM = 17 * 17 * 7
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# A stored covariance may be asymmetric, or have negative eigenvalues, by this much relative to
+# its largest entry / its trace (float rounding); anything beyond is not a covariance.
+COVARIANCE_RTOL = 1e-6
 
 
 class EvaluationError(Exception):
@@ -28,6 +31,16 @@ class EvaluationError(Exception):
 
 class InputError(EvaluationError, ValueError):
     """A problem with a user-provided input file or option."""
+
+
+class NonFiniteStatistics(InputError):
+    """A mean or covariance holding NaN or inf: no Fréchet distance of it exists."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"`` of an exception from a library."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -160,8 +173,53 @@ def require_finite(where: str, **arrays) -> None:
         if not finite.all():
             bad.append(f"{name} ({finite.size - int(finite.sum())} of {finite.size} values)")
     if bad:
-        raise InputError(f"{where}: non-finite values (NaN or inf) in {', '.join(bad)}; a Fréchet distance of "
-                         "them is undefined (recompute the statistics, or check the feature weights)")
+        raise NonFiniteStatistics(f"{where}: non-finite values (NaN or inf) in {', '.join(bad)}; a Fréchet distance "
+                                  "of them is undefined (recompute the statistics, or check the feature weights)")
+
+
+def read_arrays(path: str, keys: Iterable[str], where: str) -> Dict[str, np.ndarray]:
+    """The arrays ``keys`` (those present) of the ``.npz`` ``path``, read with ``allow_pickle=False``.
+
+    An object array (loading it would unpickle, i.e. run, whatever the file holds) or a member
+    that cannot be read is one :class:`InputError` naming ``where`` and the array.
+    """
+    arrays: Dict[str, np.ndarray] = {}
+    key = None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in keys:
+                if key in data.files:
+                    arrays[key] = np.asarray(data[key])
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        what = f"the array {key}" if key else "the file"
+        if "allow_pickle" in str(exc):
+            raise InputError(f"{where}: {key} is an object array (pickled Python objects), which is never "
+                             "loaded: statistics files hold plain arrays only") from None
+        raise InputError(f"{where}: cannot read {what} ({first_line(exc)}); the file is damaged") from None
+    return arrays
+
+
+def require_statistics(where: str, mu_name: str, mu: np.ndarray, sigma_name: str, sigma: np.ndarray) -> None:
+    """One :class:`InputError` naming ``where`` and the array unless ``mu`` and ``sigma`` hold real,
+    finite numbers and ``sigma`` is a covariance matrix: symmetric and positive semi-definite, both
+    within :data:`COVARIANCE_RTOL` (of its largest entry, of its trace). Shapes are the caller's."""
+    for name, array in ((mu_name, mu), (sigma_name, sigma)):
+        if np.asarray(array).dtype.kind not in "iuf":
+            raise InputError(f"{where}: {name} has dtype {np.asarray(array).dtype}, expected real numbers (float64)")
+    require_finite(where, **{mu_name: mu, sigma_name: sigma})
+    sigma = np.asarray(sigma, dtype=np.float64)
+    asymmetry = float(np.abs(sigma - sigma.T).max(initial=0.0))
+    if asymmetry > COVARIANCE_RTOL * float(np.abs(sigma).max(initial=0.0)):
+        problem = f"it is not symmetric (|{sigma_name} - {sigma_name}^T| up to {asymmetry:.4g})"
+    else:
+        tolerance = COVARIANCE_RTOL * abs(float(np.trace(sigma))) + np.finfo(np.float64).tiny
+        try:  # succeeds iff every eigenvalue is above -tolerance (and cheaper than eigvalsh)
+            np.linalg.cholesky(sigma + tolerance * np.eye(len(sigma)))
+            return
+        except np.linalg.LinAlgError:
+            problem = (f"it has a negative eigenvalue ({float(np.linalg.eigvalsh(sigma)[0]):.4g}; a covariance has "
+                       f"none below -{COVARIANCE_RTOL:g} x its trace)")
+    raise InputError(f"{where}: {sigma_name} is not a covariance matrix: {problem}; recompute the statistics")
 
 
 def read_reference_statistics(path: str) -> Optional[Dict[str, np.ndarray]]:
@@ -178,16 +236,15 @@ def read_reference_statistics(path: str) -> Optional[Dict[str, np.ndarray]]:
     if missing:
         raise InputError(f"{path}: has stored 'mu' but lacks {missing}; an ADM reference batch stores "
                          f"all of {list(STAT_KEYS)} (or none, then they are computed from arr_0)")
-    with np.load(str(path), allow_pickle=False) as data:
-        stats = {k: np.asarray(data[k], dtype=np.float64) for k in STAT_KEYS}
+    stats = read_arrays(str(path), STAT_KEYS, f"{path}: stored statistics")
     for key, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
         sigma_key = key.replace("mu", "sigma")
         if stats[key].shape != (dim,) or stats[sigma_key].shape != (dim, dim):
             raise InputError(
                 f"{path}: stored {key}/{sigma_key} have shapes {stats[key].shape}/{stats[sigma_key].shape}, "
                 f"expected ({dim},)/({dim}, {dim}) (Inception pool_3 = 2048, mixed_6/conv[..., :7] = 2023)")
-    require_finite(f"{path}: stored statistics", **stats)
-    return stats
+        require_statistics(f"{path}: stored statistics", key, stats[key], sigma_key, stats[sigma_key])
+    return {k: v.astype(np.float64) for k, v in stats.items()}
 
 
 def check_same_resolution(reference: ImageBatchInfo, samples: ImageBatchInfo, allow_mismatch: bool = False) -> None:

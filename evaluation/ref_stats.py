@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zipfile
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -38,6 +39,17 @@ from .npz import POOL_DIM, SPATIAL_DIM, EvaluationError, InputError, NpzImageBat
 from .stats_file import ReferenceStatistics, save_statistics, weights_identity
 
 
+# What opening a dataset raises for a path that is no dataset, or a damaged one (a ZIP cut short:
+# data/storage.py makes it a ValueError; zipfile's own error and I/O errors are caught as well).
+READ_ERRORS = (ValueError, OSError, zipfile.BadZipFile)
+
+
+def _naming(path: str, error: BaseException) -> str:
+    """The first line of ``error``'s message, prefixed with ``path`` unless it already names it."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if path in text else f"{path}: {text}"
+
+
 class ImageSource:
     """uint8 NHWC batches of a converted dataset (folder/ZIP) or an ADM ``.npz``."""
 
@@ -52,8 +64,8 @@ class ImageSource:
             try:
                 self.dataset = open_dataset(self.path, kind="images")
                 _, h, w = self.dataset.item_shape  # that of the first readable image
-            except (ValueError, FileNotFoundError) as exc:
-                raise InputError(f"{self.path}: {exc}; or pass an ADM .npz with arr_0") from None
+            except READ_ERRORS as exc:  # not a dataset, or a truncated / damaged ZIP
+                raise InputError(f"{_naming(self.path, exc)}; or pass an ADM .npz with arr_0") from None
             self.npz = None
             self.count = len(self.dataset)
             self.resolution = (h, w)

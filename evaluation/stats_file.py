@@ -26,6 +26,12 @@ key                 array                        meaning
 Because the Inception keys carry ADM's names, the file also works wherever an ADM reference
 batch's stored statistics are read. :func:`check_compatible` rejects statistics of another
 resolution or of other feature-extractor weights (compared by SHA-256).
+
+:func:`load_statistics` trusts nothing in the file: the arrays are read without unpickling (an
+object array is refused), ``meta_json`` must be a JSON object with the fields and types above,
+every mean/covariance real and finite, and every sigma a covariance matrix (symmetric and positive
+semi-definite, within ``evaluation.npz.COVARIANCE_RTOL``); anything else is one line naming the
+file and the array or field.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ import numpy as np
 from utils.atomic import atomic_write
 from utils.checksum import file_sha256
 
-from .npz import InputError, require_finite
+from .npz import InputError, read_arrays, require_statistics
 
 STATS_FORMAT = "dfm-reference-statistics"
 STATS_VERSION = 1
@@ -50,6 +56,11 @@ ARRAY_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "mu_dinov2", "sigma_dinov2", "sw
 _NEEDS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s"), "fdd": ("mu_dinov2", "sigma_dinov2"),
           "swd": ("swd_images",)}
 _HASHES: Dict[Tuple[str, int, float], str] = {}
+_IDENTITY = {"file": str, "sha256": str, "bytes": int}
+# the meta_json fields that hold an object (or null), and the types of the object's fields
+_META_OBJECTS = {"inception": _IDENTITY, "dinov2": {"model": str, "image_size": int, **_IDENTITY},
+                 "swd": {"num_images": int, "seed": int}}
+RECREATE = "recreate it with python -m evaluation.ref_stats"
 
 
 def weights_identity(path: str) -> Dict[str, object]:
@@ -109,26 +120,62 @@ def load_statistics(path: str) -> ReferenceStatistics:
                          f"python -m evaluation.ref_stats IMAGES_DIR --out {path}")
     if not is_statistics_file(path):
         raise InputError(f"reference statistics {path}: not a file written by evaluation.ref_stats (no meta_json)")
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(data["meta_json"].item())
-        arrays = {k: np.asarray(data[k]) for k in ARRAY_KEYS if k in data.files}
-    if meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
-        raise InputError(f"reference statistics {path}: format {meta.get('format')} v{meta.get('version')}, "
-                         f"expected {STATS_FORMAT} v{STATS_VERSION}; recreate it with evaluation.ref_stats")
+    where = f"reference statistics {path}"
+    meta = _read_meta(read_arrays(path, ("meta_json",), where)["meta_json"], where)
+    arrays = read_arrays(path, ARRAY_KEYS, where)
     for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s"), ("mu_dinov2", "sigma_dinov2")):
         if (mu in arrays) != (sigma in arrays):
-            raise InputError(f"reference statistics {path}: has only one of {mu}/{sigma}")
+            raise InputError(f"{where}: has only one of {mu}/{sigma}")
         if mu in arrays and (arrays[mu].ndim != 1 or arrays[sigma].shape != arrays[mu].shape * 2):
-            raise InputError(f"reference statistics {path}: {mu}/{sigma} have shapes "
+            raise InputError(f"{where}: {mu}/{sigma} have shapes "
                              f"{arrays[mu].shape}/{arrays[sigma].shape}, expected (D,)/(D, D)")
         if mu in arrays:
-            require_finite(f"reference statistics {path}", **{mu: arrays[mu], sigma: arrays[sigma]})
+            require_statistics(where, mu, arrays[mu], sigma, arrays[sigma])
     if "swd_images" in arrays:
         images = arrays["swd_images"]
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:3]) != tuple(meta["resolution"]):
-            raise InputError(f"reference statistics {path}: swd_images {images.dtype} {images.shape} do not "
+            raise InputError(f"{where}: swd_images {images.dtype} {images.shape} do not "
                              f"match resolution {meta['resolution']}")
     return ReferenceStatistics(arrays, meta, path)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_meta(raw: np.ndarray, where: str) -> Dict[str, object]:
+    """The checked ``meta_json`` of a statistics file: a JSON object of the format, version and
+    field types :func:`save_statistics` writes; anything else is one :class:`InputError`."""
+    if raw.dtype.kind != "U" or raw.ndim != 0:
+        raise InputError(f"{where}: meta_json is a {raw.dtype} array of shape {raw.shape}, expected a string "
+                         f"holding a JSON object; {RECREATE}")
+    try:
+        meta = json.loads(raw.item())
+    except ValueError as exc:
+        raise InputError(f"{where}: meta_json is not JSON ({exc}); {RECREATE}") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{where}: meta_json holds a JSON {type(meta).__name__}, expected an object; {RECREATE}")
+    if meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:
+        raise InputError(f"{where}: format {meta.get('format')} v{meta.get('version')}, "
+                         f"expected {STATS_FORMAT} v{STATS_VERSION}; {RECREATE}")
+
+    def wrong(key: str, expected: str) -> InputError:
+        return InputError(f"{where}: meta_json field {key} is {json.dumps(meta.get(key))}, expected {expected}; "
+                          f"{RECREATE}")
+
+    resolution = meta.get("resolution")
+    if not (isinstance(resolution, list) and len(resolution) == 2 and all(_is_int(v) and v > 0 for v in resolution)):
+        raise wrong("resolution", "[height, width] (positive integers)")
+    if not (_is_int(meta.get("num_images")) and meta["num_images"] >= 0):
+        raise wrong("num_images", "an integer >= 0")
+    if not isinstance(meta.get("source", ""), str):
+        raise wrong("source", "a string")
+    for key, fields in _META_OBJECTS.items():
+        value = meta.get(key)
+        if value is not None and not (isinstance(value, dict) and all(
+                _is_int(value.get(f)) if t is int else isinstance(value.get(f), t) for f, t in fields.items())):
+            raise wrong(key, "null or {" + ", ".join(f'"{f}": {t.__name__}' for f, t in fields.items()) + "}")
+    return meta
 
 
 def check_compatible(stats: ReferenceStatistics, metrics: Iterable[str], resolution: Tuple[int, int],

@@ -11,22 +11,26 @@ of ``generate.py`` at the same seed (noise from (seed, i)), one column per budge
 budget on the left. Writes into ``--out`` (default ``results/budget_sweep/<experiment>-<step>/``):
 ``grid.png`` (upscaled to at least 256 px per column, each column labelled with its budget, latents
 and GFLOPs), ``flops.png`` (GFLOPs per forward of one image vs budget, counted with
-``torch.utils.flop_counter``) and ``budget_sweep.json``.
+``torch.utils.flop_counter``) and ``budget_sweep.json``: all three or, when the folder cannot be
+written (read-only, disk full), none, with one line naming the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from utils.atomic import atomic_write, reported_write_errors
 from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 from .config import GenerateConfig, GenerationError, checkpoint_tag, resolve_config, validate_config
 
@@ -109,8 +113,6 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     import samplers
     from bench.flops import counted_forward_flops
     from omegaconf import OmegaConf
-    from training.previews import save_png
-    from utils.atomic import atomic_write
     from .model_loading import load_sampling_model
     from .noise import initial_noise, sde_generators
     from .runner import Decoder, _autocast, set_precision
@@ -164,17 +166,39 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
                      "sampling_seconds": seconds})
     images = np.stack([columns[c][i] for i in indices for c in range(len(levels))])
     grid_path, plot_path = os.path.join(out, "grid.png"), os.path.join(out, "flops.png")
-    save_png(labelled_grid(images, [_column_label(r) for r in rows]), grid_path)
-    plot_flops(rows, plot_path, title=f"{model.arch.get('name')} ({tokens} tokens, group size {model.group_size})")
+    grid_png = png_bytes(labelled_grid(images, [_column_label(r) for r in rows]))
+    plot_png = plot_flops(rows, title=f"{model.arch.get('name')} ({tokens} tokens, group size {model.group_size})")
     record = {"ckpt": ckpt, "model": model.arch.get("name"), "class_label": class_label, "seed": seed,
               "num_seeds": num_seeds, "method": OmegaConf.to_container(cfg)["method"],
               "num_steps_per_scale": list(cfg.num_steps_per_scale),
               "thresholds": list(cfg.thresholds), "cfg_scale": cfg.cfg_scale, "vae": cfg.vae,
               "group_size": model.group_size, "tokens": tokens, "device": str(dev), "precision": cfg.precision,
               "budgets": rows, "grid": grid_path, "flops_plot": plot_path}
-    with atomic_write(os.path.join(out, "budget_sweep.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    write_outputs({grid_path: grid_png, plot_path: plot_png,
+                   os.path.join(out, "budget_sweep.json"): json.dumps(record, indent=2).encode()})
     return record
+
+
+def write_outputs(files: Dict[str, bytes]) -> None:
+    """Write all of ``files`` (path -> bytes, in one folder) or none: each goes to a temporary file
+    first, where a full disk or a read-only folder fails, and only when all are written are they
+    renamed into place. A failure is one GenerationError naming the file; the folder is left as it
+    was (earlier outputs kept, no temporary files, a folder this call created removed)."""
+    folder = os.path.dirname(os.path.abspath(next(iter(files))))
+    created = not os.path.isdir(folder)
+    advice = "; nothing was written (free space or fix the permissions, or choose another --out)"
+    try:
+        with reported_write_errors(folder, GenerationError, advice), contextlib.ExitStack() as stack:
+            for path, data in files.items():
+                with reported_write_errors(path, GenerationError, advice):
+                    f = stack.enter_context(atomic_write(path, "wb"))
+                    f.write(data)
+                    f.flush()  # a full disk fails here, before any file is renamed into place
+    except GenerationError:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
 
 def _column_label(row: dict) -> str:
@@ -196,14 +220,21 @@ def labelled_grid(images: np.ndarray, labels: List[str], min_column_px: int = MI
     return np.concatenate([band, grid], axis=0)
 
 
-def plot_flops(rows: List[dict], path: str, title: str = "") -> None:
-    """GFLOPs per forward (one image) against the budget, one marker per level."""
+def png_bytes(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> the bytes of a PNG file."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def plot_flops(rows: List[dict], title: str = "") -> bytes:
+    """The PNG (bytes) of GFLOPs per forward (one image) against the budget, one marker per level."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from utils.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     ax.plot([r["budget"] for r in rows], [r["gflops_per_forward"] for r in rows], marker="o")
@@ -212,9 +243,10 @@ def plot_flops(rows: List[dict], path: str, title: str = "") -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    return buf.getvalue()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

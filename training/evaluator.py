@@ -134,10 +134,23 @@ class TrainingEvaluator:
         return np.concatenate(out)
 
     def maybe_run(self, model, step: int, tracker) -> Optional[Dict[str, float]]:
-        """At every `eval_every`-th step and the last: score `model` and (main process) record the values."""
+        """At every `eval_every`-th step and the last: score `model` and (main process) record the values.
+
+        Statistics that are not finite (features overflowed: no Fréchet distance exists) skip this
+        evaluation with one warning line in log.txt and nothing in metrics.jsonl (a missing value
+        means "not evaluated then" to every reader, a NaN or a text would break the plots and the
+        trackers); the training goes on. Only the main process combines, so only it can raise this.
+        """
+        from evaluation.npz import NonFiniteStatistics
+
         if step % self.every and step != self.max_steps:
             return None
-        values = self(model)
+        try:
+            values = self(model)
+        except NonFiniteStatistics as error:
+            self.log.warning(f"WARNING: evaluation at step {step} skipped: {error}; no metrics are recorded for it, "
+                             "the training goes on")
+            return None
         if values is not None:
             record_evaluation(tracker, self.exp_dir, values, self.metrics, step, step * self.batch_size, self.log)
         return values
