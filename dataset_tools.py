@@ -6,8 +6,10 @@
     torchrun --nproc_per_node 8 dataset_tools.py encode --source data/images --dest data/vae-sd
     python dataset_tools.py verify data/vae-sd      # every item readable? exit 1 when not
 
-Both steps resume when rerun. Formats and flags: docs/DATA.md. Logic: data/convert.py, data/encode.py,
-data/verify.py.
+Both steps resume when rerun. Exit status: 0 done; 2 bad input (nothing written) or a destination
+that cannot be written (read-only, no permission); 1 a full disk or quota (the complete files are
+kept: free space and rerun to resume), or verify found problems. Formats and flags: docs/DATA.md.
+Logic: data/convert.py, data/encode.py, data/verify.py.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def _parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    from data.storage import DestinationWriteError
+
     try:
         if args.command == "convert":
             from data.convert import convert_dataset, format_summary
@@ -89,6 +93,9 @@ def main(argv=None) -> int:
             )
             if summary["rank"] == 0:
                 print(format_summary(summary))
+    except DestinationWriteError as exc:  # before RuntimeError: its exit status says which kind
+        print(f"dataset_tools.py {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         print(f"dataset_tools.py {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -15,15 +15,23 @@ Resuming: each PNG is written atomically, so an existing output is complete and 
 files that failed are retried (and fail again) on every run; dataset.json and the report are
 written at the end. A ZIP destination is built in `DEST.partial/` (resumable the same way) and
 zipped at the end.
+
+A write that fails on the destination (disk full, quota, read-only, no permission) stops the run
+with one DestinationWriteError naming the file (data/storage.py); it is not a bad source file.
+A resolution whose image buffers would not fit in memory is refused before any work
+(`_workers_that_fit`). Pool workers die with the convert process, even under kill -9.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,10 +39,18 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from .sources import RawSource
-from .storage import atomic_write_bytes, atomic_write_json, zip_folder
+from .storage import atomic_write_bytes, atomic_write_json, destination_writes, zip_folder
 from .transforms import TRANSFORMS, apply_transform
 
 REPORT_NAME = "conversion_report.json"
+# Memory a worker needs per output pixel: four buffers of the output's size at PIL's 4 bytes a pixel
+# (RGB is stored as RGBX) live at once: the resize's intermediate pass, the resized image, the crop,
+# and the PNG being encoded with its bytes copy.
+BYTES_PER_OUTPUT_PIXEL = 16
+# Share of the available memory (MemAvailable) all workers together may plan to use: the decoded
+# source images, the pool and the rest of the machine need the other half.
+MEMORY_FRACTION = 0.5
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def image_relpath(idx: int) -> str:
@@ -51,16 +67,33 @@ class _Job:
 
 
 _JOB: _Job | None = None  # set in each worker process by _init_worker
+_PARENT: int | None = None  # the convert process, in pool workers
 
 
-def _init_worker(job: _Job) -> None:
-    global _JOB
-    _JOB = job
+def _init_worker(job: _Job, parent: int | None = None) -> None:
+    global _JOB, _PARENT
+    _JOB, _PARENT = job, parent
     warnings.simplefilter("ignore")  # PIL warns on odd metadata; failures are reported instead
+    if parent is not None:
+        _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not go on writing after the convert process was killed (kill -9 runs no
+    cleanup): Linux sends it SIGKILL when the parent exits (prctl PR_SET_PDEATHSIG; its writes are
+    atomic, a rerun removes the temporary file); elsewhere `_worker_task` checks between images."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
 
 
 def convert_one(job: _Job, idx: int, relpath: str) -> str | None:
-    """Convert one source file into its output PNG. Returns None on success, else the reason."""
+    """Convert one source file into its output PNG. Returns None on success, else the reason the
+    source file is skipped. A failed write raises DestinationWriteError: it stops the run."""
     try:
         data = job.source.read(relpath)
         with Image.open(io.BytesIO(data)) as img:
@@ -68,16 +101,20 @@ def convert_one(job: _Job, idx: int, relpath: str) -> str | None:
             out = apply_transform(img, job.transform, job.size)
         buf = io.BytesIO()
         out.save(buf, format="png", compress_level=job.compress_level)
-        atomic_write_bytes(os.path.join(job.out_dir, image_relpath(idx)), buf.getvalue())
-        return None
     except UnidentifiedImageError:
         return "not a readable image: PIL cannot identify the file format"
     except Exception as exc:  # one bad file must never stop the run
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    path = os.path.join(job.out_dir, image_relpath(idx))
+    with destination_writes(path):
+        atomic_write_bytes(path, buf.getvalue())
+    return None
 
 
 def _worker_task(task: tuple[int, str]) -> tuple[int, str | None]:
+    if _PARENT is not None and os.getppid() != _PARENT:
+        os._exit(1)  # the convert process is gone (no prctl here): stop writing
     idx, relpath = task
     return idx, convert_one(_JOB, idx, relpath)
 
@@ -146,29 +183,38 @@ def convert_dataset(
     if max_images is not None and max_images < 0:
         raise ValueError(f"--max-images must be >= 0, got {max_images}")
     size = (int(resolution[0]), int(resolution[1]))
+    fitting_workers = _workers_that_fit(size, workers)
     dest = os.fspath(dest)
     to_zip = dest.lower().endswith(".zip")
     out_dir = dest + ".partial" if to_zip else dest
-    src_abs, out_abs = os.path.abspath(source), os.path.abspath(out_dir)
-    if os.path.commonpath([src_abs, out_abs]) in (src_abs, out_abs):
-        raise ValueError(f"--dest {dest!r} must lie outside --source {source!r} (and not contain it)")
+    # Resolved paths: a link must not put the output inside the source (the next conversion would
+    # take it in as a class) nor the source inside the output.
+    src_real = os.path.realpath(source)
+    for out in (dest, out_dir):
+        out_real = os.path.realpath(out)
+        if os.path.commonpath([src_real, out_real]) in (src_real, out_real):
+            raise ValueError(f"--dest {dest!r} must lie outside --source {source!r} (and not contain it), also "
+                             f"through links: {out!r} resolves to {out_real!r}, the source to {src_real!r}")
 
     start = time.time()
-    src = RawSource(source)
+    src = RawSource(source, exclude=(dest, out_dir))
     listing = src.list()
     candidates = listing.items if max_images is None else listing.items[:max_images]
     settings = _settings(listing, len(candidates), size, transform, max_images, compress_level)
     if to_zip and os.path.isfile(dest) and not os.path.isdir(out_dir):
         return _finished_zip_summary(dest, settings, start)
     _check_resume(out_dir, settings)
-    os.makedirs(out_dir, exist_ok=True)
     report_path = os.path.join(out_dir, REPORT_NAME)
-    atomic_write_json(report_path, {"status": "incomplete", "settings": settings})
+    with destination_writes(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    with destination_writes(report_path):
+        atomic_write_json(report_path, {"status": "incomplete", "settings": settings})
 
-    done = _scan_existing(out_dir)
+    with destination_writes(out_dir):  # removing the temporary files of an interrupted run
+        done = _scan_existing(out_dir)
     tasks = [(idx, rel) for idx, (rel, _label) in enumerate(candidates) if idx not in done]
     job = _Job(src, out_dir, size, transform, compress_level)
-    workers = max(1, min(workers or _cpu_count(), len(tasks) or 1))
+    workers = max(1, min(fitting_workers or _cpu_count(), len(tasks) or 1))
     failures: dict[int, str] = {}
 
     bar = _progress_bar(len(candidates), len(candidates) - len(tasks), progress)
@@ -178,7 +224,7 @@ def convert_dataset(
             results = map(_worker_task, tasks)
             _collect(results, failures, bar)
         else:
-            with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+            with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(job, os.getpid())) as pool:
                 chunk = max(1, min(64, len(tasks) // (workers * 16)))
                 _collect(pool.imap_unordered(_worker_task, tasks, chunksize=chunk), failures, bar)
     finally:
@@ -190,7 +236,9 @@ def convert_dataset(
     skipped = listing.skipped + [(candidates[idx][0], reason) for idx, reason in sorted(failures.items())]
     skipped.sort()
     meta = {"labels": labels, "classes": listing.classes}
-    atomic_write_json(os.path.join(out_dir, "dataset.json"), meta, indent=None)
+    meta_path = os.path.join(out_dir, "dataset.json")
+    with destination_writes(meta_path):
+        atomic_write_json(meta_path, meta, indent=None)
     report = {
         "status": "complete",
         "settings": settings,
@@ -202,11 +250,14 @@ def convert_dataset(
         "empty_classes": listing.empty_classes,
         "skipped_links": [{"link": link, "reason": r} for link, r in listing.skipped_links],
     }
-    atomic_write_json(report_path, report)
+    with destination_writes(report_path):
+        atomic_write_json(report_path, report)
     if to_zip:
-        zip_folder(out_dir, dest, skip=())
-        shutil.copyfile(report_path, dest + "." + REPORT_NAME)
+        with destination_writes(dest):
+            zip_folder(out_dir, dest, skip=())
         report_path = dest + "." + REPORT_NAME
+        with destination_writes(report_path):
+            atomic_write_json(report_path, report)
         shutil.rmtree(out_dir)
 
     return {
@@ -223,6 +274,49 @@ def convert_dataset(
         "report": report_path,
         "dest": dest,
     }
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new work: MemAvailable (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _workers_that_fit(size: tuple[int, int], workers: int | None) -> int | None:
+    """The worker count to use (None: one per core) once the image buffers of `size` are checked
+    against MEMORY_FRACTION of the available memory: the default count is lowered to what fits; a
+    size that does not fit one worker, or an explicit --workers that does not fit, is refused."""
+    available = _available_memory()
+    if not available:
+        return workers
+    per_worker = BYTES_PER_OUTPUT_PIXEL * size[0] * size[1]
+    budget = int(available * MEMORY_FRACTION)
+    fit = budget // per_worker
+    wanted = workers or _cpu_count()
+    if fit >= wanted:
+        return workers
+    if fit >= 1 and workers is None:
+        return fit
+    what = (f"--resolution {size[0]}x{size[1]} needs about {_gib(per_worker)} of image buffers per worker process "
+            f"({BYTES_PER_OUTPUT_PIXEL} bytes per output pixel)")
+    if fit < 1:
+        raise ValueError(f"{what}, more than half of the {_gib(available)} of memory available; "
+                         "choose a smaller --resolution")
+    raise ValueError(f"{what}, {_gib(per_worker * wanted)} for --workers {wanted}, more than half of the "
+                     f"{_gib(available)} of memory available; use --workers {fit} or fewer, or a smaller --resolution")
 
 
 def _finished_zip_summary(dest: str, settings: dict, start: float) -> dict:
@@ -272,24 +366,30 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return progress_bar(total=total, initial=initial, unit="img", desc="convert", disable=not enabled, dynamic_ncols=True)
 
 
+def shown(name: str) -> str:
+    """`name` as printed in a report line: escaped (repr) when it holds a newline or another
+    unprintable character, so that every line of the summary stays one line."""
+    return name if name.isprintable() else repr(name)
+
+
 def format_summary(summary: dict) -> str:
     lines = [
         f"convert: {summary['written']} images written, {summary['already_done']} already present, "
         f"{len(summary['skipped'])} files skipped, {len(summary['empty_classes'])} empty class folders",
         f"  {summary['images_per_s']:.1f} images/s with {summary['workers']} worker(s), {summary['seconds']:.1f} s",
-        f"  dataset: {summary['num_images']} images, {summary['num_classes']} classes -> {summary['dest']}",
+        f"  dataset: {summary['num_images']} images, {summary['num_classes']} classes -> {shown(summary['dest'])}",
     ]
     links = summary.get("skipped_links", [])
     if links:
         lines[0] += f", {len(links)} folder links not followed"
     if summary["skipped"] or summary["empty_classes"] or links:
         for link, reason in links[:10]:
-            lines.append(f"  not followed: folder link {link}: {reason}")
+            lines.append(f"  not followed: folder link {shown(link)}: {shown(reason)}")
         for f, reason in summary["skipped"][:10]:
-            lines.append(f"  skipped {f}: {reason}")
+            lines.append(f"  skipped {shown(f)}: {shown(reason)}")
         if len(summary["skipped"]) > 10:
             lines.append(f"  ... {len(summary['skipped']) - 10} more")
         for name in summary["empty_classes"][:10]:
-            lines.append(f"  empty class folder {name} (keeps its label index)")
-        lines.append(f"  full list: {summary['report']}")
+            lines.append(f"  empty class folder {shown(name)} (keeps its label index)")
+        lines.append(f"  full list: {shown(summary['report'])}")
     return "\n".join(lines)

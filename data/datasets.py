@@ -8,11 +8,10 @@ Detection, in order:
 
 from __future__ import annotations
 
-import json
 import os
 
 from .packed import PackedLatentDataset, is_packed
-from .per_image import ImageFolderDataset, LatentFolderDataset
+from .per_image import ImageFolderDataset, LatentFolderDataset, parse_dataset_json
 from .storage import ZipReader
 
 SUBFOLDERS = {"latents": ("vae-sd",), "images": ("images", "images.zip")}
@@ -27,16 +26,13 @@ def _first_file(path: str, is_zip: bool) -> str:
     if is_zip:
         zf = ZipReader(path)
         try:
-            meta = json.loads(zf.read("dataset.json"))
+            raw = zf.read("dataset.json")
         finally:
             zf.close()
     else:
-        with open(os.path.join(path, "dataset.json")) as f:
-            meta = json.load(f)
-    labels = meta.get("labels") if isinstance(meta, dict) else None
-    if not labels:
-        raise ValueError(f"{path!r}: dataset.json lists no labelled files; the dataset is empty")
-    return str(labels[0][0])
+        with open(os.path.join(path, "dataset.json"), "rb") as f:
+            raw = f.read()
+    return parse_dataset_json(raw, repr(os.path.join(path, "dataset.json")))[0][0]
 
 
 def _has_dataset_json(path: str, is_zip: bool) -> bool:

@@ -11,7 +11,10 @@ Multi-GPU: under torchrun (WORLD_SIZE > 1) every rank loads the VAE and encodes 
 writes the index files after a barrier. Backend nccl on GPU, gloo on CPU.
 Resuming: outputs are written atomically (per file / per shard) and existing ones are skipped.
 `encode_settings.json` records what produced the outputs; a rerun with other settings stops
-with an error instead of mixing latents.
+with an error instead of mixing latents. It is written only once the VAE has loaded, so a run
+that fails before (a VAE folder that does not load) leaves nothing that refuses the next one.
+A write that fails on --dest (disk full, quota, read-only) stops with one DestinationWriteError
+naming the file; the complete files are kept and a rerun resumes.
 Precision: "fp32" (default) runs the VAE in float32; "bf16" runs it under bfloat16 autocast
 (faster on GPUs, moments differ from fp32 by bf16 rounding); outputs are float32 either way.
 """
@@ -32,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import packed as packed_fmt
 from .datasets import open_dataset
 from .per_image import latent_relpath
-from .storage import atomic_save_npy, atomic_write_json, remove_temp_files
+from .storage import atomic_save_npy, atomic_write_json, destination_writes, remove_temp_files
 from .vae import SHORT_NAMES, encode_moments, load_vae
 from utils.distributed import setup_distributed
 
@@ -125,16 +128,17 @@ def encode_dataset(
         }
         _check_settings(dest, settings)  # on every rank, so that all of them stop together
         ctx.barrier()
-        if rank == 0:
-            os.makedirs(dest, exist_ok=True)
-            remove_temp_files(dest)
-            atomic_write_json(os.path.join(dest, SETTINGS_NAME), settings)
-        ctx.barrier()
-
         if precision == "bf16" and device.type == "cpu":
             warnings.warn("--precision bf16 on a CPU is usually much slower than fp32 (autocast without native "
                           "bf16 kernels); it is meant for GPUs", stacklevel=2)
-        model = load_vae(vae, device=device)
+        model = load_vae(vae, device=device)  # before anything is written (see the module docstring)
+        if rank == 0:
+            with destination_writes(dest):
+                os.makedirs(dest, exist_ok=True)
+                remove_temp_files(dest)
+            _write(atomic_write_json, os.path.join(dest, SETTINGS_NAME), settings)
+        ctx.barrier()
+
         runner = _Runner(model, dataset, device, batch_size, precision, workers, rank == 0 and progress)
         encode_start = time.time()
         if fmt == "per-image":
@@ -211,6 +215,12 @@ class _Runner:
             self.bar.update(count * world)
 
 
+def _write(writer, path: str, *args, **kwargs) -> None:
+    """`writer(path, ...)`, with a failed write as one DestinationWriteError naming `path`."""
+    with destination_writes(path):
+        writer(path, *args, **kwargs)
+
+
 def _encode_per_image(runner: _Runner, dataset, dest: str, rank: int, world: int) -> tuple[int, int]:
     names = latent_names(dataset.files)
     mine = list(range(rank, len(dataset), world))
@@ -226,7 +236,7 @@ def _encode_per_image(runner: _Runner, dataset, dest: str, rank: int, world: int
         pending = []
         try:
             for positions, moments in runner.batches(todo):
-                pending.append([pool.submit(atomic_save_npy, os.path.join(dest, names[p]), m)
+                pending.append([pool.submit(_write, atomic_save_npy, os.path.join(dest, names[p]), m)
                                 for p, m in zip(positions, moments) if p in missing])
                 runner.advance(len(pending[-1]), world)
                 if len(pending) > 2:
@@ -255,12 +265,13 @@ def _encode_packed(runner: _Runner, dataset, dest: str, rank: int, world: int, s
     try:
         for positions, moments in runner.batches(batches):
             s = int(positions[0]) // shard_size
-            if s not in writers:
-                writers[s] = packed_fmt.ShardWriter(dest, s, ranges[s][1], moments.shape[1:])
-            writers[s].write(moments, positions - ranges[s][0])
-            rows_left[s] -= len(positions)
-            if rows_left[s] == 0:
-                writers.pop(s).close()
+            with destination_writes(os.path.join(dest, packed_fmt.shard_name(s))):
+                if s not in writers:
+                    writers[s] = packed_fmt.ShardWriter(dest, s, ranges[s][1], moments.shape[1:])
+                writers[s].write(moments, positions - ranges[s][0])
+                rows_left[s] -= len(positions)
+                if rows_left[s] == 0:
+                    writers.pop(s).close()
             runner.advance(len(positions), world)
     finally:
         for writer in writers.values():
@@ -278,7 +289,7 @@ def _write_per_image_index(dataset, dest: str) -> None:
     meta = {"labels": labels}
     if dataset.classes:
         meta["classes"] = list(dataset.classes)
-    atomic_write_json(os.path.join(dest, "dataset.json"), meta, indent=None)
+    _write(atomic_write_json, os.path.join(dest, "dataset.json"), meta, indent=None)
 
 
 def _write_packed_index(dataset, dest: str, shard_size: int, settings) -> None:
@@ -288,8 +299,8 @@ def _write_packed_index(dataset, dest: str, shard_size: int, settings) -> None:
     for s, (_start, count) in enumerate(ranges):
         if not packed_fmt.shard_is_complete(dest, s, count, latent_shape):
             raise RuntimeError(f"shard {packed_fmt.shard_name(s)} in {dest!r} is missing or incomplete; rerun encode")
-    atomic_save_npy(os.path.join(dest, "labels.npy"), np.asarray(dataset.labels, dtype=np.int64))
-    atomic_write_json(os.path.join(dest, "files.json"), list(dataset.files), indent=None)
+    _write(atomic_save_npy, os.path.join(dest, "labels.npy"), np.asarray(dataset.labels, dtype=np.int64))
+    _write(atomic_write_json, os.path.join(dest, "files.json"), list(dataset.files), indent=None)
     index = {
         "format": packed_fmt.FORMAT_NAME,
         "version": 1,
@@ -303,7 +314,7 @@ def _write_packed_index(dataset, dest: str, shard_size: int, settings) -> None:
         "files": "files.json",
         "encode_settings": settings,
     }
-    atomic_write_json(os.path.join(dest, packed_fmt.INDEX_NAME), index)
+    _write(atomic_write_json, os.path.join(dest, packed_fmt.INDEX_NAME), index)
 
 
 def format_summary(summary: dict) -> str:

@@ -48,27 +48,58 @@ def is_packed(path: str) -> bool:
 
 
 class ShardWriter:
-    """Fill one shard row by row in a temporary .npy, then publish it atomically with `close()`."""
+    """Fill one shard row by row in a temporary .npy, then publish it atomically with `close()`.
+
+    Rows go in with ordinary file writes, into space reserved when the shard is opened
+    (posix_fallocate): a full disk or quota is then an OSError here, at once. (Rows written through
+    a memory map of a sparse file are backed only when written; on a full disk the kernel answers
+    with SIGBUS, which kills the process without a message.)"""
 
     def __init__(self, folder: str, shard: int, count: int, item_shape, dtype=np.float32):
         self.path = os.path.join(folder, shard_name(shard))
         self._tmp = os.path.join(folder, f".tmp-{os.getpid()}-{shard_name(shard)}")
-        self._array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=dtype, shape=(count, *item_shape))
+        dtype = np.dtype(dtype)
+        self._row_bytes = dtype.itemsize * int(np.prod(item_shape))
+        self._file = open(self._tmp, "wb")
+        try:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                      "shape": (count, *(int(v) for v in item_shape))}
+            np.lib.format.write_array_header_1_0(self._file, header)
+            self._file.flush()
+            self._data_start = self._file.tell()
+            size = self._data_start + count * self._row_bytes
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self._file.fileno(), 0, size)
+            else:
+                self._file.truncate(size)
+        except BaseException:
+            self.abort()
+            raise
         self._written = np.zeros(count, dtype=bool)
+        self._dtype = dtype
 
     def write(self, rows: np.ndarray, offsets) -> None:
-        self._array[np.asarray(offsets)] = rows
-        self._written[np.asarray(offsets)] = True
+        rows = np.ascontiguousarray(rows, dtype=self._dtype)
+        for row, offset in zip(rows, np.asarray(offsets)):
+            self._file.seek(self._data_start + int(offset) * self._row_bytes)
+            self._file.write(row.tobytes())
+            self._written[offset] = True
 
     def close(self) -> None:
         if not self._written.all():
             raise RuntimeError(f"{self.path}: {int((~self._written).sum())} rows were never written")
-        self._array.flush()
-        del self._array
+        try:
+            self._file.close()  # flushes: a late write error surfaces here, before the rename
+        except BaseException:
+            self.abort()
+            raise
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._array = None
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the buffered rows could not be written: the file goes anyway
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
 

@@ -10,6 +10,9 @@ lists them (empty class folders count), else `max(label) + 1`.
 A file that is missing, cannot be decoded, has another shape than the dataset's (that of the
 first readable item, or the run's configured shape: `expect_item_shape`), non-finite values, or a
 label outside `0..num_classes-1` raises CorruptSampleError naming the file (data/robust.py).
+A dataset.json that is not what convert / encode write (broken JSON, `labels` not a list of
+[path, integer] pairs, `classes` not a list, a path that leaves the dataset: absolute or with
+`..`) is one ValueError naming it, before any file is read (`parse_dataset_json`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,47 @@ def latent_relpath(idx: int) -> str:
     return f"{idx // 1000:05d}/img-mean-std-{idx:08d}.npy"
 
 
+def _leaves(relpath: str) -> bool:
+    """True when `relpath` is not a relative path inside the dataset: empty, absolute (POSIX,
+    Windows drive or UNC) or with a `..` part."""
+    if not relpath.strip() or relpath[0] in "/\\" or relpath[1:2] == ":":
+        return True
+    return ".." in relpath and ".." in relpath.replace("\\", "/").split("/")
+
+
+def parse_dataset_json(raw: bytes, where: str) -> tuple[list[str], list[int], list | None]:
+    """(files, labels, classes) of a dataset.json's bytes; ValueError naming `where` (the file)
+    when it is not what convert / encode write."""
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{where} is not valid JSON ({e}); the file is damaged: write the dataset again") from None
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if labels is not None and not isinstance(labels, list):
+        raise ValueError(f"{where}: \"labels\" must be a list of [path, label] pairs, got "
+                         f"{type(labels).__name__} {json.dumps(labels)[:40]}")
+    if not labels:
+        raise ValueError(f"{where} lists no labelled files; the dataset is empty")
+    files, values = [], []
+    for i, entry in enumerate(labels):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ValueError(f"{where}: labels entry {i} must be a [path, label] pair, got {json.dumps(entry)[:60]}")
+        path, label = entry
+        if type(label) is not int:  # not bool, float or str: labels index the classes
+            raise ValueError(f"{where}: labels entry {i} ({path!r}) has label {json.dumps(label)[:40]}, "
+                             "not an integer")
+        if _leaves(path):
+            raise ValueError(f"{where}: labels entry {i} names {path!r}, which leaves the dataset (absolute or "
+                             "with '..'); refused, nothing read")
+        files.append(path)
+        values.append(label)
+    classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ValueError(f"{where}: \"classes\" must be a list of class names, got "
+                         f"{type(classes).__name__} {json.dumps(classes)[:40]}")
+    return files, values, classes
+
+
 class _PerImageDataset(Dataset):
     kind = ""
 
@@ -39,19 +83,14 @@ class _PerImageDataset(Dataset):
         self.path = os.fspath(path)
         self._zip = ZipReader(self.path) if os.path.isfile(self.path) else None
         try:
-            meta = json.loads(self._read("dataset.json"))
+            raw = self._read("dataset.json")
         except (FileNotFoundError, KeyError):
             raise ValueError(
                 f"{self.path!r} has no dataset.json; expected the output of `dataset_tools.py convert` "
                 "(images) or `dataset_tools.py encode` (latents)"
             ) from None
-        labels = meta.get("labels") if isinstance(meta, dict) else None
-        if not labels:
-            raise ValueError(f"{os.path.join(self.path, 'dataset.json')!r} lists no labelled files; "
-                             "the dataset is empty")
-        self.files = [str(f) for f, _ in labels]
-        self.labels = np.asarray([int(lab) for _, lab in labels], dtype=np.int64)
-        self.classes = meta.get("classes")
+        self.files, labels, self.classes = parse_dataset_json(raw, repr(os.path.join(self.path, "dataset.json")))
+        self.labels = np.asarray(labels, dtype=np.int64)
         self.num_classes = len(self.classes) if self.classes else int(self.labels.max()) + 1
         self._item_shape = None
         self._shape_source = "that of its first readable item"

@@ -9,7 +9,12 @@ listed as skipped with a reason.
 Folder links are followed once: a link to a folder inside the source (its files are listed under
 their own path already; `cat/loop -> ..` would list every class again under "cat", and two such
 links recurse without end) or to a folder already visited (by real path) is not entered and is
-listed in `skipped_links` with the reason.
+listed in `skipped_links` with the reason. Neither is a folder that resolves to the destination of
+the conversion (`exclude`), through a link or not: the output is never read back as a source.
+
+ZIP members are checked before they are decompressed (`zip_member_problem`): one whose declared
+size is beyond any image within PIL's pixel limit, or that expands like no image file does, raises
+DecompressionBombError, so it is skipped with the reason like an image over PIL's pixel limit.
 """
 
 from __future__ import annotations
@@ -17,9 +22,35 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from .storage import ZipReader
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+# Bytes per pixel of the largest raw encoding an image member can need (8-bit RGBA, uncompressed):
+# a member that declares more than PIL's error limit (2 x MAX_IMAGE_PIXELS) times this is no image
+# PIL would decode, and reading it would only fill a worker's memory.
+MAX_BYTES_PER_PIXEL = 4
+# Image files are compressed already; deflate gains them a few percent. A member over
+# RATIO_CHECK_BYTES that expands more than MAX_ZIP_RATIO times is filler (zeros), not a photo.
+MAX_ZIP_RATIO = 100
+RATIO_CHECK_BYTES = 16 * 2**20
+
+
+def zip_member_problem(info) -> str | None:
+    """Why ZIP member `info` (a ZipInfo) must not be decompressed, or None when it may be."""
+    pixels = Image.MAX_IMAGE_PIXELS
+    limit = None if pixels is None else 2 * pixels * MAX_BYTES_PER_PIXEL
+    if limit is not None and info.file_size > limit:
+        return (f"the ZIP member declares {info.file_size} bytes uncompressed, more than any image within PIL's "
+                f"pixel limit can hold ({limit} bytes = 2 x {pixels} pixels x {MAX_BYTES_PER_PIXEL} bytes); "
+                "not decompressed")
+    if info.file_size > RATIO_CHECK_BYTES and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+        return (f"the ZIP member expands {info.file_size // max(info.compress_size, 1)}:1 ({info.compress_size} -> "
+                f"{info.file_size} bytes), more than {MAX_ZIP_RATIO}:1, which no image file does; not decompressed")
+    return None
 
 
 def _is_hidden(name: str) -> bool:
@@ -42,10 +73,12 @@ class SourceListing:
 
 
 class RawSource:
-    """A folder or ZIP of class sub-folders; `read(relpath)` returns a file's bytes."""
+    """A folder or ZIP of class sub-folders; `read(relpath)` returns a file's bytes. Folders in
+    `exclude` (the conversion's destination) are never entered."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, exclude=()):
         self.path = os.fspath(path)
+        self.exclude = tuple(os.path.realpath(p) for p in exclude)
         if not os.path.exists(self.path):
             raise FileNotFoundError(
                 f"--source {self.path!r} does not exist; expected a folder or .zip of class sub-folders "
@@ -59,6 +92,9 @@ class RawSource:
 
     def read(self, relpath: str) -> bytes:
         if self._zip is not None:
+            problem = zip_member_problem(self._zip.getinfo(relpath))
+            if problem:
+                raise Image.DecompressionBombError(problem)
             return self._zip.read(relpath)
         with open(os.path.join(self.path, relpath), "rb") as f:
             return f.read()
@@ -100,7 +136,11 @@ class RawSource:
         with os.scandir(self.path) as it:
             for entry in it:
                 if entry.is_dir(follow_symlinks=True):
-                    dirs.add(entry.name)
+                    reason = self._destination(entry.path)
+                    if reason:  # not a class either: the labels must not depend on whether the output exists yet
+                        links.append((entry.name, reason))
+                    else:
+                        dirs.add(entry.name)
                 elif entry.is_file(follow_symlinks=True):
                     files.append(entry.name)
         root_real = os.path.realpath(self.path)
@@ -109,6 +149,10 @@ class RawSource:
         def enter(path: str) -> bool:
             real = os.path.realpath(path)
             rel = os.path.relpath(path, self.path).replace(os.sep, "/")
+            reason = self._destination(path)
+            if reason:
+                links.append((rel, reason))
+                return False
             if os.path.islink(path) and (real == root_real or real.startswith(root_real + os.sep)):
                 inside = os.path.relpath(real, root_real).replace(os.sep, "/")
                 where = "the source folder itself" if inside == "." else f"{inside!r} inside the source"
@@ -128,6 +172,14 @@ class RawSource:
                 rel_root = os.path.relpath(root, self.path).replace(os.sep, "/")
                 files.extend(f"{rel_root}/{n}" for n in names)
         return files, dirs
+
+    def _destination(self, path: str) -> str | None:
+        """The reason `path` is not entered when it resolves into an excluded folder, else None."""
+        real = os.path.realpath(path)
+        for folder in self.exclude:
+            if real == folder or real.startswith(folder + os.sep):
+                return f"links to {real}, the destination of this conversion, which is never read as a source"
+        return None
 
     def _zip_entries(self) -> tuple[list[str], set[str]]:
         files, dirs = [], set()

@@ -1,19 +1,56 @@
-"""File-system helpers shared by convert, encode and the readers: atomic writes, ZIP access.
+"""File-system helpers shared by convert, encode, verify and the readers: atomic writes, write
+errors on a destination, ZIP access.
 
 ZIP handles are opened lazily and per process (a handle inherited through fork shares its
-file offset with the parent), and they are never pickled.
+file offset with the parent), and they are never pickled. A ZIP that is not one (truncated,
+damaged) is one ValueError naming it; a damaged member one OSError naming the member.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, describe_write_error
+
+# ENOSPC, EDQUOT: the output is fine but full; rerunning after freeing space resumes.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DestinationWriteError(RuntimeError):
+    """A write on the output failed (disk full, quota, read-only, no permission): the tool stops
+    with this one line instead of going on (a destination error is not a bad source file).
+    `exit_code` follows train.py: 1 when space ran out, 2 when the destination cannot be written."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self):  # travels from pool workers to the parent
+        return type(self), (str(self), self.exit_code)
+
+
+@contextlib.contextmanager
+def destination_writes(path: str, option: str = "--dest"):
+    """An OSError inside becomes one DestinationWriteError naming `path` and what failed (`option`:
+    the flag that chose the place). Wrap only writes on the destination: a source that cannot be
+    read is another matter (a skipped file, a bad dataset)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in NO_SPACE:
+            raise DestinationWriteError(
+                f"cannot write {path}: {describe_write_error(error)}; the complete files written so far are "
+                "kept: free some space and rerun the same command to resume", exit_code=1) from None
+        raise DestinationWriteError(f"cannot write {path}: {describe_write_error(error)}; "
+                                    f"choose a {option} you can write to", exit_code=2) from None
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -60,7 +97,11 @@ class ZipReader:
 
     def _handle(self) -> zipfile.ZipFile:
         if self._zip is None or self._pid != os.getpid():
-            self._zip = zipfile.ZipFile(self.path)
+            try:
+                self._zip = zipfile.ZipFile(self.path)
+            except (zipfile.BadZipFile, EOFError) as error:
+                raise ValueError(f"{self.path!r} is not a readable ZIP archive ({error}); is it truncated or "
+                                 "damaged? Copy or write it again") from None
             self._pid = os.getpid()
         return self._zip
 
@@ -71,7 +112,13 @@ class ZipReader:
         return self._handle().infolist()
 
     def read(self, name: str) -> bytes:
-        return self._handle().read(name)
+        try:
+            return self._handle().read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:  # bad CRC, broken deflate stream
+            raise OSError(f"damaged member {name!r} of the ZIP archive {self.path!r}: {error}") from None
+
+    def getinfo(self, name: str) -> zipfile.ZipInfo:
+        return self._handle().getinfo(name)
 
     def exists(self, name: str) -> bool:
         try:

@@ -23,7 +23,7 @@ import time
 from .datasets import open_dataset
 from .packed import PackedLatentDataset
 from .robust import CorruptSampleError
-from .storage import atomic_write_json
+from .storage import atomic_write_json, destination_writes
 
 REPORT_NAME = "verify_report.json"
 
@@ -122,19 +122,20 @@ def verify_dataset(path: str, workers: int | None = None, report: str | None = N
     present = collections.Counter(int(v) for v in dataset.labels)
     empty = [c for k, c in enumerate(classes) if not present[k]] if classes else []
     report_path = report or default_report_path(path)
-    atomic_write_json(report_path, {
-        "status": "complete",
-        "source": os.path.abspath(path),
-        "kind": dataset.kind,
-        "format": "packed" if isinstance(dataset, PackedLatentDataset) else "per-image",
-        "num_items": n,
-        "item_shape": list(common) if common else None,
-        "num_classes": int(dataset.num_classes),
-        "classes": classes,
-        "empty_classes": empty,
-        "num_problems": len(problems),
-        "problems": problems,
-    })
+    with destination_writes(report_path, "--report"):
+        atomic_write_json(report_path, {
+            "status": "complete",
+            "source": os.path.abspath(path),
+            "kind": dataset.kind,
+            "format": "packed" if isinstance(dataset, PackedLatentDataset) else "per-image",
+            "num_items": n,
+            "item_shape": list(common) if common else None,
+            "num_classes": int(dataset.num_classes),
+            "classes": classes,
+            "empty_classes": empty,
+            "num_problems": len(problems),
+            "problems": problems,
+        })
     return {"num_items": n, "num_problems": len(problems), "problems": problems, "item_shape": common,
             "kind": dataset.kind, "seconds": time.time() - start, "workers": workers, "report": report_path}
 

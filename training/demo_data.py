@@ -6,18 +6,26 @@ are visibly distinct but every image differs. `write_demo_dataset` writes a norm
 dataset in the SPEC §7 layout (`{idx//1000:05d}/img{idx:08d}.png` + `dataset.json` with
 `labels` and `classes`), so the trainer reads it through `data.open_dataset` like any other.
 The output depends only on (resolution, num_classes, images_per_class, seed).
+
+The writer holds an exclusive lock (flock) on the folder that holds `path` while it writes. A
+temporary folder `.tmp-<hex>-<name>` of this dataset found beside it while holding that lock was
+left by a writer that died (kill -9 runs no cleanup): a live one would hold the lock. Those are
+removed; anything else there is left alone. A second writer of the same dataset waits for the
+first and then finds the dataset complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils.atomic import temporary_folder
+from utils.atomic import TMP_PREFIX, temporary_folder
 
 # (name, RGB) per class; the shape is drawn by `_draw_shape`.
 CLASSES = [
@@ -88,6 +96,36 @@ def demo_dataset_is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "dataset.json"))
 
 
+@contextlib.contextmanager
+def _writer_lock(folder: str):
+    """Exclusive flock on `folder` for the time of the block; yields False (no lock, so no
+    cleanup) where flock is unavailable (Windows, a file system without locks)."""
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError:
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_stale_temporaries(parent: str, name: str) -> None:
+    """Remove `parent/.tmp-<hex>-<name>` folders (utils.atomic's names for this dataset); called
+    with the writer lock held, so their writer is dead."""
+    pattern = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]+-" + re.escape(name) + r"\Z")
+    for entry in os.scandir(parent):
+        if pattern.match(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
 def write_demo_dataset(path: str, resolution: int = 32, num_classes: int = 8,
                        images_per_class: int = 200, seed: int = 0) -> str:
     """Write the demo dataset to `path` (atomically: a temporary folder, then rename).
@@ -98,12 +136,24 @@ def write_demo_dataset(path: str, resolution: int = 32, num_classes: int = 8,
         raise ValueError(f"the demo dataset has at most {MAX_CLASSES} classes, got num_classes={num_classes}")
     if demo_dataset_is_complete(path):
         return path
-    if os.path.exists(path) and os.listdir(path):
-        raise ValueError(f"{path!r} exists, is not empty and holds no dataset.json; refusing to write "
-                         "the demo dataset there (choose another data_dir or remove the folder)")
     parent = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = temporary_folder(parent, os.path.basename(os.path.abspath(path)))  # 0777 less the umask, like mkdir
+    with _writer_lock(parent) as locked:
+        if demo_dataset_is_complete(path):  # written by another writer while this one waited
+            return path
+        if os.path.exists(path) and os.listdir(path):
+            raise ValueError(f"{path!r} exists, is not empty and holds no dataset.json; refusing to write "
+                             "the demo dataset there (choose another data_dir or remove the folder)")
+        if locked:
+            _remove_stale_temporaries(parent, name)
+        _write_into_place(path, parent, name, resolution, num_classes, images_per_class, seed)
+    return path
+
+
+def _write_into_place(path: str, parent: str, base: str, resolution: int, num_classes: int,
+                      images_per_class: int, seed: int) -> None:
+    tmp = temporary_folder(parent, base)  # 0777 less the umask, like mkdir
     try:
         labels = []
         n = num_classes * images_per_class
@@ -123,7 +173,6 @@ def write_demo_dataset(path: str, resolution: int = 32, num_classes: int = 8,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def demo_grid(resolution: int = 32, num_classes: int = 8, per_class: int = 8, seed: int = 0) -> Image.Image:
