@@ -3,7 +3,9 @@
 Command line: ``python -m evaluation.evaluate REF.npz SAMPLES.npz`` (see docs/EVALUATION.md).
 Submodules: ``npz`` (reading/validating batches), ``metrics`` (the formulas), ``inception``
 (Inception-v3 2015 features), ``fdd`` (DINOv2 features), ``evaluate`` (the pipeline and CLI;
-``evaluation.evaluate.evaluate(ref, samples, ...)`` returns the metrics as a dict).
+``evaluation.evaluate.evaluate(ref, samples, ...)`` returns the metrics as a dict, with the inputs'
+sha256 and the samples' generate.py provenance record), ``report`` (``python -m evaluation.report
+RESULT.json ...``: results as the papers' table, each row's provenance under it).
 """
 from .metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
 from .npz import EvaluationError, InputError, NpzImageBatch, read_reference_statistics

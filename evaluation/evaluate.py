@@ -5,6 +5,12 @@
 or a statistics file of ``python -m evaluation.ref_stats``; with statistics, precision and
 recall are not computed (they need the reference images' features) and are reported as null.
 
+The result also says what was compared (:func:`input_provenance`): the sha256 and image count of
+both files, the feature weights files' sha256, and the provenance record generate.py wrote beside
+the samples (``SAMPLES.provenance.json``; null when there is none). Samples whose record says
+their run is incomplete, or names another file, are refused before any feature is extracted.
+``python -m evaluation.report`` turns results into a table.
+
 See docs/EVALUATION.md for the weights to download and how close the numbers are to
 ADM's TensorFlow evaluator.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -20,6 +27,7 @@ import torch
 from utils.progress import progress_bar
 
 from utils.atomic import atomic_write, reported_write_errors
+from utils.checksum import file_sha256
 from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 
 from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
@@ -27,7 +35,7 @@ from .inception import InceptionFeatureExtractor, resolve_inception_weights, str
 from .metrics import PR_NEIGHBOURHOOD, feature_statistics, frechet_distance, inception_score, precision_recall
 from .npz import EvaluationError, InputError, NpzImageBatch, check_same_resolution, read_reference_statistics
 from .online import SAMPLES, frechet_scores
-from .stats_file import check_compatible, is_statistics_file, load_statistics
+from .stats_file import check_compatible, is_statistics_file, load_statistics, weights_identity
 from .swd import swd as sliced_wasserstein
 
 DEFAULT_NUM_REF_PR = 10000
@@ -78,6 +86,43 @@ def _check_options_and_weights(batch_size: int, fid_method: str, device: Optiona
     return _resolve_device(device), resolve_inception_weights(inception_weights), dinov2_path
 
 
+def _short(digest) -> str:
+    return f"{digest[:12]}..." if isinstance(digest, str) else str(digest)
+
+
+def input_provenance(ref_path: str, num_ref: int, sample_path: str, num_samples: int,
+                     inception_weights: Optional[str], dinov2_weights: Optional[str]) -> Dict[str, object]:
+    """``{"inputs": ..., "sample_record": ...}`` for a result: the sha256 and image count of both files, the
+    identity (file, sha256, bytes) of the feature weights files (null for one not used, or not a file), and the
+    provenance record generate.py wrote beside the samples (null when there is none: ADM's and foreign ``.npz``).
+
+    Refuses (InputError) samples whose record says the run that made them is incomplete, or whose record
+    holds another sha256 than the file (it was replaced after the record was written).
+    """
+    from generation.provenance import read_record
+
+    try:
+        record_file, record = read_record(sample_path)
+    except ValueError as exc:
+        raise InputError(f"sample batch {sample_path}: {exc}") from None
+    if record is not None and not record["complete"]:
+        raise InputError(f"sample batch {sample_path}: its provenance record {record_file} says the run that made it "
+                         "is incomplete (killed, or still running); rerun the same generate.py command to finish it")
+    sample_sha256 = file_sha256(sample_path)
+    if record is not None and record.get("npz_sha256") != sample_sha256:
+        raise InputError(f"sample batch {sample_path} is not the file its provenance record {record_file} describes "
+                         f"(sha256 {_short(sample_sha256)}, recorded {_short(record.get('npz_sha256'))}): it was "
+                         "replaced after the run; regenerate it, or delete the record to evaluate it as a foreign file")
+
+    def identity(path: Optional[str]) -> Optional[Dict[str, object]]:
+        return weights_identity(path) if path is not None and os.path.isfile(path) else None
+
+    return {"inputs": {"samples": {"path": str(sample_path), "sha256": sample_sha256, "num_images": num_samples},
+                       "ref": {"path": str(ref_path), "sha256": file_sha256(ref_path), "num_images": num_ref},
+                       "inception_weights": identity(inception_weights), "dinov2_weights": identity(dinov2_weights)},
+            "sample_record": record}
+
+
 def _load_images(batch: NpzImageBatch, limit: int) -> np.ndarray:
     return np.concatenate(list(batch.iter_batches(1024, limit=limit)))
 
@@ -123,6 +168,7 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
                              f"covariances need at least {min_images}")
     torch_device, weights_path, dinov2_path = _check_options_and_weights(
         batch_size, fid_method, device, inception_weights, fdd, dinov2_model, dinov2_weights)
+    provenance = input_provenance(ref_path, len(ref), sample_path, len(samples), weights_path, dinov2_path)
 
     with strict_fp32():
         inception = InceptionFeatureExtractor(weights_path, torch_device)
@@ -166,6 +212,7 @@ def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str
         "fid_method": fid_method,
         "ref": str(ref_path),
         "samples": str(sample_path),
+        **provenance,
     })
     return results
 
@@ -189,6 +236,8 @@ def evaluate_against_statistics(stats_path: str, sample_path: str, *, inception_
     torch_device, weights_path, dinov2_path = _check_options_and_weights(
         batch_size, fid_method, device, inception_weights, fdd, dinov2_model, dinov2_weights)
     check_compatible(stats, metrics, samples.info.resolution, weights_path, dinov2_model, dinov2_path)
+    provenance = input_provenance(stats_path, stats.meta["num_images"], sample_path, len(samples), weights_path,
+                                  dinov2_path)
 
     with strict_fp32():
         feats = extract_features(samples, InceptionFeatureExtractor(weights_path, torch_device), batch_size,
@@ -213,6 +262,7 @@ def evaluate_against_statistics(stats_path: str, sample_path: str, *, inception_
         "fid_method": fid_method,
         "ref": str(stats_path),
         "samples": str(sample_path),
+        **provenance,
     })
     return results
 

@@ -28,6 +28,7 @@ from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_te
                      write_npz_from_pngs, write_png_atomic)
 from .labels import class_labels
 from .model_loading import load_sampling_model
+from .provenance import RunRecord
 from .noise import initial_noise, sde_generators
 
 
@@ -183,6 +184,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     N, size = cfg.num_samples, cfg.resolution
     run_dir = Path(cfg.sample_dir) / cfg.run_name
     npz_path = Path(cfg.sample_dir) / f"{cfg.run_name}.npz"
+    record = RunRecord(cfg, model, ctx.world_size)  # {run_name}.provenance.json beside the .npz, rank 0 writes it
     summary = {"run_dir": str(run_dir), "npz": str(npz_path) if cfg.save_npz else None,
                "generated": 0, "seconds": 0.0, "images_per_second": 0.0}
 
@@ -202,6 +204,9 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
                 f"would replace it: choose another run_name, or delete {npz_path} first")
     if cfg.save_npz and npz_is_complete(npz_path, (N, size, size, 3)) and saved_config.is_file():
         _log(ctx, f"{npz_path} is already complete; nothing to do")
+        if ctx.is_main and not record.is_complete():  # finished before records existed, or killed just before it
+            with writing(record.path):
+                record.write(complete=True)
         return summary
     decoder = Decoder(cfg.vae, model.in_channels, ctx.device)  # before writing anything
     ctx.barrier()  # every rank has read config.yaml before rank 0 rewrites it
@@ -209,9 +214,12 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
         with writing(saved_config):
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(run_dir)
-            for tmp in npz_path.parent.glob(f".tmp-*-{npz_path.name}"):  # from a killed .npz write
-                tmp.unlink(missing_ok=True)
+            for name in (npz_path.name, record.path.name):  # from a killed .npz or record write
+                for tmp in npz_path.parent.glob(f".tmp-*-{name}"):
+                    tmp.unlink(missing_ok=True)
             save_config(cfg, saved_config)
+        with writing(record.path):
+            record.write(complete=False)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model} ({n_params:,} parameters, {cfg.stages} stage(s)), "
               f"{'EMA' if cfg.use_ema else 'raw'} weights from {cfg.ckpt}", flush=True)
@@ -266,4 +274,6 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
         if not cfg.save_png:
             for i in range(N):
                 png_path(run_dir, i).unlink(missing_ok=True)
+        with writing(record.path):
+            record.write(complete=True)
     return summary

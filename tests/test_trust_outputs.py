@@ -1,6 +1,8 @@
 """Outputs: every file and folder a run writes follows the umask (the team can read them), and
 the output-side failures of generate.py and evaluation.ref_stats end in one line."""
 import errno
+import hashlib
+import json
 import os
 import stat
 
@@ -115,6 +117,8 @@ def test_generate_sample_dir_file_read_only_or_full_is_one_line(tmp_path, monkey
     assert generate.main(_argv(ckpt, tmp_path / "uninterrupted")) == 0
     resumed, whole = read_tree(out), read_tree(tmp_path / "uninterrupted")
     assert resumed.pop("run/config.yaml") != whole.pop("run/config.yaml")  # it names its sample_dir
+    records = [json.loads(tree.pop("run.provenance.json")) for tree in (resumed, whole)]  # paths and dates differ
+    assert all(r["complete"] and r["npz_sha256"] == hashlib.sha256(resumed["run.npz"]).hexdigest() for r in records)
     assert sorted(resumed) == ["run.npz"] + [f"run/{i:06d}.png" for i in range(6)] and resumed == whole
 
 
