@@ -101,8 +101,8 @@ def instrument(timer: PartTimer) -> list:
     undo = [(owner, name, timer.wrap(owner, name, part)) for owner, name, part in parts]
     finish = TrainStep.finish
 
-    def finish_and_mark(self):
-        finish(self)
+    def finish_and_mark(self, *args):
+        finish(self, *args)
         timer.end_step()
     TrainStep.finish = finish_and_mark
     undo.append((TrainStep, "finish", finish))

@@ -35,6 +35,9 @@ import torch
 from utils.atomic import atomic_write
 
 SAFETENSORS_FORMAT = "dfm-weights"
+# header fields stored as JSON text: the architecture, the training config, and what the weights are
+# (`weights_info`, e.g. {"kind": "posthoc_ema", "std": 0.08} for a post-hoc EMA reconstruction)
+JSON_FIELDS = ("arch", "config", "weights_info")
 SAFETENSORS_VERSION = "1"
 _NUMERIC_DTYPES = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
                    "Byte", "Short", "Int", "Long", "LongLong", "UByte", "UShort", "UInt", "ULong", "ULongLong",
@@ -162,7 +165,7 @@ def read_weights_file(path: str) -> dict:
         if group not in checkpoint:
             raise ValueError(f"{path}: tensor {name!r} belongs to none of the groups {groups}")
         checkpoint[group][key] = tensor
-    for key in ("arch", "config"):
+    for key in JSON_FIELDS:
         if meta.get(key):
             checkpoint[key] = json.loads(meta[key])
     if meta.get("steps"):
@@ -187,13 +190,15 @@ def _detached_copies(state: Mapping[str, torch.Tensor], prefix: str, seen: set) 
 
 
 def export_weights(path: str, state_dicts: Mapping[str, Mapping[str, torch.Tensor]], arch: Optional[dict] = None,
-                   config: Optional[dict] = None, steps: Optional[int] = None) -> str:
+                   config: Optional[dict] = None, steps: Optional[int] = None,
+                   weights_info: Optional[dict] = None) -> str:
     """Write model weights as ``.safetensors`` (atomically) that :func:`models.load_pretrained`,
     ``generate.py --ckpt`` and :func:`models.read_checkpoint` read back.
 
     ``state_dicts``: ``{"ema": ema.state_dict()}`` and/or ``{"model": ...}`` (names without a
     dot). ``arch``: the ``create_model`` arguments (``model.arch``); ``config``: the training
-    config as a plain dict; both stored as JSON text in the header. Returns ``path``.
+    config as a plain dict; ``weights_info``: what the weights are (a post-hoc EMA reconstruction,
+    say); all stored as JSON text in the header. Returns ``path``.
     """
     path = os.fspath(path)
     if not is_safetensors(path):
@@ -213,6 +218,8 @@ def export_weights(path: str, state_dicts: Mapping[str, Mapping[str, torch.Tenso
         meta["config"] = json.dumps(config, default=str)
     if steps is not None:
         meta["steps"] = str(int(steps))
+    if weights_info is not None:
+        meta["weights_info"] = json.dumps(weights_info, default=str)
     with atomic_write(path, "wb", fsync=True) as f:
         f.write(save(tensors, metadata=meta))
     return path

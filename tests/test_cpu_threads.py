@@ -74,7 +74,7 @@ from training.step import TrainStep
 from train_helpers import tiny_config
 
 seen, finish = [], TrainStep.finish
-TrainStep.finish = lambda self: (seen.append(torch.get_num_threads()), finish(self))[1]
+TrainStep.finish = lambda self, *a: (seen.append(torch.get_num_threads()), finish(self, *a))[1]
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     train(tiny_config(sys.argv[1], sys.argv[2], exp_name="multinode", max_train_steps=2,

@@ -76,8 +76,8 @@ def test_sigusr1_in_process_and_a_second_signal_while_saving(tiny_data, tmp_path
     real_add_step, real_save = loop.MetricWindow.add_step, run_folder.atomic_torch_save
     steps_done = []
 
-    def add_step(self, grad_norm):
-        real_add_step(self, grad_norm)
+    def add_step(self, grad_norm, skip=None):
+        real_add_step(self, grad_norm, skip)
         steps_done.append(1)
         if len(steps_done) == 3:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -89,7 +89,7 @@ def test_sigusr1_in_process_and_a_second_signal_while_saving(tiny_data, tmp_path
 
     monkeypatch.setattr(loop.MetricWindow, "add_step", add_step)
     monkeypatch.setattr(run_folder, "atomic_torch_save", save_with_a_second_signal)
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     out = str(tmp_path)
     try:
         result = train(tiny_config(tiny_data, out, exp_name="usr1", max_train_steps=50, checkpointing_steps=1000))

@@ -24,6 +24,8 @@ from training.budget import resolve_elit_keys
 from training.calibration import check_stage_scales_key
 from training.errors import ConfigError
 from training.evaluator import EvalSamplerConfig, check_eval_keys
+from training.nonfinite import check_nonfinite_keys
+from training.posthoc_ema import PosthocEMAConfig, check_posthoc_keys
 from training.objective import build_objective, check_objective_keys
 from training.previews import PreviewConfig, check_preview_keys
 from training.repa import check_repa_config
@@ -178,6 +180,12 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=_help(
         "torch.compile the transformer blocks for training, previews and evaluation (models/compile.py)"))
     ema_decay: float = field(default=0.9999, metadata=_help("EMA decay, updated every optimizer step"))
+    posthoc_ema: PosthocEMAConfig = field(default_factory=PosthocEMAConfig)
+    on_nonfinite: str = field(default="stop", metadata=_help(
+        "a step whose gradients are NaN/inf: stop (the run stops at the next log step) | skip (the step changes "
+        "nothing, decided on the device; counted as skipped_steps) (training/nonfinite.py)"))
+    max_skipped_steps: int = field(default=100, metadata=_help(
+        "on_nonfinite=skip: stop after this many skipped steps in a row"))
     seed: int = field(default=0, metadata=_help("global seed (model init, data order, noise)"))
     # --- schedule ---
     max_train_steps: int = field(default=400_000, metadata=_help("optimizer steps"))
@@ -389,6 +397,8 @@ def resolve_config(cfg) -> "OmegaConf":
         raise ConfigError("weight_decay and max_grad_norm must be >= 0 and adam_eps > 0")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    check_nonfinite_keys(cfg)
+    check_posthoc_keys(cfg)
 
     from samplers.schedules import default_schedule
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -36,10 +37,21 @@ class EMA:
             raise ValueError("EMA model and model have different parameter lists")
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, skip: Optional[torch.Tensor] = None) -> None:
+        """One EMA step; `skip` (a device flag, 1.0 = the optimizer step was skipped) makes it a no-op
+        without reading the flag on the host."""
+        self.lerp(1.0 - self.decay, skip)
+
+    @torch.no_grad()
+    def lerp(self, weight: float, skip: Optional[torch.Tensor] = None) -> None:
+        """`ema <- ema + weight (param - ema)` for the trainable parameters (weight 0 where `skip`);
+        frozen parameters and buffers are copied."""
         if self._ema_params:
             params = [p.detach().float() if p.dtype != torch.float32 else p.detach() for p in self._params]
-            torch._foreach_lerp_(self._ema_params, params, 1.0 - self.decay)
+            if skip is None:
+                torch._foreach_lerp_(self._ema_params, params, weight)
+            else:
+                torch._foreach_lerp_(self._ema_params, params, weight * (1.0 - skip))
         for e, p in zip(self._ema_frozen, self._frozen):
             e.copy_(p)
         for e, b in zip(self._ema_buffers, self._buffers):

@@ -39,6 +39,8 @@ from training.errors import (CheckpointWriteError, ConfigError, CorruptDataError
                              TrainingStopped, describe_write_error)
 from training.logger import RunLogger, log_error_to_file
 from training.metrics import MetricWindow
+from training.nonfinite import SkipGuard
+from training.posthoc_ema import PowerEMA
 from training.preemption import Preemption
 from training.repa import RepaFeatures, load_run_encoders
 from training.rng import restore_streams, rng_state, seed_micro_batch, seed_process
@@ -143,6 +145,10 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, P, rank, A, cfg.seed, start_step)
     if ckpt is not None:
         check_data_position(ckpt.get("data_position"), sampler.position(start_step), log)
+    resumed_guard = ckpt.get("nonfinite") if ckpt is not None else None
+    profiles = PowerEMA(raw_model, cfg.posthoc_ema.stds, cfg.posthoc_ema.every) if cfg.posthoc_ema.stds else None
+    if profiles is not None and ckpt is not None:
+        profiles.load_state_dict(ckpt.get("posthoc_ema"), resume_path)
     resumed, ckpt = ckpt is not None, None  # free the loaded tensors
     loader_dataset, bad_log = bad_sample_guard(cfg, dataset, exp_dir, P)
     loader = torch.utils.data.DataLoader(
@@ -172,7 +178,10 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     prepare = BatchPreparer(is_pixel_space(cfg), device, repa_features)
     budgets = BudgetSampler(raw_model, cfg.seed)  # ELIT: the budget of every micro-batch
     logged_terms = ("proj_loss",) if cfg.proj_coeff > 0 else ()
-    metrics = MetricWindow(S, device)
+    guard = SkipGuard(optimizer, cfg.max_skipped_steps, device) if cfg.on_nonfinite == "skip" else None
+    if guard is not None and resumed_guard is not None:
+        guard.load_state_dict(resumed_guard)
+    metrics = MetricWindow(S, device, skips=guard is not None)
     last_ckpt, last_preview = resume_path, None
     last_saved_step = start_step if resumed else -1
     step = start_step
@@ -194,13 +203,15 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
             bad_written = bad_log.count
 
     def check_finite():
-        bad = metrics.first_nonfinite_step(accelerator)
+        bad = metrics.first_nonfinite_step(accelerator) if guard is None else guard.too_many()
         if bad is not None:
             tracker.close()
             good = list_checkpoints(exp_dir)
             where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written"
-            raise NonFiniteLossError(f"the training loss became non-finite (NaN/inf) at step {bad}; training stopped "
-                                     f"({where}). {nonfinite_suspects(cfg)}")
+            what = "became non-finite (NaN/inf)" if guard is None else \
+                f"stayed non-finite (NaN/inf) for {cfg.max_skipped_steps} steps in a row (skipped)"
+            raise NonFiniteLossError(f"the training loss {what} at step {bad}; training stopped ({where}). "
+                                     f"{nonfinite_suspects(cfg)}")
 
     def save(step_now: int):
         nonlocal last_ckpt, last_saved_step
@@ -211,7 +222,8 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
         payload = None if not is_main else {
             "model": raw_model.state_dict(), "ema": ema_model.state_dict(), "opt": optimizer.state_dict(),
             "arch": dict(raw_model.arch), "config": config_dict, "steps": step_now, "rng": states,
-            "data_position": sampler.position(step_now)}
+            "data_position": sampler.position(step_now), **({"nonfinite": guard.state_dict()} if guard else {}),
+            **({"posthoc_ema": profiles.state_dict()} if profiles else {})}
         export = ({"ema": ema_model.state_dict(), "model": raw_model.state_dict()}
                   if is_main and cfg.save_format == "safetensors" else None)
         last_ckpt = folder.save_checkpoint(payload or {"steps": step_now}, last_ckpt,
@@ -241,7 +253,8 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     data_iter = iter(loader)
     model.train()
     train_step = TrainStep(accelerator, model, objective, optimizer, state.lr_schedule, state.ema, metrics,
-                           accumulation=A, max_grad_norm=cfg.max_grad_norm, logged_terms=logged_terms)
+                           accumulation=A, max_grad_norm=cfg.max_grad_norm, logged_terms=logged_terms, guard=guard,
+                           averages=[profiles] if profiles else [])
     with progress_bar(total=cfg.max_train_steps, initial=step, disable=not is_main, desc="train",
                       dynamic_ncols=True) as bar:  # closed before any error line is printed
         while step < cfg.max_train_steps and not preemption.requested():  # polled once per step
@@ -255,7 +268,7 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
                 inputs = prepare(items, generator)
                 inputs.model_kwargs.update(budgets(step, a))
                 train_step.micro_batch(inputs, generator, step, a)
-            train_step.finish()
+            train_step.finish(step)
             step += 1
             bar.update(1)
 
@@ -267,6 +280,8 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
                 values["lr"] = optimizer.param_groups[0]["lr"]
                 values.update(budgets.log_values())
                 values["images_seen"] = step * cfg.batch_size
+                if guard is not None:
+                    values["skipped_steps"] = guard.skipped()
                 if bad_log.count:
                     values["bad_samples"] = bad_log.count
                 tracker.log_metrics(values, step)
@@ -275,6 +290,8 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
             if stop_after_step is not None and step >= stop_after_step:
                 tracker.close()
                 return TrainResult(exp_dir, step, last_ckpt, last_preview, time.time() - t_start)
+            if profiles is not None and profiles.due(step):  # before the checkpoint: a resume rewrites it
+                folder.on_main(lambda: folder.write(profiles.snapshot, exp_dir, step, dict(raw_model.arch), config_dict))
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
                 save(step)
             if cfg.preview.num_samples > 0 and (

@@ -173,6 +173,14 @@ class RunFolder:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def write(self, writer, *args):
+        """`writer(*args)` on rank 0 (an output of the run: a snapshot, a record), its write errors one line."""
+        try:
+            return writer(*args)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointWriteError(f"cannot write {getattr(writer, '__name__', 'an output')} of {self.exp_dir}: "
+                                       f"{describe_write_error(e)}; the checkpoints are intact") from None
+
     def record_config(self, cfg, start_step: int, previous: Optional[dict]) -> None:
         record_config(cfg, self.exp_dir, start_step, previous, self.log, self.is_main, self.gather)
 
@@ -262,13 +270,16 @@ def flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict) -> list:
+def config_changes(old: dict, new: dict, defaults: Optional[dict] = None) -> list:
     """["key: old -> new", ...] between two run configs (plain dicts), for the keys that matter;
-    `weighting` in configs written before `time_distribution` counts as the same key."""
+    `weighting` in configs written before `time_distribution` counts as the same key, and a key
+    that an older config lacks (added since) counts as its default (`defaults`, a config dict)."""
     old = dict(old)
     if "weighting" in old and "time_distribution" not in old:
         old["time_distribution"] = old.pop("weighting")
     a, b = flat(old), flat(new)
+    for key, value in flat(defaults or {}).items():
+        a.setdefault(key, value)
     keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] not in NOT_COMPARED]
     return [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
 
@@ -285,7 +296,9 @@ def record_config(cfg, exp_dir: str, start_step: int, previous: dict | None, log
     logged as one warning line."""
     config = config_to_dict(cfg)
     if previous is not None:
-        changes = config_changes(previous, config)
+        from training.config import TrainConfig
+
+        changes = config_changes(previous, config, config_to_dict(OmegaConf.structured(TrainConfig)))
         if changes:
             log.warning(f"WARNING: resuming at step {start_step} with settings that differ from the checkpoint's run: "
                         + "; ".join(changes) + f" (the earlier config is kept in {os.path.join(exp_dir, CONFIGS)})")

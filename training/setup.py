@@ -209,7 +209,9 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
         compile_model(ema_model)  # previews and evaluation sample with it
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=tuple(cfg.betas),
-        weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=(torch.device(device).type == "cuda"))
+        weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+        # fused on GPUs; on_nonfinite=skip needs the fused kernel everywhere (it skips a step on the device)
+        fused=torch.device(device).type == "cuda" or cfg.on_nonfinite == "skip")
     if ckpt is not None:
         load_optimizer_state(optimizer, ckpt.get("opt"), resume_path)
     start_step = int(ckpt["steps"]) if ckpt is not None else 0

@@ -18,10 +18,14 @@ class TrainStep:
     the loop's `MetricWindow`; `accelerator`: the run's `accelerate.Accelerator`."""
 
     def __init__(self, accelerator, model, objective, optimizer, lr_schedule, ema, metrics, *,
-                 accumulation: int, max_grad_norm: float, logged_terms=()):
+                 accumulation: int, max_grad_norm: float, logged_terms=(), guard=None, averages=()):
+        """`ema`: the EMA (`training.ema.EMA`); `averages`: more weight averages updated like it
+        (the post-hoc EMA profiles); `guard`: `training.nonfinite.SkipGuard` for `on_nonfinite: skip`."""
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.parameters = list(model.parameters())  # walking the module tree every step costs ~0.3 ms on a CPU
         self.optimizer, self.lr_schedule, self.ema, self.metrics = optimizer, lr_schedule, ema, metrics
+        self.averages = [ema, *averages]
+        self.guard = guard
         self.accumulation = int(accumulation)
         self.max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
         self.logged_terms = tuple(logged_terms)
@@ -38,11 +42,14 @@ class TrainStep:
         self.metrics.add_micro_batch(out, step, A, terms=self.logged_terms)
         return out
 
-    def finish(self) -> None:
-        """Clip, AdamW, LR schedule, EMA, and the step's gradient norm into the metrics."""
+    def finish(self, step: int = 0) -> None:
+        """Clip, AdamW, LR schedule, EMA, and the step's gradient norm into the metrics; with a guard,
+        a step whose gradient norm is not finite changes nothing (decided on the device)."""
         grad_norm = self.accelerator.clip_grad_norm_(self.parameters, self.max_norm)
+        skip = self.guard.decide(grad_norm, step) if self.guard is not None else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
-        self.ema.update()
-        self.metrics.add_step(grad_norm)
+        for average in self.averages:
+            average.update(skip)
+        self.metrics.add_step(grad_norm, skip)
