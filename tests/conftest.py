@@ -67,6 +67,12 @@ def save_tiny_vae(folder, seed=0):
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """A tiny VAE folder written with `save_pretrained`, loaded like a downloaded one (read only)."""
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module: on 2 busy cores, OpenMP threads spinning against each

@@ -12,7 +12,6 @@ from PIL import Image
 
 import data
 import data.encode as encode_mod
-from conftest import save_tiny_vae
 from data.encode import encode_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,11 +21,6 @@ LABELS = [2, 0, 1, 1, 0]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
 
 
 @pytest.fixture(scope="module")

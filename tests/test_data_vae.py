@@ -18,13 +18,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("vae") / "tiny-vae")
-    tiny_vae().save_pretrained(folder)
-    return folder
-
-
 def test_to_uint8_rounds_to_nearest():
     # level = 127.5 * x + 127.5; expected = round half up, clamped (independent float64 numpy)
     levels = np.array([-3.0, 0.0, 0.49, 0.5, 1.2, 127.5, 128.49, 254.5, 254.6, 255.0, 300.0])

@@ -18,7 +18,7 @@ from PIL import Image
 import data
 import data.convert as convert_mod
 import dataset_tools
-from conftest import read_tree, save_tiny_vae
+from conftest import read_tree
 from data.convert import convert_dataset
 from data.robust import CorruptSampleError
 
@@ -120,11 +120,6 @@ def test_convert_to_a_read_only_disk(tmp_path, small_tmpfs, capsys, name, made):
 
 
 # ---------------------------------------------------------------- 4, 11, 20: encode
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

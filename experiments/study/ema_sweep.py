@@ -13,11 +13,11 @@ Prints and appends one JSON line per (run, std): {"run", "step", "std" (null = t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def sweep(run: str, stds, step=None) -> list:
@@ -51,13 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="snapshot step (default: the last)")
     parser.add_argument("--out", default=None, help="append the results to this JSONL file")
     args = parser.parse_args(argv)
+    from resample import emit
+
     for run in args.runs:
-        for result in sweep(run, args.std, args.step):
-            line = json.dumps(result)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+        emit(sweep(run, args.std, args.step), args.out)
     return 0
 
 

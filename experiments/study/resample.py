@@ -55,13 +55,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="append the results to this JSONL file")
     args = parser.parse_args(argv)
     for run in args.runs:
-        for result in rescore(run, args.set, "all" if args.all_steps else args.steps):
-            line = json.dumps(result)
-            print(line, flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(line + "\n")
+        emit(rescore(run, args.set, "all" if args.all_steps else args.steps), args.out)
     return 0
+
+
+def emit(results, out=None) -> None:
+    """Print each result as a JSON line, and append it to `out` when given."""
+    for result in results:
+        line = json.dumps(result)
+        print(line, flush=True)
+        if out:
+            with open(out, "a") as f:
+                f.write(line + "\n")
 
 
 if __name__ == "__main__":
