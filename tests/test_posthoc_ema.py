@@ -142,3 +142,26 @@ def test_solve_reproduces_a_stored_profile_exactly():
     gammas = [std_to_exponent(s) for _ in range(10) for s in (0.05, 0.1)]
     x, error = solve_coefficients(times, gammas, 1000, std_to_exponent(0.1))
     assert error < 1e-6 and x[-1] == pytest.approx(1.0, abs=1e-6) and np.abs(x[:-1]).max() < 1e-6
+
+
+def test_two_processes_with_an_elit_model_keep_the_same_profiles(tiny_data, tmp_path):
+    """DDP (2 gloo processes) and a multi-budget DFM-ELIT model, skip mode on: the profiles are
+    updated identically on both ranks (the checkpoint's rank check), rank 0 writes the snapshots,
+    and the reconstruction loads as an ELIT model."""
+    from train_helpers import run_torchrun, tiny_argv
+
+    argv = tiny_argv(tiny_data, str(tmp_path), exp_name="ddp", model="DFM-ELIT-SiT-S/4",
+                     model_overrides="{depth: 4, hidden_size: 64, num_heads: 4}", encoder_depth=1, group_size=2,
+                     elit_max_mask_prob=0.75, **{"model_overrides.elit_tail_depth": 1, "posthoc_ema.stds": "[0.05,0.1]",
+                                                 "posthoc_ema.every": 2, "preview.budgets": "[1.0]"},
+                     max_train_steps=6, checkpointing_steps=6, on_nonfinite="skip")
+    done = run_torchrun(argv, nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = str(tmp_path / "ddp")
+    assert sorted(os.listdir(os.path.join(run, "posthoc_ema"))) == [f"{s:07d}.safetensors" for s in (2, 4, 6)]
+    [record] = reconstruct(run, [0.07])
+    from models import load_pretrained
+
+    model = load_pretrained(record["path"])
+    assert model.arch["name"] == "DFM-ELIT-SiT-S/4" and model.num_stages == 2 and model.elit_max_mask_prob == 0.75
+    assert load_ckpt(os.path.join(run, "checkpoints", "0000006.pt"))["posthoc_ema"]["t"] == 6
