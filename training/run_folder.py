@@ -68,7 +68,7 @@ def acquire_lock(exp_dir: str):
         if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise
         raise RunLocked(f"{exp_dir} is in use by another run ({_holder(path)}); wait for it to finish, or choose "
-                        "another exp_name / output_dir") from None
+                        "another exp_name / output_dir") from None  # the flock: that process is alive
     info, line, here = _lock_info(path), None, socket.gethostname()
     if info is not None:
         if info.get("host") not in (None, here):
@@ -76,9 +76,9 @@ def acquire_lock(exp_dir: str):
             raise RunLocked(f"{exp_dir} is locked by a run on another machine ({_holder(path)}), which cannot be "
                             f"checked from {here}; if that run is gone, delete {path} and start again")
         if isinstance(info.get("pid"), int) and info["pid"] != os.getpid() and _alive(info["pid"]):
-            f.close()
+            f.close()  # a file system without working flock, or the pid now belongs to another program
             raise RunLocked(f"{exp_dir} is in use by another run ({_holder(path)}); wait for it to finish, or choose "
-                            "another exp_name / output_dir")
+                            f"another exp_name / output_dir (if that run is gone, delete {path})")
         line = f"took over {path} from a run that is no longer running ({_holder(path)})"
     f.seek(0)
     f.truncate()
