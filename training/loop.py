@@ -145,10 +145,14 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, P, rank, A, cfg.seed, start_step)
     if ckpt is not None:
         check_data_position(ckpt.get("data_position"), sampler.position(start_step), log)
-    resumed_guard = ckpt.get("nonfinite") if ckpt is not None else None
+    # ---- what a step updates besides the model: post-hoc EMA profiles, the skip guard (with their saved state)
     profiles = PowerEMA(raw_model, cfg.posthoc_ema.stds, cfg.posthoc_ema.every) if cfg.posthoc_ema.stds else None
-    if profiles is not None and ckpt is not None:
-        profiles.load_state_dict(ckpt.get("posthoc_ema"), resume_path)
+    guard = SkipGuard(optimizer, cfg.max_skipped_steps, device) if cfg.on_nonfinite == "skip" else None
+    if ckpt is not None:
+        if profiles is not None:
+            profiles.load_state_dict(ckpt.get("posthoc_ema"), resume_path)
+        if guard is not None:
+            guard.load_state_dict(ckpt.get("nonfinite"))
     resumed, ckpt = ckpt is not None, None  # free the loaded tensors
     loader_dataset, bad_log = bad_sample_guard(cfg, dataset, exp_dir, P)
     loader = torch.utils.data.DataLoader(
@@ -178,9 +182,6 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     prepare = BatchPreparer(is_pixel_space(cfg), device, repa_features)
     budgets = BudgetSampler(raw_model, cfg.seed)  # ELIT: the budget of every micro-batch
     logged_terms = ("proj_loss",) if cfg.proj_coeff > 0 else ()
-    guard = SkipGuard(optimizer, cfg.max_skipped_steps, device) if cfg.on_nonfinite == "skip" else None
-    if guard is not None and resumed_guard is not None:
-        guard.load_state_dict(resumed_guard)
     metrics = MetricWindow(S, device, skips=guard is not None)
     last_ckpt, last_preview = resume_path, None
     last_saved_step = start_step if resumed else -1
