@@ -121,7 +121,7 @@ def infer_arch(state: Dict[str, torch.Tensor]) -> dict:
     arch = dict(input_size=grid * patch, in_channels=in_channels,
                 num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
                 depth=depth, hidden_size=hidden, num_heads=_HEADS_BY_HIDDEN.get(hidden),
-                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
+                mlp_ratio=_mlp_ratio(state["blocks.0.mlp.fc1.weight"].shape[0], hidden),
                 qk_norm="blocks.0.attn.q_norm.weight" in state)
     n_proj = len({m.group(1) for k in state if (m := re.match(r"projectors\.(\d+)\.", k))})
     if n_proj:
@@ -136,6 +136,14 @@ def infer_arch(state: Dict[str, torch.Tensor]) -> dict:
     if multistage:
         arch["stages"] = stages
     return {"name": name, **arch, "official_sit": official}
+
+
+def _mlp_ratio(width: int, hidden: int) -> float:
+    """The `mlp_ratio` whose `int(hidden * mlp_ratio)` (the block's rule) gives back `width`."""
+    ratio = width / hidden
+    while int(hidden * ratio) < width:  # width / hidden * hidden may land just below width
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 def _group_size_from_queries(num_queries: int) -> int:

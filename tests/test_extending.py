@@ -274,3 +274,53 @@ def test_reference_sampler_aliases_leave_a_method_of_ones_own_alone():
     assert method("method=example_midpoint", "mode=ode", "heun=false") == "example_midpoint"
     assert method("method=sde", "mode=ode") == "euler" and method("method=heun", "heun=false") == "euler"
     assert method("mode=sde", "heun=true") == "sde" and method("heun=true") == "heun"
+
+
+# ------------------------------------------------------------------ the traps of the second try, closed
+def test_a_name_given_with_a_stored_arch_keeps_every_stored_setting(tmp_path):
+    from conftest import randomize_, tiny_model
+    from models import load_pretrained
+
+    model = randomize_(tiny_model("DFM-SiT-S/2", stage_scales=[1.0, 3.0], mlp="example_swiglu"))
+    path = tmp_path / "m.pt"
+    torch.save({"ema": model.state_dict(), "arch": model.arch}, path)
+    loaded = load_pretrained(str(path), name="DFM-SiT-S/2")  # the stored scales and MLP come along
+    assert loaded.stage_scales == [1.0, 3.0] and loaded.arch["mlp"] == "example_swiglu"
+    with pytest.raises(ValueError, match=r"the checkpoint holds a DFM-SiT-S/2 model \(its stored arch\), not SiT-S/2"):
+        load_pretrained(str(path), name="SiT-S/2")
+
+
+def test_foreign_weights_of_an_unknown_width_need_their_heads_and_keep_their_mlp_width(tmp_path):
+    from conftest import randomize_, tiny_model
+    from models import load_pretrained
+
+    model = randomize_(tiny_model("SiT-S/2", hidden_size=56, num_heads=4, mlp_ratio=61.3 / 56))  # fc1: 61 rows
+    assert model.blocks[0].mlp.fc1.out_features == 61  # and 61 / 56 * 56 = 60.99999...: int() gives 60
+    path = tmp_path / "foreign.pt"
+    torch.save({"ema": model.state_dict()}, path)  # no arch: a foreign checkpoint
+    with pytest.raises(ValueError, match=r"its width 56 is none of SiT's sizes .* pass it: "
+                                         r"load_pretrained\(path, num_heads=N\)"):
+        load_pretrained(str(path))
+    loaded = load_pretrained(str(path), num_heads=4)
+    assert loaded.blocks[0].mlp.fc1.out_features == 61 and loaded.blocks[0].attn.num_heads == 4
+    x = [torch.randn(2, *s) for s in model.stage_shapes]
+    t, y = torch.rand(2), torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(loaded(x[0], t, y), model.eval()(x[0], t, y))
+
+
+def test_the_time_shift_of_a_distribution_that_returns_0_or_1_stays_finite():
+    from dfm import FlowMatchingObjective
+
+    class Edges(TimeDistribution):
+        def __call__(self, shape, device=None, generator=None):
+            return torch.tensor([0.0, 1.0] * (shape[0] // 2))
+
+    TIME_DISTRIBUTIONS.register("example_edges", replace=True)(Edges)
+    try:
+        objective = FlowMatchingObjective(2, stage_weights=[0.5, 0.5], stage_sampling="per_sample",
+                                          time_distribution="example_edges", stage_time_shift=[1.0, -1.0])
+        t, active = objective.sample_times(8, generator=torch.Generator().manual_seed(0))
+        trained = t[torch.arange(8), active.sum(dim=1) - 1]  # the last active stage of each sample
+        assert torch.isfinite(t).all() and (trained > 0).all() and (trained < 1).all()  # logit clamped, not +-inf
+    finally:
+        TIME_DISTRIBUTIONS.unregister("example_edges")
