@@ -179,8 +179,8 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
     def guided_at(states, t: torch.Tensor, active_row: int):
         return velocity(states, t, active[active_row], None, active_model[active_row])
 
-    ctx = StepContext(velocity=guided, velocity_at=guided_at, times=times, active=active, num_steps=N, generator=generator,
-                      path_type=path_type, noise_like=_randn_like)
+    ctx = StepContext(velocity=guided, velocity_at=guided_at, times=times, active=active, num_steps=N,
+                      generator=generator, path_type=path_type, noise_like=_randn_like)
     previews = []
     decomposition = decomposition_of(model, S)
     for step in range(N):
