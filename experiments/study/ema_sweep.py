@@ -3,6 +3,7 @@ fixed-decay EMA, with the trainer's own evaluator (the SWD of eval_every).
 
     python experiments/study/ema_sweep.py RUN ... --std 0.02 0.03 0.05 0.07 0.1 0.15 0.2 \\
         [--step 2000] [--out results.jsonl]
+    python experiments/study/ema_sweep.py --table results.jsonl [--metric swd]
 
 For each run (trained with posthoc_ema.stds; experiments/study/ema_sweep.sh): reconstruct every std
 at the snapshot step (training.posthoc_ema), sample 256 images from each with the run's evaluation
@@ -44,13 +45,48 @@ def sweep(run: str, stds, step=None) -> list:
     return results
 
 
+def table(records: list, metric: str = "swd") -> str:
+    """Markdown: one row per std (the fixed decay first), one column per model (the run name without
+    its ``_s<seed>``), mean ± std over the seeds' runs."""
+    import re
+
+    import numpy as np
+
+    models, rows = [], {}
+    for r in records:
+        model = re.sub(r"_s\d+$", "", r["run"])
+        models += [model] if model not in models else []
+        key = "fixed decay " + str(r.get("ema_decay")) if r["std"] is None else f"{r['std']:g}"
+        rows.setdefault(key, {}).setdefault(model, []).append(r[metric])
+    order = sorted(rows, key=lambda k: (not k.startswith("fixed"), float(k) if not k.startswith("fixed") else 0))
+    lines = [f"| EMA ({metric} x 1e3, mean ± std, n) | " + " | ".join(models) + " |",
+             "|---" * (len(models) + 1) + "|"]
+    for key in order:
+        cells = []
+        for model in models:
+            v = np.asarray(rows[key].get(model, []), dtype=float)
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f} ({len(v)})" if len(v) else "")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("--std", type=float, nargs="+", required=True)
+    parser.add_argument("runs", nargs="*")
+    parser.add_argument("--std", type=float, nargs="+")
+    parser.add_argument("--table", default=None, help="print the Markdown table of this results file instead")
+    parser.add_argument("--metric", default="swd", help="the metric of --table")
     parser.add_argument("--step", type=int, default=None, help="snapshot step (default: the last)")
     parser.add_argument("--out", default=None, help="append the results to this JSONL file")
     args = parser.parse_args(argv)
+    if args.table:
+        import json
+
+        with open(args.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()], args.metric))
+        return 0
+    if not args.runs or not args.std:
+        parser.error("give run folders and --std (or --table FILE)")
     from resample import emit
 
     for run in args.runs:
