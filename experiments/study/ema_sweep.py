@@ -1,7 +1,7 @@
 """The study's EMA-length sweep: score post-hoc EMA reconstructions of every std against the run's
 fixed-decay EMA, with the trainer's own evaluator (the SWD of eval_every).
 
-    python experiments/study/ema_sweep.py RUN ... --std 0.02 0.03 0.05 0.07 0.1 0.15 0.2 \\
+    python experiments/study/ema_sweep.py RUN ... --std 0.03 0.05 0.07 0.1 0.15 0.2 \\
         [--step 2000] [--out results.jsonl]
     python experiments/study/ema_sweep.py --table results.jsonl [--metric swd]
 
@@ -88,9 +88,14 @@ def main(argv=None) -> int:
     if not args.runs or not args.std:
         parser.error("give run folders and --std (or --table FILE)")
     from resample import emit
+    from training.posthoc_ema import PosthocError
 
     for run in args.runs:
-        emit(sweep(run, args.std, args.step), args.out)
+        try:
+            emit(sweep(run, args.std, args.step), args.out)
+        except PosthocError as e:
+            print(f"ema_sweep.py: error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

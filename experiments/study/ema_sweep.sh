@@ -13,7 +13,7 @@ OUT=${OUT:-exps}
 SEEDS=${SEEDS:-"0 1 2"}
 JOBS=${JOBS:-2}
 NICE=${NICE:-5}
-STDS=${STDS:-"0.02 0.03 0.05 0.07 0.1 0.15 0.2"}
+STDS=${STDS:-"0.03 0.05 0.07 0.1 0.15 0.2"}
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1
 DATA=$OUT/study/data
 RUNS=$OUT/study/ema_runs
