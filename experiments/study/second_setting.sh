@@ -4,8 +4,9 @@
 # 1. builds the 64x64 crops (build_data.py --size 64) and the 32x32 ones if missing (no download);
 # 2. trains, for each seed, at 64x64 with /8 models (64 tokens, as the first setting): SiT,
 #    calibrated DFM-SiT with the first setting's fixed scales and with `stage_scales: auto`,
-#    multi-budget ELIT-SiT, calibrated DFM-ELIT-SiT, and SiT controls with ELIT-SiT's parameters
-#    (sit_params.yaml) and FLOPs (sit_flops.yaml); and the two controls in the first setting (32x32);
+#    multi-budget ELIT-SiT, calibrated DFM-ELIT-SiT, SiT controls with ELIT-SiT's parameters
+#    (sit_params.yaml) and FLOPs (sit_flops.yaml), a calibrated DFM-SiT with DFM-ELIT-SiT's parameters
+#    (s64/dfm_sit_params.yaml); and the two SiT controls in the first setting (32x32);
 #    two runs at a time, one CPU thread each, seed by seed (restartable: finished runs are skipped).
 # The tables and curves of docs/STUDY.md come from summarize.py and budget_curve.py on these runs.
 # Environment: PYTHON (default python), OUT (default exps), SEEDS (default "0 1 2"), JOBS (default 2),
@@ -18,7 +19,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 JOBS=${JOBS:-2}
 NICE=${NICE:-5}
 EXTRA=${EXTRA:-}
-RUNS_64=${RUNS_64:-"sit dfm_sit_calibrated dfm_sit_auto elit_sit dfm_elit_sit_calibrated sit_params sit_flops"}
+RUNS_64=${RUNS_64:-"sit dfm_sit_calibrated dfm_sit_auto elit_sit dfm_elit_sit_calibrated sit_params sit_flops dfm_sit_params"}
 RUNS_32=${RUNS_32:-"sit_params sit_flops"}
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1
 D64=$OUT/study64/data
