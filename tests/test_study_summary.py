@@ -36,3 +36,18 @@ def test_mean_std_table_and_crossings(tmp_path):
     assert "| DFM | 32.5 (300) | not reached, not reached, not reached |" in text
     with open(tmp_path / "study_swd.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
+
+
+def test_ema_sweep_table_groups_seeds_and_orders_the_fixed_decay_first():
+    spec = importlib.util.spec_from_file_location("ema_sweep", os.path.join(REPO, "experiments", "study",
+                                                                            "ema_sweep.py"))
+    ema_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ema_sweep)
+    records = [{"run": "sit_s0", "std": 0.1, "swd": 58.0}, {"run": "sit_s1", "std": 0.1, "swd": 61.0},
+               {"run": "sit_s0", "std": None, "ema_decay": 0.995, "swd": 56.0},
+               {"run": "dfm_s12", "std": 0.05, "swd": 50.0}, {"run": "sit_s0", "std": 0.05, "swd": 55.0}]
+    lines = ema_sweep.table(records).splitlines()
+    assert lines[0] == "| EMA (swd x 1e3, mean ± std, n) | sit | dfm |"
+    assert lines[2] == "| fixed decay 0.995 | 56.0 ± 0.0 (1) |  |"
+    assert lines[3] == "| 0.05 | 55.0 ± 0.0 (1) | 50.0 ± 0.0 (1) |"
+    assert lines[4] == f"| 0.1 | 59.5 ± {np.std([58.0, 61.0], ddof=1):.1f} (2) |  |"
