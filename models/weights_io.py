@@ -165,12 +165,17 @@ def read_weights_file(path: str) -> dict:
         if group not in checkpoint:
             raise ValueError(f"{path}: tensor {name!r} belongs to none of the groups {groups}")
         checkpoint[group][key] = tensor
-    for key in JSON_FIELDS:
-        if meta.get(key):
-            checkpoint[key] = json.loads(meta[key])
-    if meta.get("steps"):
-        checkpoint["steps"] = int(meta["steps"])
+    checkpoint.update(header_fields(meta))
     return checkpoint
+
+
+def header_fields(meta: Mapping[str, str]) -> dict:
+    """The JSON fields (``arch``, ``config``, ``weights_info``) and ``steps`` of a header written by
+    :func:`export_weights`, without reading any tensor."""
+    fields = {key: json.loads(meta[key]) for key in JSON_FIELDS if meta.get(key)}
+    if meta.get("steps"):
+        fields["steps"] = int(meta["steps"])
+    return fields
 
 
 def _detached_copies(state: Mapping[str, torch.Tensor], prefix: str, seen: set) -> Dict[str, torch.Tensor]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import json
 import math
 import os
 import re
@@ -171,6 +170,8 @@ def list_snapshots(run: str) -> List[Snapshot]:
     """The snapshots of a run folder, oldest first (PosthocError for none, or a damaged one)."""
     from safetensors import safe_open
 
+    from models.weights_io import header_fields
+
     folder = os.path.join(run, FOLDER)
     paths = sorted(p for p in glob.glob(os.path.join(folder, "*.safetensors")) if SNAPSHOT.match(os.path.basename(p)))
     if not paths:
@@ -180,7 +181,7 @@ def list_snapshots(run: str) -> List[Snapshot]:
     for path in paths:
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                info = json.loads((f.metadata() or {}).get("weights_info", "null"))
+                info = header_fields(f.metadata() or {}).get("weights_info")
             found.append(Snapshot(path, int(SNAPSHOT.match(os.path.basename(path)).group(1)), int(info["t"]),
                                   [float(s) for s in info["stds"]]))
         except Exception as e:  # noqa: BLE001 - safetensors and json fail in many ways
@@ -190,10 +191,14 @@ def list_snapshots(run: str) -> List[Snapshot]:
     return found
 
 
+def _kernels(snapshots: List[Snapshot]) -> tuple:
+    """(times, exponents) of every stored profile of every snapshot, in the order of their tensors."""
+    return [s.t for s in snapshots for _ in s.stds], [std_to_exponent(std) for s in snapshots for std in s.stds]
+
+
 def reachable_stds(snapshots: List[Snapshot], t_target: float) -> tuple:
     """(lowest, highest) std the snapshots reconstruct within MAX_KERNEL_ERROR at t_target."""
-    times = [s.t for s in snapshots for _ in s.stds]
-    gammas = [std_to_exponent(std) for s in snapshots for std in s.stds]
+    times, gammas = _kernels(snapshots)
     ok = [std for std in np.geomspace(0.005, MAX_STD, 120)
           if solve_coefficients(times, gammas, t_target, std_to_exponent(std))[1] <= MAX_KERNEL_ERROR]
     return (float(min(ok)), float(max(ok))) if ok else (None, None)
@@ -205,8 +210,6 @@ def reconstruct(run: str, stds: Sequence[float], step: Optional[int] = None, out
     std can be reconstructed (PosthocError: one line)."""
     from safetensors import safe_open
 
-    from models.weights_io import read_weights_file
-
     snapshots = list_snapshots(run)
     step = snapshots[-1].step if step is None else int(step)
     used = [s for s in snapshots if s.step <= step]
@@ -214,8 +217,7 @@ def reconstruct(run: str, stds: Sequence[float], step: Optional[int] = None, out
         raise PosthocError(f"{run} has no post-hoc EMA snapshot at step {step}; snapshots: "
                            f"{', '.join(str(s.step) for s in snapshots)}")
     t_target = used[-1].t
-    times = [s.t for s in used for _ in s.stds]
-    gammas = [std_to_exponent(std) for s in used for std in s.stds]
+    times, gammas = _kernels(used)
     plans = []
     for std in stds:
         if not 0 < std <= MAX_STD:
@@ -228,45 +230,41 @@ def reconstruct(run: str, stds: Sequence[float], step: Optional[int] = None, out
                                f"step {step}) reconstruct it only with a {error:.0%} kernel error (at most "
                                f"{MAX_KERNEL_ERROR:.0%}); reachable here: {reach}")
         plans.append((std, x, error))
-    last = read_weights_file(used[-1].path)
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(s.path, framework="pt", device="cpu")) for s in used]
-        return _combine(run, handles, used, plans, last, step, t_target, out)
+        return _combine(run, handles, used, plans, step, t_target, out)
 
 
-def _combine(run, handles, used, plans, last, step, t_target, out) -> List[dict]:
-    from models.weights_io import export_weights
+def _combine(run, handles, used, plans, step, t_target, out) -> List[dict]:
+    """Every std's reconstruction, reading each stored tensor once (for all stds), then written."""
+    from models.weights_io import export_weights, header_fields
 
+    last = header_fields(handles[-1].metadata() or {})
+    sources = [(handle, p) for handle, snap in zip(handles, used) for p in range(len(snap.stds))]
     try:
         keys = [k[len("p0."):] for k in handles[-1].keys() if k.startswith("p0.")]
-        records = []
-        for std, x, error in plans:
-            weights, i = {}, 0
-            coefficient = []
-            for handle, snap in zip(handles, used):
-                for p in range(len(snap.stds)):
-                    coefficient.append((handle, p, float(x[i])))
-                    i += 1
-            for key in keys:
-                acc = None
-                for handle, p, c in coefficient:
-                    tensor = handle.get_tensor(f"p{p}.{key}").to(torch.float64)
-                    acc = tensor * c if acc is None else acc + tensor * c
-                weights[key] = acc.to(last["p0"][key].dtype)
-            folder = out or os.path.join(run, FOLDER, "reconstructed")
-            path = os.path.join(folder, f"{step:07d}-std{std:.4g}.safetensors")
-            info = {"kind": "posthoc_ema", "std": float(std), "step": step, "t": t_target,
-                    "profiles": used[-1].stds, "snapshots": len(used), "kernel_error": error}
-            export_weights(path, {"ema": weights}, arch=last.get("arch"), config=last.get("config"), steps=step,
-                           weights_info=info)
-            records.append({"path": path, **info, "coefficients": [float(v) for v in x]})
-        return records
-    except (KeyError, Exception) as e:  # noqa: BLE001 - a tensor missing or unreadable in a snapshot
-        if isinstance(e, OSError):
-            raise
+        weights = [{} for _ in plans]
+        for key in keys:
+            tensors = [handle.get_tensor(f"p{p}.{key}") for handle, p in sources]
+            for out_weights, (_, x, _) in zip(weights, plans):
+                acc = sum(t.to(torch.float64) * float(c) for t, c in zip(tensors, x))
+                out_weights[key] = acc.to(tensors[-1].dtype)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a tensor missing or unreadable in a snapshot
         raise PosthocError(f"the post-hoc EMA snapshots of {run} do not hold the same readable tensors "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); a snapshot is "
                            "damaged or from another run") from None
+    folder = out or os.path.join(run, FOLDER, "reconstructed")
+    records = []
+    for (std, x, error), state in zip(plans, weights):
+        path = os.path.join(folder, f"{step:07d}-std{std:.4g}.safetensors")
+        info = {"kind": "posthoc_ema", "std": float(std), "step": step, "t": t_target,
+                "profiles": used[-1].stds, "snapshots": len(used), "kernel_error": error}
+        export_weights(path, {"ema": state}, arch=last.get("arch"), config=last.get("config"), steps=step,
+                       weights_info=info)
+        records.append({"path": path, **info, "coefficients": [float(v) for v in x]})
+    return records
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
