@@ -112,7 +112,7 @@ def describe_checkpoint(path: str, use_ema: bool, trust_checkpoint: bool) -> dic
     """The ``checkpoint`` fields of a record. The file is read again (memory-mapped for ``.pt``) for its
     step and ``weights_info``; its sha256 is the ``.sha256`` sidecar when there is one (loading the model
     checked the file against it), else a full read of the file."""
-    from models.checkpoints import read_checkpoint
+    from models.checkpoints import read_checkpoint, weights_group
 
     from .config import GenerationError
 
@@ -124,11 +124,10 @@ def describe_checkpoint(path: str, use_ema: bool, trust_checkpoint: bool) -> dic
     except (OSError, ValueError) as error:
         raise GenerationError(f"checkpoint {path}: cannot read it again to record its step and sha256 ({error}); "
                               "was it moved or replaced during the run?") from None
-    order = ("ema", "model", "state_dict") if use_ema else ("model", "ema", "state_dict")  # as extract_state_dict
     info = checkpoint.get("weights_info")
     return {"path": str(path), "bytes": size, "sha256": digest, "sha256_from": "sidecar" if sidecar else "file",
             "step": _step(checkpoint.get("steps")), "use_ema": bool(use_ema),
-            "weights": next((k for k in order if isinstance(checkpoint.get(k), dict)), None),
+            "weights": weights_group(checkpoint, use_ema),
             "weights_info": info if isinstance(info, dict) else None}
 
 

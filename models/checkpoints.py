@@ -74,13 +74,20 @@ def read_weights(path: str, what: str) -> dict:
     return state
 
 
+def weights_group(checkpoint: dict, prefer_ema: bool = True) -> Optional[str]:
+    """Which entry of a checkpoint holds the model weights: ``ema`` (if preferred and present),
+    ``model``, ``state_dict``; None when the dict itself is the state dict."""
+    order = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
+    return next((k for k in order if isinstance(checkpoint.get(k), dict)), None)
+
+
 def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The model weights in a checkpoint: ``ema`` (if preferred and present), ``model``,
-    ``state_dict``, or the dict itself; ``module.`` / ``_orig_mod.`` prefixes removed."""
+    """The model weights in a checkpoint (the entry :func:`weights_group` names, or the dict itself);
+    ``module.`` / ``_orig_mod.`` prefixes removed."""
     if not isinstance(checkpoint, dict):
         raise ValueError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
-    order = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
-    state = next((checkpoint[k] for k in order if isinstance(checkpoint.get(k), dict)), checkpoint)
+    group = weights_group(checkpoint, prefer_ema)
+    state = checkpoint if group is None else checkpoint[group]
     clean = {}
     for key, value in state.items():
         if not torch.is_tensor(value):
