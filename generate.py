@@ -21,11 +21,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        from samplers.methods import SAMPLER_METHODS
         from utils.cli import print_text
 
         return print_text(f"{__doc__}\noptions (defaults <- --config FILE.yaml <- key=value / --key value):\n"
-                          + config_help(GenerateConfig, GENERATE_ALIASES, registries={"method": SAMPLER_METHODS}))
+                          + config_help(GenerateConfig, GENERATE_ALIASES))
     try:
         try:
             cfg = load_generate_config(argv)

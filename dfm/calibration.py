@@ -33,8 +33,7 @@ class LevelEnergy:
 
     def add(self, x: torch.Tensor) -> None:
         """x: (B, C, H, W) data in the model's input space (scaled latents or pixels in [-1, 1])."""
-        self.decomposition.check_shape(x.shape[1:])
-        for s, level in enumerate(self.decomposition.split(x.to(torch.float64))):
+        for s, level in enumerate(self.decomposition.levels(x.to(torch.float64))):
             self.sum_sq[s] += float((level ** 2).sum())
             self.count[s] += level.numel()
 

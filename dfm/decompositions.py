@@ -20,6 +20,17 @@ class applies the stage calibration (SPEC §11): level s is multiplied by ``c_s`
 ``split`` and divided by it right before ``merge``; ``split`` also defines the level energies
 that ``auto`` measures. Every level must map onto the model's token grid: level s of side
 ``H_s`` is embedded with patch ``p * H_s / H`` (nearest-upsampled where that is below 1).
+
+The contract the base class keeps for every decomposition:
+
+- it is built on the CPU even when the model is built on the meta device (the skeletons that
+  ``stage_scales: auto`` measures data with and that FLOPs are counted on): ``SiT`` builds it
+  inside ``torch.device("cpu")``, so tensors made in ``__init__`` (a blur kernel) hold values;
+- tensors it holds as attributes follow the data: every public method (``decompose``,
+  ``recompose``, ``recompose_first``, ``levels``) first moves them to the input's device, so a
+  decomposition works wherever the model and its data are (GPU, CPU) with no code of its own;
+- it holds no trained state: an ``nn.Parameter`` or ``nn.Module`` attribute is refused with one
+  line (checkpoints hold the model's weights only; a decomposition is rebuilt from its spec).
 """
 from __future__ import annotations
 
@@ -30,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.modules import inner_module
 from utils.registry import Registry
 
 DECOMPOSITIONS = Registry("decomposition", default="laplacian", context=("num_stages", "scales"))
@@ -75,6 +87,23 @@ class Decomposition:
         self.num_stages = num_stages
         self.scales = check_stage_scales(scales, num_stages)
 
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, (torch.nn.Parameter, torch.nn.Module)):
+            raise ValueError(f"decomposition {type(self).__name__}: attribute {name!r} is a {type(value).__name__}; "
+                             "a decomposition holds no trained state (keep plain tensors: they follow the data's "
+                             "device), see dfm/decompositions.py")
+        object.__setattr__(self, name, value)
+
+    def _follow(self, device: torch.device) -> None:
+        """Move the tensors this decomposition holds to ``device`` (the contract in the module docstring)."""
+        for name, value in list(vars(self).items()):
+            if torch.is_tensor(value) and value.device != device:
+                if value.device.type == "meta":
+                    raise ValueError(f"decomposition {type(self).__name__}: tensor {name!r} was made on the meta "
+                                     "device and holds no values; build the decomposition outside a meta-device "
+                                     "context (models build theirs on the CPU)")
+                object.__setattr__(self, name, value.to(device))
+
     # ------------------------------------------------------------------ to implement
     def level_shapes(self, shape: Shape) -> List[Shape]:
         """Per-stage ``(C_s, H_s, W_s)`` of an input ``(C, H, W)``, coarsest first (ValueError if it does not fit)."""
@@ -98,10 +127,15 @@ class Decomposition:
         """Raise a ValueError unless an input of ``(C, H, W)`` decomposes into this many stages."""
         self.level_shapes(tuple(int(v) for v in shape))
 
+    def levels(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """(B, C, H, W) -> the S unscaled levels (what ``stage_scales: auto`` measures)."""
+        self.check_shape(x.shape[1:])
+        self._follow(x.device)
+        return self.split(x)
+
     def decompose(self, x: torch.Tensor) -> List[torch.Tensor]:
         """(B, C, H, W) -> the S levels as the stages see them (``c_s * P_s`` with stage scales)."""
-        self.check_shape(x.shape[1:])
-        levels = self.split(x)
+        levels = self.levels(x)
         if self.scales is not None:
             levels = [level * c for level, c in zip(levels, self.scales)]
         return levels
@@ -115,6 +149,7 @@ class Decomposition:
         """Inverse of :meth:`decompose`: the S stage tensors (coarsest first) -> (B, C, H, W)."""
         if len(levels) != self.num_stages:
             raise ValueError(f"expected {self.num_stages} levels, got {len(levels)}")
+        self._follow(levels[0].device)
         return self.merge(self._unscaled(levels))
 
     def recompose_first(self, levels: Sequence[torch.Tensor], n: int) -> torch.Tensor:
@@ -123,6 +158,7 @@ class Decomposition:
             raise ValueError(f"expected {self.num_stages} levels, got {len(levels)}")
         if n == self.num_stages:
             return self.recompose(levels)
+        self._follow(levels[0].device)
         return self.merge_first(self._unscaled(levels[:n]) + list(levels[n:]), n)
 
 
@@ -190,10 +226,7 @@ def decomposition_of(model, num_stages: int) -> Decomposition:
     """The decomposition ``model`` owns (through DDP / compile wrappers), or the Laplacian pyramid of
     ``num_stages`` for a stand-in without one (a velocity field in a test); ValueError when its
     stage count is not ``num_stages``."""
-    inner = model
-    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):
-        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod")
-    decomposition = getattr(inner, "decomposition", None) or LaplacianPyramid(num_stages)
+    decomposition = getattr(inner_module(model), "decomposition", None) or LaplacianPyramid(num_stages)
     if decomposition.num_stages != num_stages:
         raise ValueError(f"{num_stages} stage(s) asked for, but the model's decomposition has "
                          f"{decomposition.num_stages}")

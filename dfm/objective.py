@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dfm.decompositions import decomposition_of
-from dfm.paths import PATH_TYPES, velocity_target
+from dfm.paths import path_of
+from dfm.predictions import prediction_of
 from dfm.stages import STAGE_SAMPLING, default_stage_weights, sample_stages, validate_stage_weights
 from dfm.timesteps import TIME_DISTRIBUTIONS, sample_logit_normal
 
@@ -37,33 +38,35 @@ class FlowMatchingObjective:
     """Training loss of DFM with S stages; with S = 1 it is the plain flow-matching loss.
 
     Per step: decompose ``x`` with the model's decomposition (``model.decomposition``, which
-    carries its stage scales, SPEC §11: stage s trains on ``c_s * P_s``); draw the trained stage
+    carries its stage scales, SPEC §11: stage s trains on ``c_s * P_s``), noise every level on the
+    model's probability path (``model.path``) and compare the output with the model's prediction
+    target in its loss space (``model.prediction``, velocity by default); draw the trained stage
     ``k``; give stages ``j < k`` low-noise times ``sigmoid(N(loc, scale))``, stage ``k`` a time of
     ``time_distribution`` (a spec of ``dfm.timesteps.TIME_DISTRIBUTIONS``), stages ``j > k``
     ``t = 1`` with their input zeroed and loss masked; sum the per-stage mean-squared errors over
     active stages and average over the batch. ``stage_time_shift``: when stage k is the trained
     stage its time is ``sigmoid(logit(t) + shift_k)`` (lognormal: logit-normal(shift_k, 1));
-    None = the reference. A model without a ``decomposition`` (a stand-in in tests) gets the
-    Laplacian pyramid of ``num_stages``.
+    None = the reference. A model without a ``decomposition``, ``path`` or ``prediction`` (a
+    stand-in in tests) gets the Laplacian pyramid of ``num_stages``, the linear path and velocity.
+    ``time_distribution`` is built for the path of the model it trains (validated on the linear
+    path here).
     """
 
     def __init__(self, num_stages: int, stage_weights: Optional[Sequence[float]] = None,
                  stage_sampling: str = "per_batch", time_distribution="uniform",
-                 path_type: str = "linear", earlier_stage_loc: float = -2.0,
-                 earlier_stage_scale: float = 1.0, proj_coeff: float = 0.0,
+                 earlier_stage_loc: float = -2.0, earlier_stage_scale: float = 1.0, proj_coeff: float = 0.0,
                  stage_time_shift: Optional[Sequence[float]] = None):
         if stage_sampling not in STAGE_SAMPLING:
             raise ValueError(f"stage_sampling must be one of {STAGE_SAMPLING}, got {stage_sampling!r}")
-        if path_type not in PATH_TYPES:
-            raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
         if earlier_stage_scale <= 0:
             raise ValueError(f"earlier_stage_scale must be > 0, got {earlier_stage_scale}")
-        self.time_distribution = TIME_DISTRIBUTIONS.build(time_distribution, path_type=path_type)
+        self.time_distribution_spec = TIME_DISTRIBUTIONS.compact(time_distribution)
+        self._time_distributions = {}  # path object -> its time distribution (one per model trained)
+        self.time_distribution = self.times_on(path_of(None))  # the default path's (validates the spec)
         self.num_stages = num_stages
         weights = default_stage_weights(num_stages) if stage_weights is None else stage_weights
         self.stage_weights = validate_stage_weights(weights, num_stages)
         self.stage_sampling = stage_sampling
-        self.path_type = path_type
         self.earlier_stage_loc = float(earlier_stage_loc)
         self.earlier_stage_scale = float(earlier_stage_scale)
         self.proj_coeff = float(proj_coeff)
@@ -81,11 +84,19 @@ class FlowMatchingObjective:
     def _stage_weights(self, device) -> torch.Tensor:
         return self._on_device("weights", self.stage_weights, device)
 
-    def sample_times(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None):
-        """Draw ``(t, active)``: t (B, S) float32, active (B, S) bool (stage j active iff j <= k)."""
+    def times_on(self, path):
+        """The trained stage's time distribution on ``path`` (built once per path)."""
+        if path not in self._time_distributions:
+            self._time_distributions[path] = TIME_DISTRIBUTIONS.build(self.time_distribution_spec, path=path)
+        return self._time_distributions[path]
+
+    def sample_times(self, batch_size: int, device=None, generator: Optional[torch.Generator] = None, path=None):
+        """Draw ``(t, active)``: t (B, S) float32, active (B, S) bool (stage j active iff j <= k);
+        ``path``: the model's path (None: linear)."""
         S = self.num_stages
         k = sample_stages(batch_size, self._stage_weights(device), self.stage_sampling, generator)
-        t_main = self.time_distribution((batch_size,), device, generator)
+        times = self.time_distribution if path is None else self.times_on(path)
+        t_main = times((batch_size,), device, generator)
         if self.stage_time_shift is not None:
             shift = self._on_device("time_shift", self.stage_time_shift, device)[k]
             t_main = torch.sigmoid(torch.logit(t_main, eps=_LOGIT_EPS) + shift)
@@ -108,20 +119,24 @@ class FlowMatchingObjective:
         B = x.shape[0]
         draw_device = generator.device if generator is not None else x.device
         levels = decomposition_of(model, self.num_stages).decompose(x)
-        t, active = self.sample_times(B, draw_device, generator)
+        path, target = path_of(model), prediction_of(model)
+        t, active = self.sample_times(B, draw_device, generator, path)
         t, active = t.to(x.device), active.to(x.device)
-        inputs, targets = [], []
+        inputs, noised = [], []
         for s, level in enumerate(levels):
             eps = torch.randn(level.shape, device=draw_device, generator=generator).to(x.device, level.dtype)
-            x_t, v = velocity_target(level, eps, t[:, s].to(level.dtype), self.path_type)
+            x_t, v = path.interpolate(level, eps, t[:, s].to(level.dtype))
             inputs.append(x_t)
-            targets.append(v)
+            noised.append((level, eps, x_t, v))
         want_features = encoder_features is not None and self.proj_coeff > 0
         out = model(inputs, t, y, active, return_features=want_features, **(model_kwargs or {}))
         predictions, zs = out if want_features else (out, None)
-        dtype = torch.promote_types(targets[0].dtype, torch.float32)  # bf16 outputs: loss in fp32
-        per_stage = torch.stack([((p.to(dtype) - v.to(dtype)) ** 2).mean(dim=(1, 2, 3))
-                                 for p, v in zip(predictions, targets)], dim=1)
+        dtype = torch.promote_types(levels[0].dtype, torch.float32)  # bf16 outputs: loss in fp32
+        per_stage = []
+        for s, (p, (level, eps, x_t, v)) in enumerate(zip(predictions, noised)):
+            p, v = target.loss_pair(p.to(dtype), level.to(dtype), eps.to(dtype), x_t.to(dtype), v.to(dtype), t[:, s], path)
+            per_stage.append(((p - v) ** 2).mean(dim=(1, 2, 3)))
+        per_stage = torch.stack(per_stage, dim=1)
         mask = active.float()
         loss = (per_stage * mask).sum(dim=1).mean()
         stage_losses = (per_stage * mask).sum(dim=0) / mask.sum(dim=0).clamp_min(1.0)

@@ -1,37 +1,103 @@
-"""Interpolation paths between data (t = 0) and noise (t = 1) (SPEC §1)."""
+"""Probability paths between data (t = 0) and noise (t = 1), chosen by name (SPEC §1).
+
+A path gives ``x_t = alpha(t) x + sigma(t) eps`` and the derivatives of both coefficients; from
+them follow the velocity target ``v = alpha'(t) x + sigma'(t) eps``, the score of the marginal
+from a velocity (the SDE sampler's drift), the diffusion coefficient of the reverse SDE, and the
+time at which the noise-to-signal ratio ``sigma / alpha`` takes a given value (REPA's
+``lognormal`` draws that ratio). The model owns its path (``model.path``, built from the
+``path_type`` option of its ``arch``), so the objective, the samplers, the time distributions,
+``generate.py`` and the provenance records all read the same one.
+
+A new path is one class here, registered by name::
+
+    @PATHS.register("my_path")
+    class MyPath(Path):
+        def __init__(self, sharpness: float = 2.0): ...
+        def coefficients(self, t): ...        # (alpha, sigma, d_alpha, d_sigma) at t
+        def time_at_noise_ratio(self, r): ... # t with sigma(t) / alpha(t) = r (optional)
+
+and selected with ``path_type: my_path`` (or ``{name: my_path, sharpness: 3.0}``) in a training
+config. ``diffusion(t)`` (the reverse SDE's ``w(t)``) defaults to REPA's ``2 t``.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-PATH_TYPES = ("linear", "cosine")
+from utils.modules import inner_module
+from utils.registry import Registry
+
+PATHS = Registry("probability path", default="linear")
 
 
-def interpolant(t: torch.Tensor, path_type: str = "linear"):
-    """Return ``(alpha, sigma, d_alpha, d_sigma)`` with ``x_t = alpha * x + sigma * eps``."""
-    if path_type == "linear":
+class Path:
+    """Base class: ``x_t = alpha(t) x + sigma(t) eps`` (t = 0 data, t = 1 noise)."""
+
+    def coefficients(self, t: torch.Tensor):
+        """``(alpha, sigma, d_alpha, d_sigma)`` at times ``t`` (any shape, broadcast as given)."""
+        raise NotImplementedError
+
+    def time_at_noise_ratio(self, ratio: torch.Tensor) -> torch.Tensor:
+        """The time at which ``sigma / alpha`` equals ``ratio`` (> 0): what REPA's ``lognormal``
+        samples (``ratio = exp(N(0, 1))``). A path without a closed form may leave it out."""
+        raise NotImplementedError(f"the probability path {type(self).__name__} does not define "
+                                  "time_at_noise_ratio; choose a time distribution defined in t")
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        """``w(t)`` of the reverse SDE ``dx = (v - w/2 score) dt + sqrt(w) dW`` (REPA: ``2 t``)."""
+        return 2 * t
+
+    # ------------------------------------------------------------------ provided
+    def interpolate(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
+        """``(x_t, v)`` for data ``x`` (B, ...), noise ``eps`` and per-sample times ``t`` (B,)."""
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        alpha, sigma, d_alpha, d_sigma = (a.view(shape) for a in self.coefficients(t))
+        return alpha * x + sigma * eps, d_alpha * x + d_sigma * eps
+
+    def score_from_velocity(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Score of the marginal at ``t`` (broadcastable to ``x_t``) from the velocity: with
+        ``x = (x_t - sigma eps) / alpha`` in ``v = alpha' x + sigma' eps``, ``eps = -sigma score``.
+        Linear path: ``s = -((1 - t) v + x_t) / t``."""
+        alpha, sigma, d_alpha, d_sigma = self.coefficients(t)
+        ratio = alpha / d_alpha
+        variance = sigma ** 2 - ratio * d_sigma * sigma
+        return (ratio * v - x_t) / variance
+
+
+@PATHS.register("linear")
+class Linear(Path):
+    """The rectified-flow / SiT linear path: alpha = 1 - t, sigma = t."""
+
+    def coefficients(self, t):
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type == "cosine":
+
+    def time_at_noise_ratio(self, ratio):
+        return ratio / (1 + ratio)
+
+
+@PATHS.register("cosine")
+class Cosine(Path):
+    """REPA's cosine path (SiT's GVP): alpha = cos(pi t / 2), sigma = sin(pi t / 2)."""
+
+    def coefficients(self, t):
         half_pi = math.pi / 2
         return (torch.cos(half_pi * t), torch.sin(half_pi * t),
                 -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
-    raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
+
+    def time_at_noise_ratio(self, ratio):
+        return 2 / math.pi * torch.atan(ratio)
 
 
-def velocity_target(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, path_type: str = "linear"):
-    """Return ``(x_t, v)`` for data ``x``, noise ``eps`` and per-sample ``t`` of shape (B,)."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    alpha, sigma, d_alpha, d_sigma = (a.view(shape) for a in interpolant(t, path_type))
-    return alpha * x + sigma * eps, d_alpha * x + d_sigma * eps
+_DEFAULT = []  # the default path, built once (stand-ins share one object: caches keyed by path stay small)
 
 
-def score_from_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, path_type: str = "linear"):
-    """Score of the marginal at time ``t`` from the velocity (``t`` broadcastable to ``x_t``).
-
-    Linear path: ``s = -((1 - t) v + x_t) / t``.
-    """
-    alpha, sigma, d_alpha, d_sigma = interpolant(t, path_type)
-    ratio = alpha / d_alpha
-    variance = sigma ** 2 - ratio * d_sigma * sigma
-    return (ratio * v - x_t) / variance
+def path_of(model) -> Path:
+    """The path ``model`` owns (through DDP / compile wrappers), or the default (linear) path for a
+    stand-in without one (an analytic velocity field in a test)."""
+    found = getattr(inner_module(model), "path", None)
+    if found is not None:
+        return found
+    if not _DEFAULT:
+        _DEFAULT.append(PATHS.build(None))
+    return _DEFAULT[0]

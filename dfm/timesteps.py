@@ -6,11 +6,11 @@ is the same key): a name, or a mapping with the name and its parameters, e.g.
 
     @TIME_DISTRIBUTIONS.register("my_times")
     class MyTimes(TimeDistribution):
-        def __init__(self, path_type: str = "linear", sharpness: float = 2.0): ...
+        def __init__(self, path=None, sharpness: float = 2.0): ...
         def __call__(self, shape, device=None, generator=None): ...   # t in [0, 1], float32
 
-``path_type`` (the interpolation path of the run) is passed to every entry; the other
-parameters are its config. Draw every random number from ``generator`` (the run's "data"
+``path`` (the probability path of the model being trained, a ``dfm.paths.Path``) is passed to
+every entry; the other parameters are its config. Draw every random number from ``generator`` (the run's "data"
 stream, seeded per micro-batch): a draw from torch's global generator would take numbers from
 the stream of the model's label dropout. Samplers of ``torch.distributions`` (Beta, Gamma, ...)
 take no generator; wrap them in :func:`generator_as_global`.
@@ -18,22 +18,23 @@ take no generator; wrap them in :func:`generator_as_global`.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import torch
 
+from dfm.paths import PATHS, Path
 from utils.registry import Registry
 
 # The reference's / REPA's `weighting` values (uniform, lognormal) are the names of two entries.
-TIME_DISTRIBUTIONS = Registry("time distribution", default="lognormal", context=("path_type",))
+TIME_DISTRIBUTIONS = Registry("time distribution", default="lognormal", context=("path",))
 
 
 class TimeDistribution:
-    """Base class: ``dist(shape, device, generator)`` -> times in [0, 1] (float32, t = 1 is noise)."""
+    """Base class: ``dist(shape, device, generator)`` -> times in [0, 1] (float32, t = 1 is noise);
+    ``self.path``: the probability path (the linear one when none is given)."""
 
-    def __init__(self, path_type: str = "linear"):
-        self.path_type = path_type
+    def __init__(self, path: Optional[Path] = None):
+        self.path = path if path is not None else PATHS.build(None)
 
     def __call__(self, shape, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -49,29 +50,29 @@ class Uniform(TimeDistribution):
 
 @TIME_DISTRIBUTIONS.register("lognormal")
 class LogNormal(TimeDistribution):
-    """REPA's lognormal: sigma = exp(N(0, 1)), t = sigma / (1 + sigma) (logit-normal(0, 1)) on the
-    linear path, t = 2/pi * atan(sigma) on the cosine path."""
+    """REPA's lognormal: the noise-to-signal ratio sigma / alpha = exp(N(0, 1)), turned into a time by
+    the path (linear: t = r / (1 + r), i.e. logit-normal(0, 1); cosine: t = 2/pi * atan(r))."""
 
-    def __init__(self, path_type: str = "linear"):
-        if path_type not in ("linear", "cosine"):
-            raise ValueError(f"path_type must be 'linear' or 'cosine', got {path_type!r}")
-        super().__init__(path_type)
+    def __init__(self, path: Optional[Path] = None):
+        super().__init__(path)
+        if type(self.path).time_at_noise_ratio is Path.time_at_noise_ratio:
+            raise ValueError(f"time distribution 'lognormal' needs a path that defines time_at_noise_ratio; "
+                             f"{type(self.path).__name__} does not (choose a time distribution defined in t, "
+                             "e.g. logit_normal)")
 
     def __call__(self, shape, device=None, generator=None):
-        sigma = torch.randn(shape, device=device, generator=generator).exp()
-        if self.path_type == "linear":
-            return sigma / (1 + sigma)
-        return 2 / math.pi * torch.atan(sigma)
+        ratio = torch.randn(shape, device=device, generator=generator).exp()
+        return self.path.time_at_noise_ratio(ratio)
 
 
 @TIME_DISTRIBUTIONS.register("logit_normal")
 class LogitNormal(TimeDistribution):
     """sigmoid(N(loc, scale^2)) on any path (loc > 0: noisier times; SD3's default is loc 0, scale 1)."""
 
-    def __init__(self, path_type: str = "linear", loc: float = 0.0, scale: float = 1.0):
+    def __init__(self, path: Optional[Path] = None, loc: float = 0.0, scale: float = 1.0):
         if not scale > 0:
             raise ValueError(f"time distribution 'logit_normal': scale must be > 0, got {scale}")
-        super().__init__(path_type)
+        super().__init__(path)
         self.loc, self.scale = float(loc), float(scale)
 
     def __call__(self, shape, device=None, generator=None):
@@ -84,10 +85,11 @@ def sample_logit_normal(shape, loc: float = -2.0, scale: float = 1.0, device=Non
     return torch.sigmoid(loc + scale * torch.randn(shape, device=device, generator=generator))
 
 
-def sample_timesteps(n: int, weighting="uniform", path_type: str = "linear", device=None,
+def sample_timesteps(n: int, weighting="uniform", path_type=None, device=None,
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Times of the trained stage, shape (n,), from the distribution ``weighting`` (a spec)."""
-    return TIME_DISTRIBUTIONS.build(weighting, path_type=path_type)((n,), device, generator)
+    """Times of the trained stage, shape (n,), from the distribution ``weighting`` (a spec) on the
+    path ``path_type`` (a spec of ``dfm.paths.PATHS``; None: linear)."""
+    return TIME_DISTRIBUTIONS.build(weighting, path=PATHS.build(path_type))((n,), device, generator)
 
 
 @contextlib.contextmanager

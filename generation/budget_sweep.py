@@ -115,7 +115,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     from omegaconf import OmegaConf
     from .model_loading import load_sampling_model
     from .noise import initial_noise, sde_generators
-    from .runner import Decoder, _autocast, set_precision
+    from .runner import Decoder, _autocast, model_transport, set_precision
 
     if num_seeds < 1:
         raise GenerationError(f"--num-seeds must be >= 1, got {num_seeds}")
@@ -133,7 +133,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
         raise GenerationError(f"--class-label must be in [0, {model.num_classes}), got {class_label}")
     cfg = resolve_config(cfg, arch_name=model.arch.get("name", model_name), num_stages=model.num_stages,
                          num_classes=model.num_classes, input_size=model.input_size, ckpt_config=train_config,
-                         stage_scales=model.stage_scales)
+                         stage_scales=model.stage_scales, **model_transport(model))
     try:
         levels = sweep_budgets(model, budgets, all_levels)
     except ValueError as error:
@@ -155,7 +155,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
         with torch.no_grad(), _autocast(cfg.precision, dev):
             final = samplers.sample(model, noise, y, num_steps_per_scale=list(cfg.num_steps_per_scale),
                                     thresholds=list(cfg.thresholds), method=cfg.method, cfg_scale=cfg.cfg_scale,
-                                    path_type=cfg.path_type, generator=generator, inference_budget=budget)
+                                    generator=generator, inference_budget=budget)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start

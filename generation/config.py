@@ -16,37 +16,39 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dfm.paths import PATHS
+from dfm.predictions import PREDICTIONS
 from samplers.methods import SAMPLER_METHODS
 from utils.config import Alias
 
 from .labels import LABEL_MODES
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-PATH_TYPES = ("linear", "cosine")
 DEFAULT_VAE = "ft-ema"
 
 # Keys that change the pixels of sample i; a run folder refuses to mix images made with
 # different values of these (num_samples matters only for balanced labels, see below).
 SAMPLE_KEYS = ("model", "stages", "num_classes", "seed", "labels", "method", "num_steps_per_scale",
-               "thresholds", "cfg_scale", "guidance_low", "guidance_high", "path_type", "vae",
+               "thresholds", "cfg_scale", "guidance_low", "guidance_high", "path_type", "prediction", "vae",
                "resolution", "precision", "use_ema", "inference_budget", "unconditional_inference_budget",
                "autoguidance")
 
 
 # Sample keys added later, with the value that folders written before them were made with.
-_ADDED_KEYS = {"inference_budget": None, "unconditional_inference_budget": None, "autoguidance": False}
+_ADDED_KEYS = {"inference_budget": None, "unconditional_inference_budget": None, "autoguidance": False,
+               "prediction": "velocity"}
 
 
 class GenerationError(Exception):
     """A problem the user can fix (bad option, wrong checkpoint, ...); printed without a traceback."""
 
 
-def _help(text: str, default: Any = None, factory=None, spec: bool = False):
+def _help(text: str, default: Any = None, factory=None, registry=None):
     from utils.config import option_help
 
     if factory is not None:
-        return field(default_factory=factory, metadata=option_help(text, spec))
-    return field(default=default, metadata=option_help(text, spec))
+        return field(default_factory=factory, metadata=option_help(text, registry=registry))
+    return field(default=default, metadata=option_help(text, registry=registry))
 
 
 @dataclass
@@ -62,7 +64,7 @@ class GenerateConfig:
                         "random")
     num_classes: Optional[int] = _help("number of classes (null: from the model)")
     method: Any = _help("sampler method: a name or {name: ..., parameter: value} (samplers/methods.py): euler, heun "
-                        "(ODE), sde (Euler-Maruyama), ...", "euler", spec=True)
+                        "(ODE), sde (Euler-Maruyama), ...", "euler", registry=SAMPLER_METHODS)
     num_steps_per_scale: Optional[List[int]] = _help(
         "steps of each stage's chunk, e.g. [40, 10]; SiT: [N] (null: [50] for SiT, [40, 10] for S=2, "
         "[40] + [10] * (S-1) beyond)")
@@ -86,7 +88,11 @@ class GenerateConfig:
     stage_scales: Any = _help(
         "stage calibration (SPEC §11) is read from the checkpoint: null or auto = the checkpoint's; a list "
         "(or none) is checked against it and a mismatch is an error")
-    path_type: Optional[str] = _help("linear | cosine (null: from the checkpoint, else linear)")
+    path_type: Any = _help("probability path (dfm/paths.py); null: the checkpoint's (stored with the model; "
+                           "REPA / official SiT checkpoints: linear). A checkpoint of ours must match a value given; "
+                           "for a foreign checkpoint it says how the weights were trained", registry=PATHS)
+    prediction: Any = _help("what the model outputs (dfm/predictions.py); null: the checkpoint's (foreign "
+                            "checkpoints: velocity); as path_type", registry=PREDICTIONS)
     vae: Optional[str] = _help("ft-ema | ft-mse | a local folder | none for pixel models "
                                "(null: from the checkpoint, else ft-ema)")
     resolution: Optional[int] = _help("image size in pixels (null: from the checkpoint / model)")
@@ -189,8 +195,12 @@ def validate_config(cfg: DictConfig) -> None:
         fail("method", str(error))
     if cfg.precision not in PRECISIONS:
         fail("precision", f"must be one of {PRECISIONS}, got {cfg.precision!r}")
-    if cfg.path_type is not None and cfg.path_type not in PATH_TYPES:
-        fail("path_type", f"must be one of {PATH_TYPES}, got {cfg.path_type!r}")
+    for key, registry in (("path_type", PATHS), ("prediction", PREDICTIONS)):
+        if cfg[key] is not None:
+            try:
+                cfg[key] = registry.compact(cfg[key])
+            except ValueError as error:
+                fail(key, str(error))
     if cfg.stages is not None and cfg.stages < 1:
         fail("stages", f"must be >= 1, got {cfg.stages}")
     if cfg.num_classes is not None and cfg.num_classes < 1:
@@ -228,11 +238,13 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_classes: int,
-                   input_size: int, ckpt_config: dict | None, stage_scales=None) -> DictConfig:
+                   input_size: int, ckpt_config: dict | None, stage_scales=None,
+                   path_type="linear", prediction="velocity") -> DictConfig:
     """Fill every null key from the model / checkpoint config and check it against the model.
 
-    arch_name, num_stages, num_classes, input_size, stage_scales: of the loaded model.
-    ckpt_config: the training config stored in our checkpoints (None for published ones).
+    arch_name, num_stages, num_classes, input_size, stage_scales, path_type, prediction: of the
+    loaded model (the last two as specs). ckpt_config: the training config stored in our
+    checkpoints (None for published ones).
     """
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     ckpt_config = ckpt_config or {}
@@ -262,10 +274,11 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
     if len(out.thresholds) != S - 1:
         fail("thresholds", f"needs {S - 1} value(s) for a {S}-stage model, got {list(out.thresholds)}")
 
-    if out.path_type is None:
-        out.path_type = ckpt_config.get("path_type") or "linear"
-    if out.path_type not in PATH_TYPES:
-        fail("path_type", f"must be one of {PATH_TYPES}, got {out.path_type!r}")
+    for key, registry, stored in (("path_type", PATHS, path_type), ("prediction", PREDICTIONS, prediction)):
+        if out[key] is not None and registry.canonical(out[key]) != registry.canonical(stored):
+            fail(key, f"{out[key]!r} given, but the checkpoint's model was trained with {stored!r}; it comes with "
+                      "the weights: drop the key")
+        out[key] = registry.compact(stored)
     if out.vae is None:
         if "vae" in ckpt_config:  # training writes "none" (or an empty value) for pixel space
             stored = ckpt_config["vae"]
@@ -335,8 +348,10 @@ def default_run_name(cfg: DictConfig) -> str:
         parts.append(f"{'ag' if cfg.autoguidance else 'ub'}{_num(cfg.unconditional_inference_budget)}")
     if cfg.cfg_scale != 1.0 and (cfg.guidance_low, cfg.guidance_high) != (0.0, 1.0):
         parts.append(f"g{_num(cfg.guidance_low)}-{_num(cfg.guidance_high)}")
-    if cfg.path_type != "linear":
-        parts.append(cfg.path_type)
+    if cfg.path_type not in ("linear", None):
+        parts.append(PATHS.tag(cfg.path_type))
+    if cfg.get("prediction") not in ("velocity", None):
+        parts.append(PREDICTIONS.tag(cfg.prediction))
     if cfg.vae != "none":
         short = cfg.vae.replace("stabilityai/sd-vae-", "")
         vae = short if short in ("ft-ema", "ft-mse", "ema", "mse") else "vae-" + checkpoint_tag(cfg.vae)

@@ -23,7 +23,7 @@ Fields (JSON object):
   ``nfe`` (model evaluations per sample), ``nfe_with_cfg`` (x2 when ``cfg_scale != 1``: the
   unconditional pass; an upper bound when the guidance interval is narrower than [0, 1]),
   ``cfg_scale``, ``guidance_low``, ``guidance_high``, ``inference_budget``,
-  ``unconditional_inference_budget``, ``autoguidance``, ``path_type``, ``precision``, ``vae``,
+  ``unconditional_inference_budget``, ``autoguidance``, ``path_type``, ``prediction``, ``precision``, ``vae``,
   ``resolution``;
 - ``seed``, ``labels``, ``num_classes``, ``num_samples``, ``num_processes``;
 - ``code_version`` (git commit of this repository, ``-dirty`` appended when ``git status
@@ -141,7 +141,8 @@ def sampler_settings(config: dict) -> dict:
             "autoguidance", "path_type", "precision", "vae", "resolution")
     return {"method": config["method"], "method_text": describe(config["method"]), "num_steps_per_scale": steps,
             "thresholds": list(config["thresholds"]), "nfe": nfe,
-            "nfe_with_cfg": 2 * nfe if config["cfg_scale"] != 1.0 else nfe, **{k: config[k] for k in keys}}
+            "nfe_with_cfg": 2 * nfe if config["cfg_scale"] != 1.0 else nfe, **{k: config[k] for k in keys},
+            "prediction": config.get("prediction", "velocity")}
 
 
 class RunRecord:

@@ -97,10 +97,18 @@ def generate_batch(model, cfg: DictConfig, indices: list[int], labels: torch.Ten
             model, noise, y, num_steps_per_scale=list(cfg.num_steps_per_scale),
             thresholds=list(cfg.thresholds), method=cfg.method, cfg_scale=cfg.cfg_scale,
             guidance_low=cfg.guidance_low, guidance_high=cfg.guidance_high,
-            path_type=cfg.path_type, generator=generator, **budget_kwargs(cfg))
+            generator=generator, **budget_kwargs(cfg))
     with torch.no_grad():
         x = model.decomposition.recompose([f.float() for f in final])
         return decoder(x)
+
+
+def model_transport(model) -> dict:
+    """``{"path_type", "prediction"}`` specs of a loaded model (its arch; defaults when it stores none)."""
+    from dfm import PATHS, PREDICTIONS
+
+    return {"path_type": PATHS.compact(model.arch.get("path_type")),
+            "prediction": PREDICTIONS.compact(model.arch.get("prediction"))}
 
 
 def budget_kwargs(cfg: DictConfig) -> dict:
@@ -176,10 +184,11 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
 
     set_precision(cfg.precision)
     model, train_config = load_sampling_model(cfg.ckpt, cfg.model, cfg.use_ema, ctx.device,
-                                               trust_checkpoint=cfg.trust_checkpoint)
+                                               trust_checkpoint=cfg.trust_checkpoint,
+                                               foreign_options={"path_type": cfg.path_type, "prediction": cfg.prediction})
     cfg = resolve_config(cfg, arch_name=model.arch.get("name", cfg.model), num_stages=model.num_stages,
                          num_classes=model.num_classes, input_size=model.input_size,
-                         ckpt_config=train_config, stage_scales=model.stage_scales)
+                         ckpt_config=train_config, stage_scales=model.stage_scales, **model_transport(model))
     check_model_budgets(model, cfg)
     N, size = cfg.num_samples, cfg.resolution
     run_dir = Path(cfg.sample_dir) / cfg.run_name

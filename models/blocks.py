@@ -10,12 +10,18 @@ options (``model_overrides: {mlp: swiglu}`` in a training config, stored in the 
         def __init__(self, dim: int, hidden: int, bias: bool = True): ...
 
 The context arguments (``dim``, ``hidden`` = ``int(dim * mlp_ratio)``, ``num_heads``,
-``qk_norm``) come from the model; the other parameters are the part's config. Parameter names
+``qk_norm``) come from the model; the other parameters are the part's config. A part whose
+``forward`` takes a ``positions`` argument gets the (row, column) grid coordinates of its
+tokens, ``(T, 2)`` float: the image tokens' for SiT and DFM-SiT, and for ELIT's core blocks the
+grid positions the kept latents stand for (``models.elit.latent_positions``). Parts that encode
+positions themselves (RoPE) usually go with ``position_embedding: none`` (no sin-cos table). Parameter names
 inside a part are the checkpoint's key names (``blocks.{i}.mlp.fc1.weight``); the defaults keep
 the published SiT / REPA / DFM key names. FLOPs are counted op by op (``bench.flops``), and
 compilation compiles whole blocks (``models.compile``), so a new part needs nothing else.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn as nn
@@ -74,9 +80,15 @@ def layer_norm(dim: int, eps: float = 1e-6, affine: bool = False) -> nn.Module:
     return nn.LayerNorm(dim, elementwise_affine=affine, eps=eps)
 
 
+def takes_positions(part: nn.Module) -> bool:
+    """Whether a block part's ``forward`` has a ``positions`` parameter (then the block passes them)."""
+    return "positions" in inspect.signature(part.forward).parameters
+
+
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning; ``mlp``, ``norm`` and ``attention`` are specs
-    of :data:`MLPS`, :data:`NORMS` and :data:`ATTENTIONS`."""
+    of :data:`MLPS`, :data:`NORMS` and :data:`ATTENTIONS`. ``forward(x, c, positions)``: parts that
+    take ``positions`` (see the module docstring) get them."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
                  mlp=MLPS.default(), norm=NORMS.default(), attention=ATTENTIONS.default()):
@@ -86,9 +98,17 @@ class SiTBlock(nn.Module):
         self.norm2 = NORMS.build(norm, dim=hidden_size)
         self.mlp = MLPS.build(mlp, dim=hidden_size, hidden=int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self._with_positions = {name for name in ("norm1", "attn", "norm2", "mlp") if takes_positions(getattr(self, name))}
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _part(self, name: str, x: torch.Tensor, positions) -> torch.Tensor:
+        part = getattr(self, name)
+        return part(x, positions=positions) if name in self._with_positions else part(x)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, positions: torch.Tensor = None) -> torch.Tensor:
+        """x (B, T, D) tokens, c (B, D) conditioning, positions (T, 2) their grid coordinates."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        h = modulate(self._part("norm1", x, positions), shift_msa, scale_msa)
+        x = x + gate_msa.unsqueeze(1) * self._part("attn", h, positions)
+        h = modulate(self._part("norm2", x, positions), shift_mlp, scale_mlp)
+        x = x + gate_mlp.unsqueeze(1) * self._part("mlp", h, positions)
         return x

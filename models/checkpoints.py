@@ -74,6 +74,26 @@ def read_weights(path: str, what: str) -> dict:
     return state
 
 
+# Arch options that lived only in the run config before they were options of the model: a stored
+# arch without them takes them from the checkpoint's config (the run trained with those values).
+_FROM_CONFIG = ("path_type", "prediction")
+
+
+def stored_arch(checkpoint: dict) -> Optional[dict]:
+    """The architecture a checkpoint of ours stores (a copy), completed with the options that older
+    versions kept in the run config only (``path_type``, ``prediction``); None for a checkpoint that
+    stores none (REPA, official SiT, reference DFM / ELIT)."""
+    arch = checkpoint.get("arch") if isinstance(checkpoint, dict) else None
+    if not isinstance(arch, dict):
+        return None
+    arch = dict(arch)
+    config = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    for key in _FROM_CONFIG:
+        if key not in arch and config.get(key) is not None:
+            arch[key] = config[key]
+    return arch
+
+
 def weights_group(checkpoint: dict, prefer_ema: bool = True) -> Optional[str]:
     """Which entry of a checkpoint holds the model weights: ``ema`` (if preferred and present),
     ``model``, ``state_dict``; None when the dict itself is the state dict."""
@@ -234,7 +254,7 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     so memory is allocated only for a model that the weights fill exactly.
     """
     state = extract_state_dict(checkpoint, prefer_ema)
-    stored = checkpoint.get("arch") if isinstance(checkpoint.get("arch"), dict) else None
+    stored = stored_arch(checkpoint)
     looks_like = None
     if stored is not None:
         if name is not None and name != stored.get("name"):

@@ -12,7 +12,7 @@ import torch
 
 from models.elit import (LATENT_POS_TOKENS, LatentRead, LatentWrite, TokenEditor, budget_levels,
                          init_latent_interface, latents_per_window, mask_levels, merge_latents,
-                         select_latents)
+                         select_latents, window_order)
 from models.sit import SiT
 
 
@@ -24,7 +24,14 @@ class ELITSiT(SiT):
     training budget; a model trained with several budgets (``elit_min_mask_prob <
     elit_max_mask_prob``) raises a ValueError instead, in train and eval mode alike: the trainer
     passes the level it drew, samplers the budget asked for.
+
+    Block parts that take ``positions`` see, in the head and tail blocks, the image tokens' grid
+    coordinates, and in the core blocks the coordinates of the grid position each kept latent
+    stands for (latent j of window w: local position j of that window, as the reference's latent
+    position table is indexed), in the core's window-major order.
     """
+
+    constant_tensors = SiT.constant_tensors + ("window_index",)
 
     def __init__(self, *, group_size: int, elit_tail_depth: int, elit_min_mask_prob: float = 0.0,
                  elit_max_mask_prob: float = 0.0, encoder_depth: int = 8, depth: int = 28,
@@ -49,6 +56,7 @@ class ELITSiT(SiT):
         self.elit_max_mask_prob = float(elit_max_mask_prob)
         self.input_token_editor = TokenEditor(LatentRead(hidden_size, num_heads, group_size))
         self.output_token_editor = TokenEditor(LatentWrite(hidden_size, num_heads, group_size))
+        self.window_index = window_order(self.grid, group_size)  # (W, g^2) grid index of latent j of window w
         init_latent_interface(self.input_token_editor.adapters[0], self.output_token_editor.adapters[0])
 
     def kept_latents(self, inference_budget=None) -> int:
@@ -69,14 +77,20 @@ class ELITSiT(SiT):
         k = self.kept_latents(inference_budget)
         head, tail = self.encoder_depth, len(self.blocks) - self.tail_depth
         for block in self.blocks[:head]:
-            x = block(x, c)
+            x = block(x, c, self.token_positions)
         zs: List[torch.Tensor] = self.project(x) if return_features else []
         latents, patches = self.input_token_editor(x, c, self.grid)
         core = select_latents(latents, k, self.group_size)
+        core_positions = self.latent_positions(k)
         for block in self.blocks[head:tail]:
-            core = block(core, c)
+            core = block(core, c, core_positions)
         latents = merge_latents(latents, core, k, self.group_size)
         x = self.output_token_editor(patches, latents, self.grid)
         for block in self.blocks[tail:]:
-            x = block(x, c)
+            x = block(x, c, self.token_positions)
         return x, zs
+
+    def latent_positions(self, k: int) -> torch.Tensor:
+        """(W * k, 2) grid coordinates of the first ``k`` latents of every window, window-major (the
+        order of the core's tokens)."""
+        return self.token_positions[self.window_index[:, :k].reshape(-1)]

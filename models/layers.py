@@ -36,6 +36,12 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1)
 
 
+def grid_positions(grid_size: int) -> torch.Tensor:
+    """(grid_size**2, 2) float32 (row, column) coordinates of the tokens of a row-major grid."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=1).float()
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> tokens: (B, C, H, W) -> (B, (H/p)(W/p), D), row-major."""
 

@@ -42,6 +42,7 @@ def _constructor_options(cls) -> dict:
 SIT_OPTIONS = {k: v for k, v in _constructor_options(SiT).items() if k not in ("patch_size", "multistage")}
 OVERRIDES = set(SIT_OPTIONS)
 ELIT_OVERRIDES = set(_constructor_options(ELITSiT)) - OVERRIDES - {"patch_size", "multistage"}
+ELIT_OPTIONS = {k: v for k, v in _constructor_options(ELITSiT).items() if k in ELIT_OVERRIDES}
 _NAME = re.compile(r"^(DFM-)?(ELIT-)?SiT-(S|B|L|XL)/(2|4|8)$")
 
 
@@ -136,7 +137,7 @@ def canonical_arch(arch: dict) -> dict:
     config, stages = _model_config(name, arch)
     defaults = dict(SIT_OPTIONS)
     if is_elit(name):
-        defaults.update({k: v for k, v in _constructor_options(ELITSiT).items() if k in ELIT_OVERRIDES})
+        defaults.update(ELIT_OPTIONS)
     full = {"name": name, "stages": stages}
     for key, default in defaults.items():
         if key == "stages":

@@ -11,11 +11,15 @@ import torch
 import torch.nn as nn
 
 from dfm.decompositions import DECOMPOSITIONS
+from dfm.paths import PATHS
+from dfm.predictions import PREDICTIONS
 
 from models.blocks import ATTENTIONS, MLPS, NORMS, SiTBlock
 from models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, StageFinalLayers,
                            StagePatchEmbedders, StageTimestepEmbedders, TimestepEmbedder,
-                           build_projector, sincos_pos_embed_2d, unpatchify)
+                           build_projector, grid_positions, sincos_pos_embed_2d, unpatchify)
+
+POSITION_EMBEDDINGS = ("sincos", "none")
 
 
 class SiT(nn.Module):
@@ -24,6 +28,13 @@ class SiT(nn.Module):
     ``multistage=False`` builds a plain SiT (one patch embedder, timestep embedder and head,
     with the SiT/REPA key names); ``multistage=True`` builds DFM-SiT with ``stages`` copies of
     each interface (the reference implementation's key names).
+
+    What the output means is part of the model: ``path_type`` (a spec of ``dfm.paths.PATHS``)
+    and ``prediction`` (``dfm.predictions.PREDICTIONS``) are built into ``self.path`` and
+    ``self.prediction``, which the objective and the samplers read. ``position_embedding``:
+    ``sincos`` adds the fixed 2-D sin-cos table to the tokens (SiT's), ``none`` adds nothing
+    (for attention parts that encode positions themselves, e.g. RoPE). Every block part that
+    takes a ``positions`` argument gets the (row, column) grid coordinates of its tokens.
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
@@ -32,7 +43,8 @@ class SiT(nn.Module):
                  multistage: bool = False, qk_norm: bool = False, z_dims: Sequence[int] = (),
                  encoder_depth: int = 8, projector_dim: int = 2048, time_flip: bool = False,
                  stage_scales: Optional[Sequence[float]] = None, decomposition=DECOMPOSITIONS.default(),
-                 mlp=MLPS.default(), norm=NORMS.default(), attention=ATTENTIONS.default()):
+                 mlp=MLPS.default(), norm=NORMS.default(), attention=ATTENTIONS.default(),
+                 path_type=PATHS.default(), prediction=PREDICTIONS.default(), position_embedding: str = "sincos"):
         super().__init__()
         if not multistage and stages != 1:
             raise ValueError(f"a plain SiT has exactly 1 stage, got stages={stages}; use a DFM-SiT model")
@@ -42,6 +54,8 @@ class SiT(nn.Module):
             raise ValueError(f"input_size {input_size} is not divisible by the patch size {patch_size}")
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {list(POSITION_EMBEDDINGS)}, got {position_embedding!r}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -52,9 +66,14 @@ class SiT(nn.Module):
         self.encoder_depth = encoder_depth
         self.time_flip = time_flip
         self.grid = input_size // patch_size
-        # The decomposition the stages live in (with the stage calibration, SPEC §11): training,
-        # sampling, calibration and FLOP counting all use this one (not used by forward).
-        self.decomposition = DECOMPOSITIONS.build(decomposition, num_stages=stages, scales=stage_scales)
+        # The decomposition the stages live in (with the stage calibration, SPEC §11), the path and
+        # the prediction target: training, sampling, calibration and FLOP counting all use these
+        # (not used by forward). The decomposition is built on the CPU even inside a meta-device
+        # build (`stage_scales: auto` measures data with it); its tensors follow the model's device.
+        with torch.device("cpu"):
+            self.decomposition = DECOMPOSITIONS.build(decomposition, num_stages=stages, scales=stage_scales)
+        self.path = PATHS.build(path_type)
+        self.prediction = PREDICTIONS.build(prediction)
         self.stage_scales = self.decomposition.scales
         self.stage_shapes = self.decomposition.level_shapes((in_channels, input_size, input_size))
         patch_sizes = self._stage_patch_sizes()
@@ -73,7 +92,13 @@ class SiT(nn.Module):
             self.t_embedder = TimestepEmbedder(hidden_size)
             self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, hidden_size), requires_grad=False)
+        if position_embedding == "sincos":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, hidden_size), requires_grad=False)
+        else:
+            self.pos_embed = None
+        # (T, 2) float (row, column) of every token (row-major): what block parts see as `positions`.
+        # Not a buffer (no state, nothing for DDP to broadcast every step); `_apply` moves it with the model.
+        self.token_positions = grid_positions(self.grid)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp=mlp, norm=norm,
                                               attention=attention) for _ in range(depth)])
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in z_dims])
@@ -93,6 +118,16 @@ class SiT(nn.Module):
             sizes.append(p)
         return sizes
 
+    # tensors that are constants of the architecture (no state, never broadcast), moved with the model
+    constant_tensors = ("token_positions",)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()`` / ``.cuda()`` also move the :attr:`constant_tensors`."""
+        out = super()._apply(fn, recurse)
+        for name in self.constant_tensors:
+            setattr(self, name, fn(getattr(self, name)))
+        return out
+
     # ------------------------------------------------------------------ init
     def initialize_weights(self) -> None:
         """Xavier Linears, zero biases, N(0, 0.02) label table and timestep MLPs, adaLN-Zero."""
@@ -101,7 +136,8 @@ class SiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, self.grid)).float()[None])
+        if self.pos_embed is not None:
+            self.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed_2d(self.hidden_size, self.grid)).float()[None])
         for module in self.modules():
             if isinstance(module, PatchEmbed):
                 weight = module.proj.weight.data
@@ -155,7 +191,7 @@ class SiT(nn.Module):
         else:
             tokens = self.x_embedder(xs[0])
             c = self.t_embedder(t[:, 0])
-        x = tokens + self.pos_embed
+        x = tokens + self.pos_embed if self.pos_embed is not None else tokens
         c = c + self.y_embedder(y)
         x, zs = self.run_blocks(x, c, return_features, inference_budget)
         if self.multistage:
@@ -178,7 +214,7 @@ class SiT(nn.Module):
                              "leave inference_budget unset")
         zs: List[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
-            x = block(x, c)
+            x = block(x, c, self.token_positions)
             if return_features and i + 1 == self.encoder_depth:
                 zs = self.project(x)
         return x, zs

@@ -10,17 +10,24 @@ name and its parameters (``{name: sde, last_noisy_time: 0.04}``). A new method i
         def step(self, ctx, i, xs): ...     # state of step i -> state of step i + 1
 
 :func:`samplers.sample` owns everything around the step: the schedule (``schedule``, the
-multistage grid unless overridden), guidance and budgets (``ctx.velocity``), float64 states,
-the coarse-stage previews.
+multistage grid unless overridden), guidance, budgets and the prediction target
+(``ctx.velocity`` is always a velocity), float64 states, the coarse-stage previews.
+
+State across the steps of one call (a multistep method's earlier velocities) lives in
+``ctx.state``, a dict that :func:`samplers.sample` makes empty for every call: a method object
+is configuration only, so one object serves any number of calls (and threads) with the same
+results. ``ctx.activated(i)`` lists the stages that start moving at step i (all active stages at
+step 0; a DFM stage at its hand-over): the model's velocity of the other stages jumps there too
+(their conditioning changes), so a method that extrapolates from earlier steps restarts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Sequence, Tuple, Union
 
 import torch
 
-from dfm.paths import score_from_velocity
+from dfm.paths import Path
 from samplers.schedules import multistage_schedule, sde_schedule
 from utils.registry import Registry
 
@@ -36,7 +43,9 @@ class StepContext:
     (rows already on the device: no copy); ``velocity_at(xs, t, active_row)``: the same at any
     times ``t`` (S,) float64 on the CPU (a midpoint, say); ``times`` (N + 1, S) float64 and
     ``active`` (N, S) bool, on the CPU; ``num_steps`` N; ``generator``: the noise of a stochastic
-    method (one generator or one per sample), drawn with ``noise_like(x, generator)``; ``path_type``.
+    method (one generator or one per sample), drawn with ``noise_like(x, generator)``; ``path``:
+    the model's probability path (``dfm.paths``: the SDE's score and diffusion); ``state``: this
+    call's own dict (empty at step 0) for what a method keeps across steps.
     """
     velocity: Callable
     velocity_at: Callable
@@ -44,8 +53,14 @@ class StepContext:
     active: torch.Tensor
     num_steps: int
     generator: Union[None, torch.Generator, Sequence[torch.Generator]]
-    path_type: str
+    path: Path
     noise_like: Callable  # noise_like(x, generator) -> N(0, I) of x's shape, device and dtype
+    state: dict = field(default_factory=dict)
+
+    def activated(self, i: int) -> List[int]:
+        """The stages active at step ``i`` that were not at step ``i - 1`` (at step 0: every active one)."""
+        before = self.active[i - 1] if i > 0 else torch.zeros_like(self.active[i])
+        return [s for s in range(self.active.shape[1]) if self.active[i, s] and not before[s]]
 
 
 class SamplerMethod:
@@ -97,8 +112,8 @@ class Heun(SamplerMethod):
 
 @SAMPLER_METHODS.register("sde")
 class EulerMaruyama(SamplerMethod):
-    """Euler–Maruyama SDE with diffusion w(t) = 2t down to ``last_noisy_time``, then one deterministic
-    step to 0 (REPA's SDE sampler), NFE = N."""
+    """Euler–Maruyama SDE with the path's diffusion w(t) (2t on the linear and cosine paths) down to
+    ``last_noisy_time``, then one deterministic step to 0 (REPA's SDE sampler), NFE = N."""
 
     def __init__(self, last_noisy_time: float = 0.04):
         if not 0 < last_noisy_time < 1:
@@ -114,7 +129,8 @@ class EulerMaruyama(SamplerMethod):
         if i == ctx.num_steps - 1:  # last step: deterministic drift to t = 0
             out = []
             for s, (x, vs) in enumerate(zip(xs, v)):
-                drift = vs - t_cur[s] * score_from_velocity(vs, x, t_cur[s], ctx.path_type)
+                w = ctx.path.diffusion(t_cur[s])
+                drift = vs - 0.5 * w * ctx.path.score_from_velocity(vs, x, t_cur[s])
                 out.append(x + drift * (t_next[s] - t_cur[s]) if on[s] else x)
             return out
         out = []
@@ -123,8 +139,8 @@ class EulerMaruyama(SamplerMethod):
                 out.append(x)
                 continue
             dt = t_next[s] - t_cur[s]
-            w = 2 * t_cur[s]
-            drift = vs - 0.5 * w * score_from_velocity(vs, x, t_cur[s], ctx.path_type)
+            w = ctx.path.diffusion(t_cur[s])
+            drift = vs - 0.5 * w * ctx.path.score_from_velocity(vs, x, t_cur[s])
             out.append(x + drift * dt + torch.sqrt(w * dt.abs()) * ctx.noise_like(x, ctx.generator))
         return out
 

@@ -10,6 +10,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from dfm.decompositions import decomposition_of
+from dfm.paths import path_of
+from dfm.predictions import prediction_of
 from samplers.methods import StepContext, build_method
 
 
@@ -30,7 +32,9 @@ class GuidedVelocity:
     velocity ``v_c``. Plain CFG: both passes at ``inference_budget`` in one doubled batch.
     Cheap CFG (``unconditional_inference_budget`` set): the unconditional pass runs at that
     budget with the null label, as a second forward; autoguidance: the same low-budget pass
-    keeps the real label. Budgets are passed to the model only when set (ELIT models).
+    keeps the real label. Budgets are passed to the model only when set (ELIT models). The
+    (guided) output is turned into a velocity by the model's prediction target on its path
+    (``model.prediction``, ``model.path``); for a velocity model that is the output itself.
     """
 
     def __init__(self, model, y: torch.Tensor, cfg_scale: float, low: List[float], high: List[float],
@@ -45,6 +49,7 @@ class GuidedVelocity:
         self.low_budget = (None if unconditional_inference_budget is None
                            else {"inference_budget": unconditional_inference_budget})
         self.y_low = y if autoguidance else self.y_null
+        self.path, self.prediction = path_of(model), prediction_of(model)
 
     def guided_stages(self, t: torch.Tensor) -> List[bool]:
         if self.cfg_scale == 1.0:
@@ -84,7 +89,7 @@ class GuidedVelocity:
             if any(guided):
                 v_cond, v_uncond = v[:B], v[B:]
                 v = v_uncond + self.cfg_scale * (v_cond - v_uncond) if guided[s] else v_cond
-            velocities.append(v)
+            velocities.append(self.prediction.velocity(v, xs[s], t[s], self.path))
         return velocities
 
 
@@ -132,7 +137,7 @@ def _randn_like(x: torch.Tensor, generator: Union[None, torch.Generator, Sequenc
 @torch.no_grad()
 def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_per_scale: Sequence[int],
            thresholds: Sequence[float] = (), method="euler", cfg_scale: float = 1.0,
-           guidance_low=0.0, guidance_high=1.0, path_type: str = "linear",
+           guidance_low=0.0, guidance_high=1.0,
            generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
            return_previews: bool = False, inference_budget=None, unconditional_inference_budget=None,
            autoguidance: bool = False):
@@ -144,7 +149,8 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
     but the last, NFE = 2N - 1), ``sde`` (Euler–Maruyama with ``w(t) = 2t``, last step
     deterministic, NFE = N; its noise comes from ``generator``: one generator or one per sample)
     or a registered method of one's own. ``guidance_low``/``guidance_high`` are numbers or
-    per-stage lists.
+    per-stage lists. The probability path and the prediction target are the model's
+    (``model.path``, ``model.prediction``; a stand-in without them: linear, velocity).
     ELIT models: ``inference_budget`` (a fraction in (0, 1] or a latent count; None: the model's
     only budget) for the conditional pass; ``unconditional_inference_budget`` turns CFG into cheap
     CFG (the unconditional pass at that budget); ``autoguidance`` keeps the real label in that
@@ -180,7 +186,7 @@ def sample(model, noise: Sequence[torch.Tensor], y: torch.Tensor, *, num_steps_p
         return velocity(states, t, active[active_row], None, active_model[active_row])
 
     ctx = StepContext(velocity=guided, velocity_at=guided_at, times=times, active=active, num_steps=N,
-                      generator=generator, path_type=path_type, noise_like=_randn_like)
+                      generator=generator, path=velocity.path, noise_like=_randn_like, state={})
     previews = []
     decomposition = decomposition_of(model, S)
     for step in range(N):

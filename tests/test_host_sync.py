@@ -129,9 +129,9 @@ def test_the_meta_check_catches_every_kind_of_host_read(read, monkeypatch):
              "if": lambda t: 1 if t.abs().max() > 10 else 0}
     forward = SiTBlock.forward
 
-    def reading_forward(self, x, c):
+    def reading_forward(self, x, c, positions=None):
         reads[read](x)
-        return forward(self, x, c)
+        return forward(self, x, c, positions)
 
     monkeypatch.setattr(SiTBlock, "forward", reading_forward)
     parts = training_parts("DFM-SiT", torch.device("meta"))

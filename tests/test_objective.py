@@ -5,8 +5,8 @@ import torch
 from scipy import stats
 
 from conftest import randomize_, tiny_model
-from dfm import (FlowMatchingObjective, LaplacianPyramid, interpolant, projection_loss, sample_logit_normal,
-                 sample_stages, sample_timesteps, velocity_target)
+from dfm import (PATHS, FlowMatchingObjective, LaplacianPyramid, projection_loss, sample_logit_normal,
+                 sample_stages, sample_timesteps)
 
 
 class Recorder(torch.nn.Module):
@@ -90,11 +90,12 @@ def test_cosine_path_velocity_is_time_derivative():
     x, eps = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
     t = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
     h = 1e-6
-    x_plus, _ = velocity_target(x, eps, t + h, "cosine")
-    x_minus, _ = velocity_target(x, eps, t - h, "cosine")
-    _, v = velocity_target(x, eps, t, "cosine")
+    cosine = PATHS.build("cosine")
+    x_plus, _ = cosine.interpolate(x, eps, t + h)
+    x_minus, _ = cosine.interpolate(x, eps, t - h)
+    _, v = cosine.interpolate(x, eps, t)
     torch.testing.assert_close(v, (x_plus - x_minus) / (2 * h), rtol=1e-6, atol=1e-8)
-    alpha, sigma, _, _ = interpolant(t, "cosine")
+    alpha, sigma, _, _ = cosine.coefficients(t)
     torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(t))
 
 

@@ -112,11 +112,13 @@ def test_record_is_complete_and_correct(runs):
         "npz": "a.npz", "npz_sha256": _sha256(out / "a.npz"), "num_images": num_images,
         "checkpoint": {"path": str(ckpt), "bytes": os.path.getsize(ckpt), "sha256": _sha256(ckpt),
                        "sha256_from": "file", "step": 100, "use_ema": True, "weights": "ema",
-                       "weights_info": WEIGHTS_INFO, "arch": stored["arch"]},
+                       # the arch the model was built from: path_type came from the run config (an older checkpoint)
+                       "weights_info": WEIGHTS_INFO, "arch": {**stored["arch"], "path_type": "linear"}},
         "sampler": {"method": "euler", "method_text": "euler", "num_steps_per_scale": [3, 2], "thresholds": [0.1],
                     "nfe": 5, "nfe_with_cfg": 5, "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0,
                     "inference_budget": None, "unconditional_inference_budget": None, "autoguidance": False,
-                    "path_type": "linear", "precision": "tf32", "vae": "none", "resolution": 8},
+                    "path_type": "linear", "precision": "tf32", "vae": "none", "resolution": 8,
+                    "prediction": "velocity"},
         "seed": 0, "labels": "balanced", "num_classes": 4, "num_samples": 8, "num_processes": 1,
         "code_version": _git_version(), "torch_version": torch.__version__,
         "python_version": platform.python_version(), "config": config,
@@ -131,7 +133,7 @@ def test_raw_weights_sidecar_and_guidance_are_recorded(runs):
     assert record["checkpoint"] == {
         "path": str(ckpt_b), "bytes": os.path.getsize(ckpt_b), "sha256": _sha256(ckpt_b), "sha256_from": "sidecar",
         "step": 100, "use_ema": False, "weights": "model", "weights_info": WEIGHTS_INFO,
-        "arch": torch.load(ckpt_b, weights_only=True)["arch"]}
+        "arch": {**torch.load(ckpt_b, weights_only=True)["arch"], "path_type": "linear"}}
     sampler = record["sampler"]
     # Heun: 2N - 1 evaluations over N = 4 steps; CFG doubles them
     assert (sampler["method"], sampler["num_steps_per_scale"], sampler["nfe"], sampler["nfe_with_cfg"]) == (

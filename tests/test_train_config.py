@@ -44,7 +44,7 @@ def test_save_config_roundtrip(tmp_path):
     (["model=SiT-XL/2", "stages=2"], ["stages", "plain SiT"]),
     (["model=DFM-SiT-XL/3"], ["model", "unknown name"]),
     (["weighting=cosmic"], ["time_distribution (weighting)", "unknown time distribution 'cosmic'", "uniform"]),
-    (["prediction=eps"], ["prediction"]),
+    (["prediction=epsilon"], ["prediction", "unknown prediction target 'epsilon'"]),
     (["model=DFM-SiT-XL/8", "resolution=96"], ["patch size 8", "12"]),
     (["model=DFM-SiT-XL/2", "stages=4", "resolution=32"], ["stages=4", "divisible"]),
     (["proj_coeff=0.5"], ["proj_coeff", "DINOv2"]),

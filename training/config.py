@@ -29,8 +29,13 @@ from training.posthoc_ema import PosthocEMAConfig, check_posthoc_keys
 from training.objective import build_objective, check_objective_keys
 from training.previews import PreviewConfig, check_preview_keys
 from training.repa import check_repa_config
-from utils.config import Alias, config_to_dict, load_config
+from dfm.decompositions import DECOMPOSITIONS
+from dfm.paths import PATHS
+from dfm.predictions import PREDICTIONS
+from dfm.timesteps import TIME_DISTRIBUTIONS
+from utils.config import Alias, canonical_values, config_to_dict, declared_keys, load_config
 from utils.config import option_help as _help
+from utils.registry import SpecDefault
 
 # Architecture options a config sets through their own top-level key (or that follow from the
 # data); every other option of the model constructors may go in `model_overrides`.
@@ -38,7 +43,8 @@ OWN_KEYS = {"input_size": "resolution", "in_channels": "vae", "num_classes": "nu
             "stages": "stages", "class_dropout_prob": "cfg_prob", "encoder_depth": "encoder_depth",
             "z_dims": "enc_type", "stage_scales": "stage_scales", "decomposition": "decomposition",
             "group_size": "group_size", "elit_min_mask_prob": "elit_min_mask_prob",
-            "elit_max_mask_prob": "elit_max_mask_prob", "time_flip": None}
+            "elit_max_mask_prob": "elit_max_mask_prob", "path_type": "path_type", "prediction": "prediction",
+            "time_flip": None}
 MODEL_OVERRIDE_KEYS = tuple(sorted((OVERRIDES | ELIT_OVERRIDES) - set(OWN_KEYS)))
 VAE_NONE = ("none", "", None)
 LR_SCHEDULERS = ("constant", "constant_with_linear_warmup")
@@ -99,50 +105,56 @@ class TrainConfig:
     model: str = field(default="DFM-SiT-XL/2", metadata=_help(
         "[DFM-][ELIT-]SiT-{S,B,L,XL}/{2,4,8}: SiT, DFM-SiT, ELIT-SiT or DFM-ELIT-SiT"))
     stages: Optional[int] = field(default=None, metadata=_help(
-        "pyramid stages S; null = 2 for DFM-SiT, 1 for SiT (SiT must be 1)"))
-    qk_norm: bool = field(default=False, metadata=_help("RMS/LayerNorm on queries and keys"))
+        "pyramid stages S; null = 2 for DFM-SiT, 1 for SiT (SiT must be 1)", identity=True))
+    qk_norm: bool = field(default=False, metadata=_help("RMS/LayerNorm on queries and keys", identity=True))
     encoder_depth: Optional[int] = field(default=None, metadata=_help(
-        "block after which the REPA projector reads tokens; null = model default"))
+        "block after which the REPA projector reads tokens; null = model default", identity=True))
     proj_coeff: float = field(default=0.0, metadata=_help(
-        "REPA alignment loss weight (REPA: 0.5; needs enc_type); 0 = no alignment"))
+        "REPA alignment loss weight (REPA: 0.5; needs enc_type); 0 = no alignment", identity=True))
     group_size: Optional[int] = field(default=None, metadata=_help(
-        "ELIT: window side g in tokens (g x g tokens, g^2 latents per window); null = 4 at 256 px, 8 at 512 px"))
+        "ELIT: window side g in tokens (g x g tokens, g^2 latents per window); null = 4 at 256 px, 8 at 512 px", identity=True))
     elit_min_mask_prob: Optional[float] = field(default=None, metadata=_help(
         "ELIT: smallest dropped fraction of latents per window in training; null = elit_max_mask_prob"))
     elit_max_mask_prob: float = field(default=0.0, metadata=_help(
         "ELIT: largest dropped fraction (0 = single full budget; 1 - 1/g^2 = every budget)"))
     enc_type: str = field(default="none", metadata=_help(
-        "REPA encoder(s), comma-separated, e.g. dinov2-vit-b; none = no alignment loss"))
+        "REPA encoder(s), comma-separated, e.g. dinov2-vit-b; none = no alignment loss", identity=True))
     encoder_weights: Optional[str] = field(default=None, metadata=_help(
         "REPA encoder weight file(s), comma-separated like enc_type; null = the hub"))
     encoder_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
         "REPA encoder architecture overrides for tiny test encoders, keys depth, embed_dim, num_heads, mlp_ratio"))
     model_overrides: Dict[str, Any] = field(default_factory=dict, metadata=_help(
         f"other architecture options (small models, block parts), keys {list(MODEL_OVERRIDE_KEYS)}; mlp / "
-        "norm / attention take a name or {name: ..., parameter: value} (models/blocks.py)"))
+        "norm / attention take a name or {name: ..., parameter: value} (models/blocks.py)", identity=True))
     decomposition: Any = field(default=None, metadata=_help(
         "DFM's multi-scale decomposition: a name or {name: ..., parameter: value} (dfm/decompositions.py); "
-        "null = laplacian (the reference's pyramid). Stored with the model", spec=True))
+        "null = laplacian (the reference's pyramid). Stored with the model", registry=DECOMPOSITIONS, identity=True))
     # --- objective ---
     stage_weights: Optional[List[float]] = field(default=None, metadata=_help(
         "probability of training each stage (length S, sums to 1); null = [1] / [0.9,0.1] / "
-        "[0.9, 0.1/(S-1), ...]"))
-    stage_sampling: str = field(default="per_batch", metadata=_help("per_batch (reference) | per_sample"))
-    earlier_stage_loc: float = field(default=-2.0, metadata=_help("earlier stages: t = sigmoid(N(loc, scale))"))
-    earlier_stage_scale: float = field(default=1.0, metadata=_help("see earlier_stage_loc"))
+        "[0.9, 0.1/(S-1), ...]", identity=True))
+    stage_sampling: str = field(default="per_batch", metadata=_help("per_batch (reference) | per_sample", identity=True))
+    earlier_stage_loc: float = field(default=-2.0, metadata=_help("earlier stages: t = sigmoid(N(loc, scale))", identity=True))
+    earlier_stage_scale: float = field(default=1.0, metadata=_help("see earlier_stage_loc", identity=True))
     stage_scales: Any = field(default=None, metadata=_help(
         "stage calibration (SPEC §11): null = reference; [c_0, ..., c_{S-1}] trains and samples stage s on c_s * "
         "P_s; auto = every level to the coarsest level's RMS, measured on the training data at the start "
-        "(training/calibration.py). Stored with the model"))
+        "(training/calibration.py). Stored with the model", identity=True))
     stage_time_shift: Optional[List[float]] = field(default=None, metadata=_help(
         "per-stage logit shift of the trained stage's time: t = sigmoid(logit(t) + shift_s) (lognormal: "
-        "logit-normal(shift_s, 1); > 0 = noisier); null = reference"))
+        "logit-normal(shift_s, 1); > 0 = noisier); null = reference", identity=True))
     time_distribution: Any = field(default="lognormal", metadata=_help(
         "time distribution of the trained stage: a name or {name: ..., parameter: value} (dfm/timesteps.py), e.g. "
-        "lognormal, uniform, {name: logit_normal, loc: 0.0, scale: 1.0}; `weighting` is the same key", spec=True))
-    path_type: str = field(default="linear", metadata=_help("linear | cosine"))
-    prediction: str = field(default="v", metadata=_help("model output; only v (velocity)"))
-    cfg_prob: float = field(default=0.1, metadata=_help("label dropout probability (for CFG)"))
+        "lognormal, uniform, {name: logit_normal, loc: 0.0, scale: 1.0}; `weighting` is the same key",
+        registry=TIME_DISTRIBUTIONS, identity=True))
+    path_type: Any = field(default="linear", metadata=_help(
+        "probability path x_t = alpha(t) x + sigma(t) eps: a name or {name: ..., parameter: value} (dfm/paths.py; "
+        "linear is SiT's and REPA's); stored with the model", registry=PATHS, identity=True))
+    prediction: Any = field(default="velocity", metadata=_help(
+        "what the model outputs: a name or {name: ..., loss: velocity} for a loss in velocity space "
+        "(dfm/predictions.py; velocity, alias v, is SiT's and REPA's); stored with the model", registry=PREDICTIONS,
+        identity=True))
+    cfg_prob: float = field(default=0.1, metadata=_help("label dropout probability (for CFG)", identity=True))
     # --- data ---
     data_dir: Optional[str] = field(default=None, metadata=_help(
         "dataset folder or ZIP (dataset_tools.py convert/encode output)"))
@@ -151,12 +163,12 @@ class TrainConfig:
     vae: str = field(default="ft-ema", metadata=_help(
         "VAE for latent runs (ft-ema, ft-mse, hub name or local folder); none = pixel space"))
     resolution: int = field(default=256, metadata=_help("image resolution in pixels"))
-    num_classes: int = field(default=1000, metadata=_help("number of classes (null label = num_classes)"))
+    num_classes: int = field(default=1000, metadata=_help("number of classes (null label = num_classes)", identity=True))
     make_demo_data: bool = field(default=False, metadata=_help(
         "write the synthetic demo dataset into data_dir first if it holds none"))
     demo_images_per_class: int = field(default=200, metadata=_help("size of the demo dataset per class"))
     batch_size: int = field(default=256, metadata=_help(
-        "global batch (all processes x gradient_accumulation_steps)"))
+        "global batch (all processes x gradient_accumulation_steps)", identity=True))
     num_workers: int = field(default=4, metadata=_help("data loader workers per process"))
     bad_samples: str = field(default="error", metadata=_help(
         "a corrupt data file: error (stop, naming the file) | skip (train on a fixed stand-in, list it in "
@@ -164,14 +176,14 @@ class TrainConfig:
     # --- optimisation ---
     mixed_precision: str = field(default="bf16", metadata=_help("bf16 | fp16 | no"))
     allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on Ampere+ GPUs"))
-    lr: float = field(default=1e-4, metadata=_help("AdamW learning rate"))
+    lr: float = field(default=1e-4, metadata=_help("AdamW learning rate", identity=True))
     lr_scheduler: str = field(default="constant", metadata=_help(
-        "constant | constant_with_linear_warmup (0 -> lr over warmup_steps, then constant)"))
-    warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps of constant_with_linear_warmup"))
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)"))
+        "constant | constant_with_linear_warmup (0 -> lr over warmup_steps, then constant)", identity=True))
+    warmup_steps: int = field(default=0, metadata=_help("linear warm-up steps of constant_with_linear_warmup", identity=True))
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas", identity=True))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay", identity=True))
+    adam_eps: float = field(default=1e-8, metadata=_help("AdamW epsilon", identity=True))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 = off)", identity=True))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("micro-batches per optimizer step"))
     cpu_threads: Optional[int] = field(default=None, metadata=_help(
         "torch CPU threads per process, also under accelerate's multi-CPU launch; null = OMP_NUM_THREADS if "
@@ -179,14 +191,14 @@ class TrainConfig:
         "OpenMP threads are very slow on a busy machine)"))
     compile: bool = field(default=False, metadata=_help(
         "torch.compile the transformer blocks for training, previews and evaluation (models/compile.py)"))
-    ema_decay: float = field(default=0.9999, metadata=_help("EMA decay, updated every optimizer step"))
+    ema_decay: float = field(default=0.9999, metadata=_help("EMA decay, updated every optimizer step", identity=True))
     posthoc_ema: PosthocEMAConfig = field(default_factory=PosthocEMAConfig)
     on_nonfinite: str = field(default="stop", metadata=_help(
         "a step whose gradients are NaN/inf: stop (the run stops at the next log step) | skip (the step changes "
         "nothing, decided on the device; counted as skipped_steps) (training/nonfinite.py)"))
     max_skipped_steps: int = field(default=100, metadata=_help(
         "on_nonfinite=skip: stop after this many skipped steps in a row"))
-    seed: int = field(default=0, metadata=_help("global seed (model init, data order, noise)"))
+    seed: int = field(default=0, metadata=_help("global seed (model init, data order, noise)", identity=True))
     # --- schedule ---
     max_train_steps: int = field(default=400_000, metadata=_help("optimizer steps"))
     checkpointing_steps: int = field(default=50_000, metadata=_help("save a checkpoint every N steps (and at the end)"))
@@ -231,14 +243,12 @@ def config_docs() -> str:
 
 
 def _registries() -> dict:
-    from dfm.decompositions import DECOMPOSITIONS
-    from dfm.timesteps import TIME_DISTRIBUTIONS
-    from models.blocks import ATTENTIONS, MLPS, NORMS
-    from samplers.methods import SAMPLER_METHODS
+    """The registries of the architecture options set through `model_overrides` (those of the config's
+    own keys are declared with the key): every model-constructor argument that takes a registry spec."""
+    from models.registry import ELIT_OPTIONS, SIT_OPTIONS
 
-    return {"decomposition": DECOMPOSITIONS, "time_distribution": TIME_DISTRIBUTIONS,
-            "model_overrides.mlp": MLPS, "model_overrides.norm": NORMS, "model_overrides.attention": ATTENTIONS,
-            "preview.method / eval_sampler.method": SAMPLER_METHODS}
+    return {f"model_overrides.{key}": default.registry for key, default in {**SIT_OPTIONS, **ELIT_OPTIONS}.items()
+            if isinstance(default, SpecDefault) and key in MODEL_OVERRIDE_KEYS}
 
 
 REGISTRY_KEYS = _registries
@@ -255,19 +265,26 @@ def parse_config(argv) -> "OmegaConf":
     return resolve_config(cfg)
 
 
-# Keys that change what a run trains: a default experiment name carries a hash of those set to
-# other values than the defaults, so that two different runs never share a folder by accident.
-RUN_IDENTITY_KEYS = ("stages", "qk_norm", "encoder_depth", "proj_coeff", "group_size", "model_overrides", "decomposition", "stage_weights", "stage_sampling", "earlier_stage_loc",
-                     "earlier_stage_scale", "stage_scales", "stage_time_shift", "time_distribution", "path_type",
-                     "cfg_prob", "enc_type", "num_classes", "batch_size", "lr", "lr_scheduler", "warmup_steps",
-                     "betas", "weight_decay", "adam_eps", "max_grad_norm", "ema_decay", "seed")
+# Keys that change what a run trains (declared `identity=True` with the key): a default experiment
+# name carries a hash of those set to other values than the defaults, so that two different runs
+# never share a folder by accident.
+RUN_IDENTITY_KEYS = declared_keys(TrainConfig, "identity")
+
+
+def _identity_values(config: dict) -> dict:
+    """The RUN_IDENTITY_KEYS of a plain config dict, registry specs in their canonical form (so
+    `prediction: v` is the default `velocity`)."""
+    return canonical_values(TrainConfig, {k: config.get(k) for k in RUN_IDENTITY_KEYS})
 
 
 def _identity_hash(cfg) -> Optional[str]:
-    """8 hex digits of the RUN_IDENTITY_KEYS that differ from the defaults (None when none does)."""
+    """8 hex digits of the RUN_IDENTITY_KEYS that differ from the defaults (None when none does); the
+    values as given are hashed, so a setting keeps the hash it had before aliases were canonical."""
     defaults = config_to_dict(OmegaConf.structured(TrainConfig))
     given = {k: cfg[k] for k in RUN_IDENTITY_KEYS if cfg.get(k) is not None or defaults.get(k) is not None}
-    changed = {k: v for k, v in config_to_dict(OmegaConf.create(given)).items() if v != defaults.get(k)}
+    given = config_to_dict(OmegaConf.create(given))
+    same = _identity_values(given), _identity_values(defaults)
+    changed = {k: v for k, v in given.items() if same[0][k] != same[1][k]}
     if not changed:
         return None
     return hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -302,8 +319,9 @@ def _same_run_folder(cfg, folder: str) -> bool:
     if not isinstance(saved, dict):
         return False
     saved.setdefault("time_distribution", saved.get("weighting"))
-    return all(saved.get(k) == config_to_dict(OmegaConf.create({k: cfg[k]}))[k]
-                                           for k in RUN_IDENTITY_KEYS)
+    defaults = config_to_dict(OmegaConf.structured(TrainConfig))  # keys added since the folder was made
+    current = config_to_dict(OmegaConf.create({k: cfg[k] for k in RUN_IDENTITY_KEYS}))
+    return _identity_values({**defaults, **saved}) == _identity_values(current)
 
 
 def is_pixel_space(cfg) -> bool:
@@ -337,7 +355,7 @@ def resolve_config(cfg) -> "OmegaConf":
     check_stage_scales_key(cfg)
     if str(cfg.mixed_precision) in ("False", "false"):  # YAML reads a bare `no` as false
         cfg.mixed_precision = "no"
-    for key, allowed in (("prediction", ("v",)), ("mixed_precision", ("bf16", "fp16", "no")),
+    for key, allowed in (("mixed_precision", ("bf16", "fp16", "no")),
                          ("report_to", ("none", "wandb", "tensorboard")), ("lr_scheduler", LR_SCHEDULERS),
                          ("bad_samples", ("error", "skip")), ("save_format", ("pt", "safetensors"))):
         _choice(cfg, key, allowed)
@@ -425,8 +443,9 @@ def _check_model_and_objective(cfg, pixel: bool, size: int) -> None:
     try:
         model = skeleton_model(cfg.model, **model_kwargs(cfg, 3 if pixel else 4, size))
     except ValueError as e:
-        raise ConfigError(f"model {cfg.model} with stages={cfg.stages} (model_overrides, decomposition): {e}") from None
-    for key in ("decomposition",):  # stored compactly, as in the model's arch
+        raise ConfigError(f"model {cfg.model} with stages={cfg.stages} (model_overrides, decomposition, path_type, "
+                          f"prediction): {e}") from None
+    for key in ("decomposition", "path_type", "prediction"):  # stored compactly, as in the model's arch
         if cfg[key] is not None:
             cfg[key] = model.arch.get(key)
     cfg.model_overrides = {k: model.arch.get(k, v) for k, v in cfg.model_overrides.items()}
@@ -473,7 +492,8 @@ def recipe_objective(num_stages: int, **keys):
 def model_kwargs(cfg, in_channels: int, input_size: int) -> dict:
     """Keyword arguments for `models.create_model(cfg.model, **kwargs)`."""
     kwargs = dict(input_size=input_size, in_channels=in_channels, num_classes=cfg.num_classes,
-                  class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm, decomposition=cfg.decomposition)
+                  class_dropout_prob=cfg.cfg_prob, qk_norm=cfg.qk_norm, decomposition=cfg.decomposition,
+                  path_type=cfg.path_type, prediction=cfg.prediction)
     if cfg.model.startswith("DFM-"):
         kwargs["stages"] = cfg.stages
     if cfg.encoder_depth is not None:

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from samplers.methods import SAMPLER_METHODS
 from training.errors import ConfigError
 from training.previews import SamplerSettings, autocast_dtype, check_sampler_keys, cuda_autocast
 from utils.config import option_help as _help
@@ -39,7 +40,7 @@ from utils.config import option_help as _help
 class EvalSamplerConfig(SamplerSettings):
     """The sampler of the evaluations during training (`eval_every`); the keys of generate.py."""
     method: Any = field(default=None, metadata=_help(
-        "sampler method (a name or {name: ..., parameter: value}); null = the preview's", spec=True))
+        "sampler method (a name or {name: ..., parameter: value}); null = the preview's", registry=SAMPLER_METHODS))
     num_steps_per_scale: Optional[List[int]] = field(default=None, metadata=_help(
         "sampler steps per stage; null = the preview's"))
     thresholds: Optional[List[float]] = field(default=None, metadata=_help(
@@ -84,14 +85,14 @@ def check_eval_keys(cfg) -> None:
 class TrainingEvaluator:
     """`evaluator.maybe_run(ema_model, step, tracker)` in the loop; `evaluator(model)` scores once."""
 
-    def __init__(self, cfg, scorer, *, num_classes: int, path_type: str, device, rank: int, num_processes: int,
+    def __init__(self, cfg, scorer, *, num_classes: int, device, rank: int, num_processes: int,
                  exp_dir: str, log=None, vae=None, autocast_dtype=None, gather=None):
         self.every, self.max_steps, self.batch_size = int(cfg.eval_every), int(cfg.max_train_steps), int(cfg.batch_size)
         self.log = log
         self.sampler = cfg.eval_sampler
         self.metrics = list(cfg.eval_metrics)
         self.num_samples = int(cfg.eval_num_samples)
-        self.scorer, self.num_classes, self.path_type = scorer, num_classes, path_type
+        self.scorer, self.num_classes = scorer, num_classes
         self.device, self.rank, self.P = torch.device(device), rank, num_processes
         self.exp_dir, self.vae, self.autocast_dtype = exp_dir, vae, autocast_dtype
         self.gather = gather or (lambda obj: [obj])
@@ -126,7 +127,7 @@ class TrainingEvaluator:
                 final = samplers.sample(
                     model, noise, y, num_steps_per_scale=list(e.num_steps_per_scale), thresholds=list(e.thresholds),
                     method=e.method, cfg_scale=float(e.cfg_scale), guidance_low=float(e.guidance_low),
-                    guidance_high=float(e.guidance_high), path_type=self.path_type, generator=generator, **extra)
+                    guidance_high=float(e.guidance_high), generator=generator, **extra)
             out.append(samples_to_uint8(self.vae, decomposition.recompose([f.float() for f in final])))
         if not out:
             size = model.input_size * (1 if self.vae is None else 8)
@@ -188,7 +189,7 @@ def make_evaluator(cfg, *, exp_dir: str, device, rank: int, num_processes: int, 
                                  inception_weights=cfg.eval_inception_weights, dinov2_weights=cfg.eval_dinov2_weights)
     except (EvaluationError, ValueError, OSError) as e:
         raise ConfigError(f"eval_ref_stats / eval_metrics: {e}") from None
-    return TrainingEvaluator(cfg, scorer, num_classes=cfg.num_classes, path_type=cfg.path_type, device=device,
+    return TrainingEvaluator(cfg, scorer, num_classes=cfg.num_classes, device=device,
                              rank=rank, num_processes=num_processes, exp_dir=exp_dir, log=log, vae=vae,
                              autocast_dtype=autocast_dtype(cfg.mixed_precision), gather=gather)
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from samplers.methods import SAMPLER_METHODS
 from training.errors import ConfigError
 from utils.atomic import atomic_write
 from utils.config import option_help as _help
@@ -35,7 +36,7 @@ IMAGENET_PREVIEW_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 class SamplerSettings:
     """Solver and guidance keys shared by the preview and evaluation samplers (as in generate.py)."""
     method: Any = field(default="euler", metadata=_help(
-        "sampler method: a name or {name: ..., parameter: value} (samplers/methods.py)", spec=True))
+        "sampler method: a name or {name: ..., parameter: value} (samplers/methods.py)", registry=SAMPLER_METHODS))
     cfg_scale: float = field(default=1.0, metadata=_help("classifier-free guidance scale (1 = off)"))
     guidance_low: float = field(default=0.0, metadata=_help("CFG only where t >= guidance_low"))
     guidance_high: float = field(default=1.0, metadata=_help("CFG only where t <= guidance_high"))
@@ -192,7 +193,7 @@ class PreviewMaker:
     """Samples a fixed preview batch from a model and writes PNG grids to `out_dir`."""
 
     def __init__(self, preview_cfg, *, num_classes: int, stage_shapes: List[tuple],
-                 path_type: str, out_dir: str, device, vae=None, autocast_dtype=None, batch_size: int = 64,
+                 out_dir: str, device, vae=None, autocast_dtype=None, batch_size: int = 64,
                  budget_fractions: Optional[List[float]] = None, budget_flops: Optional[List[float]] = None):
         """budget_fractions: ELIT models only, the fraction of latents each of `preview.budgets`
         keeps (drawn as the bar above its grid); budget_flops: the FLOPs of one forward pass on
@@ -204,7 +205,6 @@ class PreviewMaker:
         self.out_dir = out_dir
         self.device = torch.device(device)
         self.vae = vae
-        self.path_type = path_type
         self.autocast_dtype = autocast_dtype
         self.batch_size = batch_size
         n = int(preview_cfg.num_samples)
@@ -245,7 +245,7 @@ class PreviewMaker:
                         model, noise, y, num_steps_per_scale=list(self.cfg.num_steps_per_scale),
                         thresholds=list(self.cfg.thresholds), method=self.cfg.method,
                         cfg_scale=float(self.cfg.cfg_scale), guidance_low=float(self.cfg.guidance_low),
-                        guidance_high=float(self.cfg.guidance_high), path_type=self.path_type,
+                        guidance_high=float(self.cfg.guidance_high),
                         generator=gen, return_previews=True, inference_budget=inference_budget)
                 final, previews = out
                 images = self._decode(previews[-1])  # the full recomposition (scales removed)

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from training.checkpoint import atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints
 from training.errors import CheckpointWriteError, ConfigError, TrainingStopped, describe_write_error
 from training.logger import setup_file_logger
-from utils.config import config_to_dict, save_config
+from utils.config import canonical_values, config_to_dict, mapping_valued_keys, save_config
 
 LOCK_NAME = "run.lock"
 
@@ -258,13 +258,18 @@ def open_run_log(cfg, exp_dir: str, is_main: bool, gather):
     return log
 
 
-def flat(config: dict, prefix: str = "") -> dict:
-    """{"preview.method": "euler", ...}: nested dicts flattened to dotted keys (lists stay values)."""
+def flat(config: dict, prefix: str = "", whole=None) -> dict:
+    """{"preview.method": "euler", ...}: nested dicts flattened to dotted keys (lists stay values); the
+    keys in `whole` (default: the training config's mapping-valued keys, declared with each key) stay
+    whole."""
+    if whole is None:
+        from training.config import TrainConfig
+
+        whole = set(mapping_valued_keys(TrainConfig))
     out = {}
     for key, value in config.items():
-        if isinstance(value, dict) and key not in ("model_overrides", "encoder_overrides", "time_distribution",
-                                                   "decomposition", "method"):
-            out.update(flat(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and f"{prefix}{key}" not in whole:
+            out.update(flat(value, f"{prefix}{key}.", whole))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -272,16 +277,20 @@ def flat(config: dict, prefix: str = "") -> dict:
 
 def config_changes(old: dict, new: dict, defaults: Optional[dict] = None) -> list:
     """["key: old -> new", ...] between two run configs (plain dicts), for the keys that matter;
-    `weighting` in configs written before `time_distribution` counts as the same key, and a key
-    that an older config lacks (added since) counts as its default (`defaults`, a config dict)."""
+    `weighting` in configs written before `time_distribution` counts as the same key, a key that an
+    older config lacks (added since) counts as its default (`defaults`, a config dict), and registry
+    specs are compared in their canonical form (`null`, `laplacian` and `{name: laplacian}` are one)."""
+    from training.config import TrainConfig
+
     old = dict(old)
     if "weighting" in old and "time_distribution" not in old:
         old["time_distribution"] = old.pop("weighting")
     a, b = flat(old), flat(new)
     for key, value in flat(defaults or {}).items():
         a.setdefault(key, value)
+    same_a, same_b = canonical_values(TrainConfig, a), canonical_values(TrainConfig, b)
     keys = [k for k in sorted(set(a) | set(b)) if k.split(".")[0] not in NOT_COMPARED]
-    return [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in keys if same_a.get(k) != same_b.get(k)]
 
 
 def _short(value) -> str:

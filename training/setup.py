@@ -186,8 +186,10 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     if ckpt is not None:
-        stored = ckpt.get("arch")
-        if isinstance(stored, dict):
+        from models.checkpoints import stored_arch
+
+        stored = stored_arch(ckpt)
+        if stored is not None:
             from models.registry import arch_differences
 
             try:
@@ -299,7 +301,6 @@ def make_previewer(cfg, model, exp_dir, device, is_main, vae=None):
 
         flops = [counted_forward_flops(model, b) for b in budgets]
     return PreviewMaker(cfg.preview, num_classes=cfg.num_classes, stage_shapes=list(model.stage_shapes),
-                        path_type=cfg.path_type,
                         out_dir=os.path.join(exp_dir, "previews"), device=device, vae=vae,
                         autocast_dtype=autocast, budget_fractions=fractions, budget_flops=flops if budgets else None)
 

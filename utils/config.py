@@ -40,7 +40,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from utils.atomic import atomic_write
 
-__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "parse_argv", "config_help", "warn", "option_help"]
+__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "parse_argv", "config_help", "warn", "option_help",
+           "field_options", "declared_keys", "mapping_valued_keys", "canonical_values"]
 
 NULLS = ("null", "~", "Null", "NULL")
 
@@ -67,11 +68,15 @@ class Alias:
         return {}
 
 
-def option_help(text: str, spec: bool = False) -> dict:
-    """The metadata of a config dataclass field: its one-line meaning for `--help`; `spec`: the key
-    takes a registry spec (a name or a mapping with a name), which a later value replaces whole
-    instead of merging into (`method: {name: sde, last_noisy_time: 0.1}` then `method: euler`)."""
-    return {"help": text, "spec": spec}
+def option_help(text: str, spec: bool = False, registry=None, identity: bool = False) -> dict:
+    """The metadata of a config dataclass field, the one declaration of a key: its one-line meaning
+    for `--help`; `registry`: the registry (utils/registry.py) whose specs the key takes (a name or
+    a mapping with a name): validated and listed in `--help` through it, compared in its canonical
+    form, and replaced whole by a later value instead of merged into (`method: {name: sde,
+    last_noisy_time: 0.1}` then `method: euler`; `spec` says the same for a key whose registry is
+    not at hand); `identity`: the key changes what a run trains, so a default experiment name
+    carries it (training/config.py)."""
+    return {"help": text, "spec": spec or registry is not None, "registry": registry, "identity": identity}
 
 
 def warn(message: str) -> None:
@@ -403,10 +408,48 @@ def yaml_spelling(value: Any) -> str:
     return text[len("v: "):] if text.startswith("v: ") else text
 
 
+def field_options(defaults_type, prefix: str = "") -> Dict[str, Tuple[Any, Mapping]]:
+    """{dotted key: (type, metadata)} of every leaf key of a config dataclass (nested ones walked)."""
+    out: Dict[str, Tuple[Any, Mapping]] = {}
+    for f in dataclasses.fields(defaults_type):
+        tp = _strip_optional(_field_types(defaults_type)[f.name])
+        if dataclasses.is_dataclass(tp):
+            out.update(field_options(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (tp, f.metadata)
+    return out
+
+
+def declared_keys(defaults_type, flag: str) -> Tuple[str, ...]:
+    """The dotted keys whose declaration (`option_help`) sets `flag` (e.g. "identity")."""
+    return tuple(k for k, (_, meta) in field_options(defaults_type).items() if meta.get(flag))
+
+
+def mapping_valued_keys(defaults_type) -> Tuple[str, ...]:
+    """The dotted keys whose value may be a mapping (free dicts and registry specs): kept whole when a
+    config is flattened to dotted keys."""
+    return tuple(k for k, (tp, meta) in field_options(defaults_type).items() if meta.get("spec") or _is_free_dict(tp))
+
+
+def canonical_values(defaults_type, flat_config: Mapping[str, Any]) -> Dict[str, Any]:
+    """A flattened config with every registry-spec value in its registry's canonical form (so that
+    `null`, `laplacian` and `{name: laplacian}` compare equal); values a registry refuses stay as they are."""
+    out = dict(flat_config)
+    for key, (_, meta) in field_options(defaults_type).items():
+        registry = meta.get("registry")
+        if registry is not None and key in out:
+            try:
+                out[key] = registry.canonical(out[key])
+            except ValueError:
+                pass
+    return out
+
+
 def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None, registries=None) -> str:
     """One line per key: `key = default   # meaning` (defaults in YAML spelling) — for `--help`; then the
-    entries of every registry a key takes (`registries`: {key: Registry} or a function returning it),
-    each with its parameters; then the aliases."""
+    entries of every registry a key takes (declared with the key, `option_help(registry=...)`, plus
+    `registries`: {key: Registry} or a function returning it, for keys nested in free mappings), each
+    with its parameters; then the aliases."""
     lines: List[str] = []
 
     def walk(cls, prefix: str) -> Iterable[str]:
@@ -425,7 +468,12 @@ def config_help(defaults_type, aliases: Optional[Mapping[str, Alias]] = None, re
             yield f"  {prefix}{f.name} = {yaml_spelling(default)}" + (f"   # {meaning}" if meaning else "")
 
     lines.extend(walk(defaults_type, ""))
-    for key, registry in (registries() if callable(registries) else registries or {}).items():
+    by_registry: Dict[int, Tuple[List[str], Any]] = {}
+    declared = {k: meta["registry"] for k, (_, meta) in field_options(defaults_type).items() if meta.get("registry")}
+    for key, registry in {**declared, **(registries() if callable(registries) else registries or {})}.items():
+        by_registry.setdefault(id(registry), ([], registry))[0].append(key)
+    for keys, registry in by_registry.values():
+        key = " / ".join(keys)
         lines.append(f"{key}: a name, or {{name: ..., parameter: value}}; registered {registry.kind}s:")
         lines.extend(registry.describe())
     if aliases:

@@ -101,13 +101,16 @@ class Registry:
 
     ``kind``: what the entries are ("decomposition"), used in messages and ``--help``;
     ``default``: the name a null spec means; ``context``: parameter names the caller passes to
-    every entry (never set from a config).
+    every entry (never set from a config); ``aliases``: other spellings of entry names (the
+    reference's ``prediction: v``), read as the entry's name and stored as it.
     """
 
-    def __init__(self, kind: str, default: Optional[str] = None, context: Tuple[str, ...] = ()):
+    def __init__(self, kind: str, default: Optional[str] = None, context: Tuple[str, ...] = (),
+                 aliases: Optional[Mapping[str, str]] = None):
         self.kind = kind
         self.default_name = default
         self.context = tuple(context)
+        self.aliases = dict(aliases or {})
         self._entries: Dict[str, Callable] = {}
 
     # ------------------------------------------------------------------ entries
@@ -180,7 +183,8 @@ class Registry:
         else:
             raise RegistryError(f"a {self.kind} is a name ({', '.join(self.names())}) or a mapping "
                                 f"{{name: ..., parameter: value}}, got {spec!r}")
-        entry = self[str(name)]
+        name = self.aliases.get(str(name), str(name))
+        entry = self[name]
         allowed = self._params_of(entry)
         unknown = [k for k in given if k not in allowed]
         if unknown:
@@ -240,5 +244,6 @@ class Registry:
             sentence = paragraph.split(". ")[0].rstrip(".")
             first = f"   # {sentence}" if sentence else ""
             default = " (default)" if name == self.default_name else ""
+            default += "".join(f" (also {alias!r})" for alias, target in self.aliases.items() if target == name)
             lines.append(f"    {name}({self.signature_text(name)}){default}{first}")
         return lines
