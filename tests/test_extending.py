@@ -14,12 +14,8 @@ For each: train a few steps, kill and resume bit-exactly, sample with generate.p
 training, `stage_scales: auto` (it measures the decomposition the model uses), count the FLOPs,
 export `.safetensors` and load them. These tests keep the extension points open.
 """
-import json
-import math
-import os
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -29,7 +25,7 @@ from dfm import DECOMPOSITIONS, TIME_DISTRIBUTIONS, Decomposition, TimeDistribut
 from models.blocks import MLPS
 from samplers.methods import SAMPLER_METHODS, SamplerMethod
 
-from train_helpers import assert_same_weights, load_ckpt, read_losses, swd_reference, tiny_config
+from train_helpers import check_whole_pipeline, tiny_config
 
 
 # ------------------------------------------------------------------------------ the four examples
@@ -208,41 +204,11 @@ IDEAS = {
 
 @pytest.mark.parametrize("idea", sorted(IDEAS))
 def test_each_idea_runs_through_the_whole_pipeline(idea, tiny_data, tmp_path):
-    from generation.config import load_generate_config
-    from generation.runner import run as generate
-    from models import load_pretrained
-    from training.loop import train
-
-    ref, _ = swd_reference(tmp_path / "ref.npz", resolution=16, count=8)
-    keys = dict(IDEAS[idea], max_train_steps=4, checkpointing_steps=2, save_format="safetensors", eval_every=4,
-                eval_num_samples=4, eval_metrics="[swd]", eval_ref_stats=ref, **{"eval_sampler.num_steps_per_scale": "[2,2]"})
-    out = str(tmp_path)
-    straight = train(tiny_config(tiny_data, out, exp_name="straight", **keys))
-    train(tiny_config(tiny_data, out, exp_name="cut", **keys), stop_after_step=3)  # killed after step 3
-    resumed = train(tiny_config(tiny_data, out, exp_name="cut", **keys))  # resumes from step 2
-    assert resumed.steps == 4
-    assert_same_weights(load_ckpt(resumed.last_checkpoint), load_ckpt(straight.last_checkpoint))
-    assert read_losses(resumed.exp_dir) == read_losses(straight.exp_dir)
-    swd = [json.loads(line) for line in open(os.path.join(straight.exp_dir, "metrics.jsonl")) if "swd" in line]
-    assert len(swd) == 1 and math.isfinite(swd[0]["swd"])  # evaluation during training
-
-    ckpt = load_ckpt(straight.last_checkpoint)
+    method = "example_midpoint" if idea == "sampler" else "euler"
+    ckpt = check_whole_pipeline(tiny_data, tmp_path, IDEAS[idea], methods=(method,))["ckpt"]
     if idea == "decomposition":  # auto measured the Haar levels the model trains on, and stored them
         scales = ckpt["arch"]["stage_scales"]
         assert ckpt["arch"]["decomposition"] == "example_haar" and scales[0] == 1.0 and scales[1] > 1.0
-    # the exported weights rebuild the same model with no flag
-    exported = os.path.join(straight.exp_dir, "weights", "0000004.safetensors")
-    model = load_pretrained(exported)
-    for key, value in ckpt["ema"].items():
-        assert torch.equal(model.state_dict()[key], value), key
-    method = "example_midpoint" if idea == "sampler" else "euler"
-    for source in (straight.last_checkpoint, exported):
-        generate(load_generate_config([f"--ckpt={source}", "num_samples=4", "num_steps_per_scale=[2,2]",
-                                       f"method={method}", f"sample_dir={tmp_path / 'samples'}", "save_png=false",
-                                       f"run_name={os.path.basename(source)}", "cpu_threads=1"]))
-    a, b = (np.load(tmp_path / "samples" / f"{os.path.basename(p)}.npz")["arr_0"]
-            for p in (straight.last_checkpoint, exported))
-    assert a.shape == (4, 16, 16, 3) and np.array_equal(a, b)
 
 
 def test_a_checkpoint_of_an_entry_this_checkout_lacks_is_one_line(tiny_data, tmp_path, capsys):
