@@ -89,6 +89,38 @@ class Cosine(Path):
         return 2 / math.pi * torch.atan(ratio)
 
 
+@PATHS.register("vp")
+class VP(Path):
+    """SiT's VP path (DDPM's variance-preserving SDE with a linear beta schedule), in our time:
+    ``log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2``, ``sigma = sqrt(1 - alpha^2)``;
+    its reverse SDE has ``w(t) = beta(t) = beta_min + t (beta_max - beta_min)``. At t = 1 alpha is
+    exp(-5.025) = 0.0066 (beta 0.1 .. 20), not 0: sampling starts from N(0, I) there, as SiT's does."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0 <= beta_min < beta_max:
+            raise ValueError(f"probability path 'vp': need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def coefficients(self, t):
+        log_alpha = -0.25 * t ** 2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        alpha = torch.exp(log_alpha)
+        sigma = torch.sqrt(-torch.expm1(2 * log_alpha))  # sqrt(1 - alpha^2), accurate near t = 0
+        d_alpha = -0.5 * self.beta(t) * alpha
+        return alpha, sigma, d_alpha, -alpha * d_alpha / sigma
+
+    def diffusion(self, t):
+        return self.beta(t)
+
+    def time_at_noise_ratio(self, ratio):
+        # sigma / alpha = r  <=>  alpha^2 = 1 / (1 + r^2)  <=>  a t^2 + b t = log(1 + r^2) / 2
+        a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
+        c = 0.5 * torch.log1p(ratio ** 2)
+        return ((-b + torch.sqrt(b * b + 4 * a * c)) / (2 * a)).clamp(0.0, 1.0)
+
+
 _DEFAULT = []  # the default path, built once (stand-ins share one object: caches keyed by path stay small)
 
 
