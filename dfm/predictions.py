@@ -29,7 +29,7 @@ import torch
 from utils.modules import inner_module
 from utils.registry import Registry
 
-PREDICTIONS = Registry("prediction target", default="velocity", aliases={"v": "velocity"})
+PREDICTIONS = Registry("prediction target", default="velocity", aliases={"v": "velocity", "eps": "noise"})
 LOSS_SPACES = ("target", "velocity")
 
 
@@ -97,6 +97,22 @@ class Velocity(PredictionTarget):
 
     def velocity(self, out, x_t, t, path):
         return out
+
+
+def _velocity_from_noise(eps_hat, x_t, coefficients):
+    alpha, sigma, d_alpha, d_sigma = coefficients
+    return d_alpha * (x_t - sigma * eps_hat) / alpha + d_sigma * eps_hat
+
+
+@PREDICTIONS.register("noise")
+class Noise(PredictionTarget):
+    """The noise ``eps`` (DDPM's epsilon-prediction); loss ``|eps_hat - eps|^2`` (SiT's, weight none)."""
+
+    def target(self, x, eps, v, coefficients):
+        return eps
+
+    def to_velocity(self, out, x_t, coefficients):
+        return _velocity_from_noise(out, x_t, coefficients)
 
 
 def prediction_of(model) -> PredictionTarget:
