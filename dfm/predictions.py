@@ -29,7 +29,8 @@ import torch
 from utils.modules import inner_module
 from utils.registry import Registry
 
-PREDICTIONS = Registry("prediction target", default="velocity", aliases={"v": "velocity", "eps": "noise"})
+PREDICTIONS = Registry("prediction target", default="velocity", aliases={"v": "velocity", "eps": "noise",
+                                                                          "x": "data"})
 LOSS_SPACES = ("target", "velocity")
 
 
@@ -113,6 +114,37 @@ class Noise(PredictionTarget):
 
     def to_velocity(self, out, x_t, coefficients):
         return _velocity_from_noise(out, x_t, coefficients)
+
+
+@PREDICTIONS.register("score")
+class Score(PredictionTarget):
+    """The score ``-eps / sigma`` of the marginal; loss in noise space ``|sigma s_hat + eps|^2`` (SiT's,
+    weight none), i.e. the target ``-eps / sigma`` compared after multiplying both by sigma."""
+
+    def target(self, x, eps, v, coefficients):
+        return -eps / coefficients[1]
+
+    def loss_pair(self, out, x, eps, x_t, v, t, path):
+        if self.loss == "velocity":
+            return super().loss_pair(out, x, eps, x_t, v, t, path)
+        sigma = self.coefficients(path, t.to(x.dtype), x, clamp=False)[1]
+        return sigma * out, -eps
+
+    def to_velocity(self, out, x_t, coefficients):
+        return _velocity_from_noise(-coefficients[1] * out, x_t, coefficients)
+
+
+@PREDICTIONS.register("data")
+class Data(PredictionTarget):
+    """The clean data ``x`` (x-prediction, as recent pixel-space models use); loss ``|x_hat - x|^2``,
+    or with ``loss: velocity`` the velocity loss of x-prediction."""
+
+    def target(self, x, eps, v, coefficients):
+        return x
+
+    def to_velocity(self, out, x_t, coefficients):
+        alpha, sigma, d_alpha, d_sigma = coefficients
+        return d_alpha * out + d_sigma * (x_t - alpha * out) / sigma
 
 
 def prediction_of(model) -> PredictionTarget:
