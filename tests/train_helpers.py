@@ -75,12 +75,14 @@ def assert_same_weights(a: dict, b: dict, parts=("model", "ema")) -> None:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
 
 
-def check_whole_pipeline(tiny_data, tmp_path, keys: dict, methods=("euler",), eval_swd: bool = True) -> dict:
+def check_whole_pipeline(tiny_data, tmp_path, keys: dict, methods=("euler",), eval_swd: bool = True,
+                         generate_args=((),)) -> dict:
     """An idea run end to end as a researcher would: train 4 steps; train again, killed after step 3,
     and resume: the same weights and losses bit for bit; (with `eval_swd`) evaluation during training;
     export .safetensors; sample with generate.py from the .pt and the .safetensors with every sampler
     method in `methods`: the same images from both, finite and not all equal. Returns
-    {"straight": TrainResult, "ckpt": the last checkpoint dict, "exported": path, "images": {method: arr}}."""
+    {"straight": TrainResult, "ckpt": the last checkpoint dict, "exported": path, "images": {(method, *args): arr}}
+    (`generate_args`: extra generate.py arguments, one sampling per entry)."""
     import os
 
     import numpy as np
@@ -93,8 +95,7 @@ def check_whole_pipeline(tiny_data, tmp_path, keys: dict, methods=("euler",), ev
     keys = dict(keys, max_train_steps=4, checkpointing_steps=2, save_format="safetensors")
     if eval_swd:
         ref, _ = swd_reference(tmp_path / "ref.npz", resolution=16, count=8)
-        keys.update(eval_every=4, eval_num_samples=4, eval_metrics="[swd]", eval_ref_stats=ref,
-                    **{"eval_sampler.num_steps_per_scale": "[2,2]"})
+        keys.update(eval_every=4, eval_num_samples=4, eval_metrics="[swd]", eval_ref_stats=ref)  # the preview's sampler
     out = str(tmp_path)
     straight = train(tiny_config(tiny_data, out, exp_name="straight", **keys))
     train(tiny_config(tiny_data, out, exp_name="cut", **keys), stop_after_step=3)  # killed after step 3
@@ -110,16 +111,18 @@ def check_whole_pipeline(tiny_data, tmp_path, keys: dict, methods=("euler",), ev
     model = load_pretrained(exported)  # the exported weights rebuild the same model with no flag
     for key, value in ckpt["ema"].items():
         assert torch.equal(model.state_dict()[key], value), key
+    steps = "[3,3]" if ckpt["arch"].get("stages", 1) == 2 else "[6]"
     images = {}
     for method in methods:
-        runs = []
-        for source in (straight.last_checkpoint, exported):
-            name = f"{method}-{os.path.basename(source)}"
-            generate(load_generate_config([f"--ckpt={source}", "num_samples=4", "num_steps_per_scale=[3,3]",
-                                           f"method={method}", f"sample_dir={tmp_path / 'samples'}",
-                                           "save_png=false", f"run_name={name}", "cpu_threads=1"]))
-            runs.append(np.load(tmp_path / "samples" / f"{name}.npz")["arr_0"])
-        assert runs[0].shape == (4, 16, 16, 3) and np.array_equal(runs[0], runs[1]), method
-        assert runs[0].std() > 0, method  # not a constant (black) image
-        images[method] = runs[0]
+        for extra in generate_args:  # e.g. one argv per ELIT budget
+            runs = []
+            for source in (straight.last_checkpoint, exported):
+                name = f"{method}-{len(images)}-{os.path.basename(source)}"
+                generate(load_generate_config([f"--ckpt={source}", "num_samples=4", f"num_steps_per_scale={steps}",
+                                               f"method={method}", f"sample_dir={tmp_path / 'samples'}",
+                                               "save_png=false", f"run_name={name}", "cpu_threads=1", *extra]))
+                runs.append(np.load(tmp_path / "samples" / f"{name}.npz")["arr_0"])
+            assert runs[0].shape == (4, 16, 16, 3) and np.array_equal(runs[0], runs[1]), (method, extra)
+            assert runs[0].std() > 0, (method, extra)  # not a constant (black) image
+            images[(method, *extra)] = runs[0]
     return {"straight": straight, "ckpt": ckpt, "exported": exported, "images": images}
