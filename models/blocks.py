@@ -112,3 +112,53 @@ class SiTBlock(nn.Module):
         h = modulate(self._part("norm2", x, positions), shift_mlp, scale_mlp)
         x = x + gate_mlp.unsqueeze(1) * self._part("mlp", h, positions)
         return x
+
+
+@NORMS.register("rmsnorm")
+def rms_norm(dim: int, eps: float = 1e-6, affine: bool = False) -> nn.Module:
+    """RMSNorm over the hidden dim (no mean subtraction); without affine parameters by default, as the
+    block's adaLN modulation supplies scale and shift."""
+    return nn.RMSNorm(dim, eps=eps, elementwise_affine=affine)
+
+
+def axial_rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """(T, head_dim / 2) rotation angles of 2-D axial RoPE: the first half of the channel pairs turns
+    with the row coordinate, the second half with the column, at frequencies ``base^(-i / n)``."""
+    n = head_dim // 4
+    dtype = torch.promote_types(positions.dtype, torch.float32)  # at least float32 (bf16 angles would drift)
+    freqs = base ** (-torch.arange(n, dtype=dtype, device=positions.device) / n)
+    positions = positions.to(dtype)
+    return torch.cat([positions[:, :1] * freqs, positions[:, 1:2] * freqs], dim=1)
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs (2i, 2i + 1) of x (B, H, T, D) by angles (T, D / 2)."""
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
+    cos, sin = angles.cos()[:, :, None], angles.sin()[:, :, None]
+    first, second = pairs[..., :1], pairs[..., 1:]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+@ATTENTIONS.register("rope")
+class RoPEAttention(Attention):
+    """Self-attention with 2-D axial rotary position embeddings on queries and keys (after qk-norm):
+    attention scores depend on the tokens' grid offsets only. The same parameters (keys) as ``sdpa``;
+    usually with ``position_embedding: none``. ``base``: the longest wavelength's scale (100 suits grids
+    of up to a few hundred tokens per side)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, base: float = 100.0):
+        super().__init__(dim, num_heads, qk_norm)
+        if self.head_dim % 4:
+            raise ValueError(f"attention 'rope' needs a head dim divisible by 4 (two axes of channel pairs), got "
+                             f"{self.head_dim}")
+        if not base > 1:
+            raise ValueError(f"attention 'rope': base must be > 1, got {base}")
+        self.base = float(base)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        angles = axial_rope_angles(positions, self.head_dim, self.base)
+        q, k = rotate(self.q_norm(q), angles), rotate(self.k_norm(k), angles)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
