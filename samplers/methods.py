@@ -145,6 +145,33 @@ class EulerMaruyama(SamplerMethod):
         return out
 
 
+@SAMPLER_METHODS.register("ab2")
+class AdamsBashforth2(SamplerMethod):
+    """Adams–Bashforth 2 ODE (second order, NFE = N): extrapolates from this step's and the previous
+    step's velocities (variable steps: ``h ((1 + r/2) v_n - (r/2) v_{n-1})``, ``r = h_n / h_{n-1}``, per
+    stage); restarts with an Euler step at step 0 and wherever a DFM stage starts moving."""
+
+    def restart(self, ctx, i: int) -> bool:
+        return bool(ctx.activated(i))
+
+    def step(self, ctx, i, xs):
+        v = ctx.velocity(xs, i, i)
+        previous = ctx.state.get("previous")  # (velocities, step sizes) of step i - 1 of this call
+        h = ctx.times[i + 1] - ctx.times[i]
+        ctx.state["previous"] = (v, h)
+        if previous is None or self.restart(ctx, i):
+            return _euler(ctx, i, xs, v)
+        v_prev, h_prev = previous
+        out = []
+        for s, (x, vs, vp) in enumerate(zip(xs, v, v_prev)):
+            if not ctx.active[i, s]:
+                out.append(x)
+                continue
+            r = h[s] / h_prev[s]
+            out.append(x + h[s] * ((1 + r / 2) * vs - (r / 2) * vp))
+        return out
+
+
 def build_method(spec) -> SamplerMethod:
     """The method object of a spec (a name or ``{name, **params}``); RegistryError for a bad one."""
     return spec if isinstance(spec, SamplerMethod) else SAMPLER_METHODS.build(spec)
