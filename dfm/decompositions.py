@@ -92,17 +92,22 @@ class Decomposition:
             raise ValueError(f"decomposition {type(self).__name__}: attribute {name!r} is a {type(value).__name__}; "
                              "a decomposition holds no trained state (keep plain tensors: they follow the data's "
                              "device), see dfm/decompositions.py")
+        if torch.is_tensor(value) and value.device.type != "meta":  # the copy with values, whatever device it moves to
+            vars(self).setdefault("_held", {})[name] = value
         object.__setattr__(self, name, value)
 
     def _follow(self, device: torch.device) -> None:
-        """Move the tensors this decomposition holds to ``device`` (the contract in the module docstring)."""
+        """Put the tensors this decomposition holds on ``device`` (the contract in the module docstring);
+        copies are made from the tensors as set, so a pass on the meta device loses no values."""
+        held = vars(self).get("_held", {})
         for name, value in list(vars(self).items()):
             if torch.is_tensor(value) and value.device != device:
-                if value.device.type == "meta":
+                source = held.get(name)
+                if source is None:
                     raise ValueError(f"decomposition {type(self).__name__}: tensor {name!r} was made on the meta "
                                      "device and holds no values; build the decomposition outside a meta-device "
                                      "context (models build theirs on the CPU)")
-                object.__setattr__(self, name, value.to(device))
+                object.__setattr__(self, name, source.to(device))
 
     # ------------------------------------------------------------------ to implement
     def level_shapes(self, shape: Shape) -> List[Shape]:

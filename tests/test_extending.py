@@ -4,7 +4,9 @@ One of each kind of idea, each one class registered by name (here under an `exam
 that the test never collides with an entry the codebase may add later):
 
 - a decomposition: the orthonormal Haar wavelet (`decomposition: example_haar`), usable with 2 or
-  more stages, whose detail stages have 3C channels;
+  more stages, whose detail stages have 3C channels; and a Gaussian (blur) pyramid holding a kernel
+  tensor (`example_gauss`), which the decomposition contract keeps usable on the meta device and
+  on any data device;
 - a time distribution with two parameters: Beta(a, b) (`time_distribution: {name: example_beta, a:
   2.0, b: 1.5}`), drawn through `generator_as_global` (torch's Beta takes no generator);
 - a block part: a SwiGLU MLP (`model_overrides: {mlp: example_swiglu}`);
@@ -67,6 +69,45 @@ class HaarWavelet(Decomposition):
         return cur
 
 
+class GaussianPyramid(Decomposition):
+    """A Gaussian (blur) pyramid: stage 0 the blurred, subsampled image after S - 1 levels, stage s >= 1
+    the detail the blur removed at level S - s. Its 5x5 binomial kernel is a tensor made in __init__:
+    it must hold values when the model is built on the meta device and follow the data's device."""
+
+    def __init__(self, num_stages: int, scales=None):
+        super().__init__(num_stages, scales)
+        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+        self.kernel = torch.outer(k, k)[None, None]
+
+    def level_shapes(self, shape):
+        C, H, W = shape
+        f = 2 ** (self.num_stages - 1)
+        if H % f or W % f:
+            raise ValueError(f"a {self.num_stages}-stage Gaussian pyramid needs sides divisible by {f}, got {H}x{W}")
+        return [(C, H >> (self.num_stages - 1 - s), W >> (self.num_stages - 1 - s)) for s in range(self.num_stages)]
+
+    def _blur(self, x):
+        C = x.shape[1]
+        return F.conv2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), self.kernel.to(x.dtype).expand(C, 1, 5, 5), groups=C)
+
+    def _up(self, x):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+    def split(self, x):
+        levels, cur = [], x
+        for _ in range(self.num_stages - 1):
+            low = self._blur(cur)[..., ::2, ::2]
+            levels.insert(0, cur - self._up(low))
+            cur = low
+        return [cur] + levels
+
+    def merge(self, levels):
+        cur = levels[0]
+        for detail in levels[1:]:
+            cur = self._up(cur) + detail
+        return cur
+
+
 class BetaTimes(TimeDistribution):
     """Beta(a, b) times (b < a: noisier); torch's Beta sampler takes no generator, so it draws
     through generator_as_global (a private stream seeded from the run's)."""
@@ -113,7 +154,8 @@ class Midpoint(SamplerMethod):
         return [x + (t_next[s] - t_cur[s]) * vs if on[s] else x for s, (x, vs) in enumerate(zip(xs, v_mid))]
 
 
-EXAMPLES = [(DECOMPOSITIONS, "example_haar", HaarWavelet), (TIME_DISTRIBUTIONS, "example_beta", BetaTimes),
+EXAMPLES = [(DECOMPOSITIONS, "example_haar", HaarWavelet), (DECOMPOSITIONS, "example_gauss", GaussianPyramid),
+            (TIME_DISTRIBUTIONS, "example_beta", BetaTimes),
             (MLPS, "example_swiglu", SwiGLU), (SAMPLER_METHODS, "example_midpoint", Midpoint)]
 
 
@@ -138,6 +180,23 @@ def test_haar_levels_against_an_independent_transform(stages):
     assert sum(float((v ** 2).sum()) for v in levels) == pytest.approx(float((x ** 2).sum()), rel=1e-12)
     f = 2 ** (stages - 1)
     torch.testing.assert_close(levels[0], F.avg_pool2d(x, f) * f, rtol=0, atol=1e-12)
+
+
+def test_a_decomposition_keeps_its_tensors_through_meta_builds_and_devices():
+    """The contract of dfm/decompositions.py: built with values inside a meta-device model build, its
+    tensors follow the data (a pass on the meta device loses nothing), no trained state allowed."""
+    from models.registry import skeleton_model
+
+    skeleton = skeleton_model("DFM-SiT-S/2", input_size=16, decomposition="example_gauss")
+    gauss = skeleton.decomposition
+    assert gauss.kernel.device.type == "cpu" and float(gauss.kernel.sum()) == pytest.approx(1.0)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(gauss.recompose(gauss.decompose(x)), x, rtol=0, atol=1e-12)
+    gauss.decompose(torch.empty(2, 4, 16, 16, device="meta"))  # e.g. a FLOP count on the meta device
+    assert gauss.kernel.device.type == "meta"
+    torch.testing.assert_close(gauss.recompose(gauss.decompose(x)), x, rtol=0, atol=1e-12)  # values are back
+    with pytest.raises(ValueError, match="attribute 'weight' is a Parameter; a decomposition holds no trained state"):
+        gauss.weight = torch.nn.Parameter(torch.ones(1))
 
 
 def test_beta_times_follow_the_beta_law_and_leave_the_global_stream_alone():
@@ -196,6 +255,7 @@ def test_unknown_names_and_parameters_are_one_line(tmp_path, tiny_data):
 # ------------------------------------------------------------------------------ the whole pipeline
 IDEAS = {
     "decomposition": dict(decomposition="example_haar", stage_scales="auto"),
+    "decomposition_with_a_kernel": dict(decomposition="example_gauss", stage_scales="auto"),
     "time_distribution": dict(time_distribution="{name: example_beta, a: 2.0, b: 1.5}"),
     "mlp": dict(model_overrides="{depth: 2, hidden_size: 64, num_heads: 4, mlp: {name: example_swiglu, width: 0.5}}"),
     "sampler": {"preview.method": "example_midpoint", "eval_sampler.method": "example_midpoint"},
