@@ -321,13 +321,21 @@ def _check_stage_scales(given, stored):
     return stored
 
 
+# folders of a run folder that hold weights (training checkpoints, exported weights, post-hoc EMA
+# reconstructions): a file in one is named after the run, so two runs' files never share a name
+RUN_SUBFOLDERS = ("checkpoints", "weights", "reconstructed", "posthoc_ema")
+
+
 def checkpoint_tag(ckpt: str) -> str:
-    """exps/sit-b-2-256px/checkpoints/0400000.pt -> sit-b-2-256px-0400000."""
+    """exps/sit-b-2-256px/checkpoints/0400000.pt -> sit-b-2-256px-0400000; the same for
+    exps/RUN/weights/STEP.safetensors and exps/RUN/posthoc_ema/reconstructed/STEP-stdS.safetensors."""
     path = os.path.normpath(os.path.expanduser(ckpt))
     stem = os.path.splitext(os.path.basename(path))[0]
-    parent = os.path.basename(os.path.dirname(path))
-    if parent == "checkpoints":
-        stem = f"{os.path.basename(os.path.dirname(os.path.dirname(path)))}-{stem}"
+    folder = os.path.dirname(path)
+    if os.path.basename(folder) in RUN_SUBFOLDERS:
+        while os.path.basename(folder) in RUN_SUBFOLDERS:
+            folder = os.path.dirname(folder)
+        stem = f"{os.path.basename(folder)}-{stem}"
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", stem).strip("_") or "ckpt"
 
 
@@ -335,10 +343,19 @@ def _num(x: float) -> str:
     return f"{float(x):g}"
 
 
-def default_run_name(cfg: DictConfig) -> str:
-    """Folder name from the checkpoint and every setting that changes the images."""
+def default_run_name(cfg: DictConfig, legacy: bool = False) -> str:
+    """Folder name from the checkpoint and every setting that changes the images; the precision only
+    when it is not the default tf32 (which is fp32 on a machine without CUDA). ``legacy``: the name
+    the version before 2026-12-07 gave (tf32 named, post-hoc reconstructions and exported weights
+    without their run's name), which a rerun of an older run keeps using."""
     steps = "+".join(str(n) for n in cfg.num_steps_per_scale)
-    parts = [checkpoint_tag(cfg.ckpt), f"{SAMPLER_METHODS.tag(cfg.method)}{steps}"]
+    tag = checkpoint_tag(cfg.ckpt)
+    if legacy:
+        path = os.path.normpath(os.path.expanduser(cfg.ckpt))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        tag = tag if os.path.basename(os.path.dirname(path)) == "checkpoints" else \
+            re.sub(r"[^A-Za-z0-9._+-]+", "_", stem).strip("_") or "ckpt"
+    parts = [tag, f"{SAMPLER_METHODS.tag(cfg.method)}{steps}"]
     if cfg.thresholds:
         parts.append("th" + "+".join(_num(x) for x in cfg.thresholds))
     parts.append(f"cfg{_num(cfg.cfg_scale)}")
@@ -356,7 +373,9 @@ def default_run_name(cfg: DictConfig) -> str:
         short = cfg.vae.replace("stabilityai/sd-vae-", "")
         vae = short if short in ("ft-ema", "ft-mse", "ema", "mse") else "vae-" + checkpoint_tag(cfg.vae)
         parts.append(vae)
-    parts += [cfg.labels, f"seed{cfg.seed}", f"n{cfg.num_samples}", cfg.precision]
+    parts += [cfg.labels, f"seed{cfg.seed}", f"n{cfg.num_samples}"]
+    if legacy or cfg.precision != "tf32":
+        parts.append(cfg.precision)
     if not cfg.use_ema:
         parts.append("noema")
     return "-".join(parts)

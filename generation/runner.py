@@ -148,6 +148,23 @@ def check_model_budgets(model, cfg: DictConfig) -> None:
              "the guiding pass runs only with guidance (cfg_scale > 1)")
 
 
+def keep_legacy_run_name(cfg: DictConfig, given_name, ctx: DistContext) -> DictConfig:
+    """A default run name whose folder does not exist yet, while the folder of the name an earlier
+    version gave the same settings does (`default_run_name(legacy=True)`): go on in that folder, so a
+    rerun after an upgrade resumes instead of starting over (one line says so)."""
+    from .config import default_run_name
+
+    if given_name is not None or (Path(cfg.sample_dir) / cfg.run_name).exists():
+        return cfg
+    legacy = default_run_name(cfg, legacy=True)
+    if legacy == cfg.run_name or not (Path(cfg.sample_dir) / legacy / "config.yaml").is_file():
+        return cfg
+    _log(ctx, f"note: continuing the run folder {Path(cfg.sample_dir) / legacy} (named by an earlier version; "
+              f"a new run of these settings is named {cfg.run_name})")
+    cfg.run_name = legacy
+    return cfg
+
+
 def writing(path):
     """An OSError while writing `path` (read-only folder, disk full, quota) ends in one GenerationError."""
     return reported_write_errors(path, GenerationError, "; the complete PNGs written so far are kept and a rerun of "
@@ -183,6 +200,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
     from utils.config import save_config
 
     set_precision(cfg.precision)
+    given_name = cfg.run_name
     model, train_config = load_sampling_model(cfg.ckpt, cfg.model, cfg.use_ema, ctx.device,
                                                trust_checkpoint=cfg.trust_checkpoint,
                                                foreign_options={"path_type": cfg.path_type, "prediction": cfg.prediction})
@@ -190,6 +208,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
                          num_classes=model.num_classes, input_size=model.input_size,
                          ckpt_config=train_config, stage_scales=model.stage_scales, **model_transport(model))
     check_model_budgets(model, cfg)
+    cfg = keep_legacy_run_name(cfg, given_name, ctx)
     N, size = cfg.num_samples, cfg.resolution
     run_dir = Path(cfg.sample_dir) / cfg.run_name
     npz_path = Path(cfg.sample_dir) / f"{cfg.run_name}.npz"

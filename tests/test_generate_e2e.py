@@ -184,3 +184,23 @@ def test_bad_inputs_end_in_one_clear_message(ckpt, tmp_path, capsys):
     assert "Unknown config key 'num_step'" in error_of(_argv(ckpt, tmp_path, num_step=3))
     assert "config key 'vae'" in error_of(_argv(ckpt, tmp_path, vae=str(tmp_path / "no-vae")))
     assert not list(tmp_path.glob("run*"))
+
+
+def test_a_rerun_keeps_the_folder_an_earlier_version_named(ckpt, tmp_path, capsys):
+    """Run names changed (no -tf32 for the default precision): a run started under the old name is
+    continued there, not begun again in a new folder."""
+    from generation.config import default_run_name, resolve_config
+
+    cfg = load_config(GenerateConfig, _argv(ckpt, tmp_path, run_name="null", num_samples=4))
+    resolved = resolve_config(cfg, arch_name="DFM-SiT-S/2", num_stages=2, num_classes=NUM_CLASSES, input_size=8,
+                              ckpt_config={"vae": "none"})
+    legacy = default_run_name(resolved, legacy=True)
+    assert legacy.endswith("-tf32") and legacy != resolved.run_name
+    _run(ckpt, tmp_path, run_name=legacy, num_samples=4)  # the earlier version's run, killed after 2 images:
+    for name in ("000002.png", "000003.png"):
+        (tmp_path / legacy / name).unlink()
+    (tmp_path / f"{legacy}.npz").unlink()
+    summary = _run(ckpt, tmp_path, run_name="null", num_samples=4)
+    assert summary["run_dir"] == str(tmp_path / legacy) and summary["generated"] == 2
+    assert "continuing the run folder" in capsys.readouterr().out
+    assert not (tmp_path / resolved.run_name).exists()

@@ -84,7 +84,10 @@ def test_resolve_fills_defaults_and_checks_model():
     cfg = resolve_config(_cfg(), ckpt_config={"vae": "stabilityai/sd-vae-ft-mse", "path_type": "linear"}, **info)
     assert list(cfg.num_steps_per_scale) == [40, 10] and list(cfg.thresholds) == [0.1]
     assert cfg.resolution == 256 and cfg.vae == "stabilityai/sd-vae-ft-mse" and cfg.stages == 2
-    assert cfg.run_name == "dfm-b-0400000-euler40+10-th0.1-cfg1-ft-mse-random-seed0-n50000-tf32"
+    assert cfg.run_name == "dfm-b-0400000-euler40+10-th0.1-cfg1-ft-mse-random-seed0-n50000"  # tf32: the default
+    assert default_run_name(cfg, legacy=True) == cfg.run_name + "-tf32"
+    cfg.precision = "bf16"
+    assert default_run_name(cfg).endswith("-n50000-bf16")
     sit = resolve_config(_cfg(), ckpt_config=None, arch_name="SiT-XL/2", num_stages=1, num_classes=1000,
                          input_size=64)
     assert list(sit.num_steps_per_scale) == [50] and list(sit.thresholds) == [] and sit.resolution == 512
@@ -160,3 +163,15 @@ def test_evaluation_script_stops_with_clear_messages(tmp_path):
     assert "reference batch not found" in stderr(CKPT=str(ckpt), REF_BATCH="nope.npz")
     assert "INCEPTION_WEIGHTS is not set" in stderr(CKPT=str(ckpt), REF_BATCH=str(ref))
     assert "Inception weights not found" in stderr(CKPT=str(ckpt), REF_BATCH=str(ref), INCEPTION_WEIGHTS="w.pth")
+
+
+@pytest.mark.parametrize("path, tag", [
+    ("exps/sit-b-2-256px/checkpoints/0400000.pt", "sit-b-2-256px-0400000"),
+    ("exps/run-a/weights/0000004.safetensors", "run-a-0000004"),
+    ("exps/run-a/posthoc_ema/reconstructed/0000010-std0.08.safetensors", "run-a-0000010-std0.08"),
+    ("pretrained/repa-sit-xl-2-256-4m.pt", "repa-sit-xl-2-256-4m"),
+])
+def test_checkpoint_tags_name_the_run_of_every_weights_file(path, tag):
+    from generation.config import checkpoint_tag
+
+    assert checkpoint_tag(path) == tag  # two runs' reconstructions (or exports) never share a sample folder
