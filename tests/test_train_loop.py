@@ -118,6 +118,18 @@ def test_demo_config_few_steps_with_previews(tmp_path):
     assert os.path.isfile(os.path.join(result.exp_dir, "config.yaml"))
 
 
+def test_preview_grid_places_every_image_in_its_cell():
+    from training.previews import make_grid
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 4, 3), dtype=np.uint8)
+    grid = make_grid(images, nrow=2, pad=1, pad_value=7)
+    assert grid.shape == (3 * (3 + 1) + 1, 2 * (4 + 1) + 1, 3) and grid.dtype == np.uint8
+    for i, image in enumerate(images):  # row-major cells after a 1-px border
+        r, c = divmod(i, 2)
+        assert np.array_equal(grid[1 + r * 4:1 + r * 4 + 3, 1 + c * 5:1 + c * 5 + 4], image)
+    assert (grid[0] == 7).all() and (grid[9:12, 6:10] == 7).all()  # the border and the empty last cell
+
+
 def test_latent_run_with_local_vae(tmp_path):
     """Latent data (posterior moments) + a tiny local VAE for the preview decode."""
     import json

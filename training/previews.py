@@ -122,15 +122,13 @@ def preview_labels(num_samples: int, num_classes: int, nrow: int, labels: Option
 
 
 def make_grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 0) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) uint8 grid."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = images[i]
-    return grid
+    """(N, H, W, 3) uint8 -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) uint8 grid
+    (`torchvision.utils.make_grid` on the NHWC arrays the previews and the budget sweep hold)."""
+    from torchvision.utils import make_grid as torchvision_grid
+
+    grid = torchvision_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=nrow,
+                            padding=pad, pad_value=pad_value)
+    return grid.permute(1, 2, 0).numpy()
 
 
 GRID_GAP = 8  # white columns between the grids of one preview (side_by_side, and the captions above them)
