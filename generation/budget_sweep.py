@@ -149,6 +149,7 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     y = torch.full((num_seeds,), class_label, dtype=torch.long, device=dev)
     tokens = model.grid * model.grid
     rows, columns = [], []
+    print(f"{len(levels)} budget(s) of {model.arch.get('name')}, {num_seeds} image(s) each, on {dev.type}", flush=True)
     for budget in levels:
         generator = sde_generators(seed, indices)
         start = time.perf_counter()
@@ -164,6 +165,8 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
         rows.append({"budget": float(budget), "latents_per_window": k, "latents": k * tokens // model.group_size ** 2,
                      "gflops_per_forward": counted_forward_flops(model, budget) / 1e9,
                      "sampling_seconds": seconds})
+        print(f"  budget {budget:g} ({k} of {model.group_size ** 2} latents per window): "
+              f"{rows[-1]['gflops_per_forward']:.3g} GFLOPs per forward, sampled in {seconds:.1f} s", flush=True)
     images = np.stack([columns[c][i] for i in indices for c in range(len(levels))])
     grid_path, plot_path = os.path.join(out, "grid.png"), os.path.join(out, "flops.png")
     grid_png = png_bytes(labelled_grid(images, [_column_label(r) for r in rows]))

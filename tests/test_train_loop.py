@@ -156,3 +156,23 @@ def test_latent_run_with_local_vae(tmp_path):
     ckpt = load_ckpt(result.last_checkpoint)
     assert ckpt["arch"]["in_channels"] == 4 and ckpt["arch"]["input_size"] == 4
     assert ckpt["config"]["vae"] == str(tmp_path / "vae")
+
+
+def test_images_per_sec_leaves_out_the_work_between_steps(monkeypatch):
+    """Checkpoints, previews and evaluation between steps are not training time (a fake clock)."""
+    import torch
+    from types import SimpleNamespace
+
+    import training.metrics as metrics_module
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "time", lambda: clock[0])
+    window = metrics_module.MetricWindow(1, "cpu")
+    out = {"loss": torch.tensor(1.0), "stage_losses": torch.tensor([1.0])}
+    for _ in range(4):
+        window.add_micro_batch(out, 0, 1)
+        window.add_step(torch.tensor(0.5))
+    clock[0] = 150.0  # 50 s since the window started, 30 of them an evaluation:
+    window.exclude(30.0)
+    values = window.read(SimpleNamespace(num_processes=1), batch_size=8)
+    assert values["images_per_sec"] == 8 * 4 / 20.0

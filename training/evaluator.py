@@ -114,10 +114,14 @@ class TrainingEvaluator:
         from data.vae import samples_to_uint8
         from generation.noise import initial_noise, sde_generators
 
+        from utils.progress import progress_bar
+
         e = self.sampler
         decomposition = model.decomposition
         extra = {} if e.inference_budget is None else {"inference_budget": e.inference_budget}
         out = []
+        bar = progress_bar(total=len(indices), unit="img", desc="evaluation: sampling", leave=False,
+                           disable=self.rank != 0)
         for lo in range(0, len(indices), int(e.batch_size)):
             batch = indices[lo:lo + int(e.batch_size)]
             noise = [n.to(self.device) for n in initial_noise(int(e.seed), batch, model.stage_shapes)]
@@ -129,6 +133,8 @@ class TrainingEvaluator:
                     method=e.method, cfg_scale=float(e.cfg_scale), guidance_low=float(e.guidance_low),
                     guidance_high=float(e.guidance_high), generator=generator, **extra)
             out.append(samples_to_uint8(self.vae, decomposition.recompose([f.float() for f in final])))
+            bar.update(len(batch))
+        bar.close()
         if not out:
             size = model.input_size * (1 if self.vae is None else 8)
             return np.zeros((0, size, size, 3), np.uint8)
@@ -159,6 +165,9 @@ class TrainingEvaluator:
     def __call__(self, model) -> Optional[Dict[str, float]]:
         """Score `model` (the EMA copy); returns the metrics on the main process, None elsewhere."""
         t0 = time.time()
+        if self.log is not None:
+            self.log.info(f"evaluation: sampling {self.num_samples} images on {self.P} process(es), then "
+                          f"{', '.join(self.metrics)}")
         was_training = model.training
         model.eval()
         devices = [self.device] if self.device.type == "cuda" else []

@@ -291,6 +291,7 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
             if stop_after_step is not None and step >= stop_after_step:
                 tracker.close()
                 return TrainResult(exp_dir, step, last_ckpt, last_preview, time.time() - t_start)
+            side_work = time.time()  # snapshots, checkpoints, previews, evaluation: not in images_per_sec
             if profiles is not None and profiles.due(step):  # before the checkpoint: a resume rewrites it
                 folder.on_main(lambda: folder.write(profiles.snapshot, exp_dir, step, dict(raw_model.arch), config_dict))
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
@@ -300,6 +301,7 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
                 preview(step)
             if evaluator is not None:
                 evaluator.maybe_run(ema_model, step, tracker)
+            metrics.exclude(time.time() - side_work)
     if last_saved_step != step:
         save(step)
     if start_step >= cfg.max_train_steps:

@@ -64,6 +64,11 @@ class MetricWindow:
         self.grad += norm
         self.steps += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of work between steps (checkpoints, previews, evaluation) out of the
+        window's `images_per_sec`, which measures training."""
+        self.start += seconds
+
     def first_nonfinite_step(self, accelerator) -> Optional[int]:
         never = 2**62
         bad = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, never), self.first_bad)
