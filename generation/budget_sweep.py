@@ -1,14 +1,17 @@
 r"""Budget sweep of an ELIT checkpoint: the same seeds at every budget, FLOPs per forward, pictures.
 
-    python -m generation.budget_sweep --ckpt CKPT --class-label 207 [--out DIR] [--seed 0]
-        [--num-seeds 4] [--steps 50 | --steps 40,10] [--method euler|heun|sde] [--cfg-scale 1]
-        [--budgets 0.25,0.5,1 | --all-levels] [--vae ...] [--model NAME] [--no-ema] [--precision tf32]
-        [--compile] [--cpu-threads N]
+    python -m generation.budget_sweep --ckpt CKPT --class-label 207 [seed=0] [num_seeds=4]
+        [num_steps_per_scale=[40,10]] [method=heun] [cfg_scale=1] [budgets=[0.25,0.5,1] | --all-levels]
+        [vae=...] [model=NAME] [use_ema=false] [precision=tf32] [compile=true] [cpu_threads=N]
+        [sample_dir=results/budget_sweep] [run_name=NAME]
 
-Budgets: the levels the model was trained with (``models.budget_levels``), ``--all-levels`` for
-every ``k / g^2`` (k = 1 .. g^2), or an explicit ``--budgets`` list. Row i of the grid is sample i
-of ``generate.py`` at the same seed (noise from (seed, i)), one column per budget, the lowest
-budget on the left. Writes into ``--out`` (default ``results/budget_sweep/<experiment>-<step>/``):
+generate.py's option language and names (`key=value` or `--key value`, dashes as underscores,
+`--config FILE.yaml`; `python -m generation.budget_sweep --help` lists them); the sweep's earlier
+`--steps 40,10`, `--no-ema` and `--out DIR` still work. Budgets: the levels the model was trained
+with (``models.budget_levels``), ``all_levels`` for every ``k / g^2`` (k = 1 .. g^2), or an
+explicit ``budgets`` list. Row i of the grid is sample i of ``generate.py`` at the same seed
+(noise from (seed, i)), one column per budget, the lowest budget on the left. Writes into
+``<sample_dir>/<run_name>`` (default ``results/budget_sweep/<experiment>-<step>/``):
 ``grid.png`` (upscaled to at least 256 px per column, each column labelled with its budget, latents
 and GFLOPs), ``flops.png`` (GFLOPs per forward of one image vs budget, counted with
 ``torch.utils.flop_counter``) and ``budget_sweep.json``: all three or, when the folder cannot be
@@ -17,75 +20,77 @@ written (read-only, disk full), none, with one line naming the file.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
 import os
 import sys
 import time
+import typing
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from utils.atomic import atomic_write, reported_write_errors
-from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
+from utils.config import Alias
+from utils.threads import using_cpu_threads
 from .config import GenerateConfig, GenerationError, checkpoint_tag, resolve_config, validate_config
 
 MIN_COLUMN_PX = 256  # grid.png: tiny samples are upscaled (nearest) to at least this width per column
 
 
-def _numbers(text: str, kind):
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+# generate.py's keys the sweep takes, with generate.py's names, meanings and defaults
+_SHARED = ("ckpt", "model", "seed", "method", "num_steps_per_scale", "thresholds", "cfg_scale", "vae", "use_ema",
+           "precision", "compile", "cpu_threads", "trust_checkpoint")
 
 
-def _method(text: str):
-    """A --method value: a registered name, or a YAML mapping with a name and parameters."""
-    import yaml
-
-    from samplers.methods import SAMPLER_METHODS
-
-    try:
-        return SAMPLER_METHODS.compact(yaml.safe_load(text) if text.strip().startswith("{") else text)
-    except (ValueError, yaml.YAMLError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _shared_fields():
+    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+    types = typing.get_type_hints(GenerateConfig)
+    return [(name, types[name], dataclasses.field(default=fields[name].default, metadata=fields[name].metadata))
+            for name in _SHARED]
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m generation.budget_sweep",
-                                     description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--ckpt", required=True, help="ELIT-SiT / DFM-ELIT-SiT checkpoint")
-    parser.add_argument("--class-label", type=int, required=True, help="class of every sample")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default: results/budget_sweep/<experiment>-<step>, from the --ckpt path)")
-    parser.add_argument("--seed", type=int, default=0, help="global seed; row i uses the noise of (seed, i)")
-    parser.add_argument("--num-seeds", type=int, default=4, help="samples (grid rows)")
-    parser.add_argument("--steps", type=lambda s: _numbers(s, int), default=None,
-                        help="steps per stage, e.g. 50 or 40,10 (default: generate.py's)")
-    parser.add_argument("--thresholds", type=lambda s: _numbers(s, float), default=None,
-                        help="DFM stage thresholds (default: generate.py's)")
-    from samplers.methods import SAMPLER_METHODS
+def _field(text: str, default=None):
+    from utils.config import option_help
 
-    parser.add_argument("--method", default="euler", type=_method,
-                        help=f"sampler method: a name ({', '.join(SAMPLER_METHODS.names())}) or a YAML mapping "
-                             "'{name: sde, last_noisy_time: 0.04}'")
-    parser.add_argument("--cfg-scale", type=float, default=1.0, help="CFG scale (both passes at the budget)")
-    parser.add_argument("--budgets", type=lambda s: _numbers(s, float), default=None,
-                        help="explicit budgets (fractions in (0, 1] or latent counts)")
-    parser.add_argument("--all-levels", action="store_true", help="every k / g^2, k = 1 .. g^2")
-    parser.add_argument("--vae", default=None, help="ft-ema | ft-mse | folder | none (default: the checkpoint's)")
-    parser.add_argument("--model", default=None, help="architecture name for published checkpoints")
-    parser.add_argument("--no-ema", action="store_true", help="the raw training weights instead of EMA")
-    parser.add_argument("--precision", default="tf32", help="fp32 | tf32 | bf16")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model's blocks (models/compile.py)")
-    parser.add_argument("--cpu-threads", type=cpu_threads_arg, default=None, help=CPU_THREADS_HELP)
-    return parser.parse_args(argv)
+    return dataclasses.field(default=default, metadata=option_help(text))
+
+
+BudgetSweepConfig = dataclasses.make_dataclass("BudgetSweepConfig", _shared_fields() + [
+    ("class_label", Optional[int], _field("class of every sample (required)")),
+    ("num_seeds", int, _field("samples, the grid's rows; row i uses generate.py's noise of (seed, i)", 4)),
+    ("budgets", Optional[List[float]], _field("explicit budgets (fractions in (0, 1] or latent counts), e.g. "
+                                              "[0.25,0.5,1]; null = the model's training levels")),
+    ("all_levels", bool, _field("every k / g^2, k = 1 .. g^2, instead of the training levels", False)),
+    ("sample_dir", str, _field("parent folder of the sweep's folder (as generate.py's)", "results/budget_sweep")),
+    ("run_name", Optional[str], _field("the sweep's folder (null: <experiment>-<step> of the checkpoint)")),
+    ("device", Optional[str], _field("cuda, cuda:N or cpu (null: cuda if available)")),
+])
+
+
+def _out_folder(value, cfg) -> dict:
+    folder = os.path.normpath(str(value))
+    return {"sample_dir": os.path.dirname(folder) or ".", "run_name": os.path.basename(folder)}
+
+
+# the sweep's own earlier option names (kept working), and the reference's sampler names
+SWEEP_ALIASES = {
+    "steps": Alias("num_steps_per_scale"),
+    "no_ema": Alias(convert=lambda value, cfg: {"use_ema": not value}, note="use_ema=false"),
+    "out": Alias(convert=_out_folder, note="sample_dir/run_name"),
+}
+
+
+def load_sweep_config(argv: Sequence[str]):
+    """The sweep's config: defaults <- --config FILE.yaml <- key=value / --key value (generate.py's
+    option language; `--steps`, `--no-ema` and `--out DIR` are accepted as before)."""
+    from utils.config import load_config
+
+    return load_config(BudgetSweepConfig, argv, aliases=SWEEP_ALIASES)
 
 
 def sweep_budgets(model, budgets: Optional[List[float]], all_levels: bool) -> List[float]:
@@ -107,9 +112,10 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
                  method: str = "euler", cfg_scale: float = 1.0, budgets: Optional[List[float]] = None,
                  all_levels: bool = False, vae: Optional[str] = None, model_name: Optional[str] = None,
                  use_ema: bool = True, precision: str = "tf32", device: Optional[str] = None,
-                 compile: bool = False) -> dict:
-    """Run the sweep; returns the JSON record (also written to ``<out>/budget_sweep.json``).
-    ``compile``: torch.compile the model's blocks (models/compile.py) for every budget."""
+                 compile: bool = False, sample_dir: str = "results/budget_sweep", trust_checkpoint: bool = False) -> dict:
+    """Run the sweep; returns the JSON record (also written to ``<out>/budget_sweep.json``; ``out``
+    null: ``<sample_dir>/<experiment>-<step>``). ``compile``: torch.compile the model's blocks
+    (models/compile.py) for every budget."""
     import samplers
     from bench.flops import counted_forward_flops
     from omegaconf import OmegaConf
@@ -118,31 +124,31 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     from .runner import Decoder, _autocast, model_transport, set_precision
 
     if num_seeds < 1:
-        raise GenerationError(f"--num-seeds must be >= 1, got {num_seeds}")
+        raise GenerationError(f"config key 'num_seeds': must be >= 1, got {num_seeds}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = OmegaConf.structured(GenerateConfig(
         ckpt=ckpt, model=model_name, seed=seed, method=method, num_steps_per_scale=steps, thresholds=thresholds,
         cfg_scale=cfg_scale, vae=vae, precision=precision, use_ema=use_ema))
     validate_config(cfg)
     set_precision(cfg.precision)
-    model, train_config = load_sampling_model(ckpt, model_name, use_ema, dev)
+    model, train_config = load_sampling_model(ckpt, model_name, use_ema, dev, trust_checkpoint=trust_checkpoint)
     if not hasattr(model, "kept_latents"):
         raise GenerationError(f"{ckpt} holds a {model.arch.get('name')} model, which has no compute budget; "
                               "the budget sweep needs an ELIT-SiT or DFM-ELIT-SiT checkpoint")
     if not 0 <= class_label < model.num_classes:
-        raise GenerationError(f"--class-label must be in [0, {model.num_classes}), got {class_label}")
+        raise GenerationError(f"config key 'class_label': must be in [0, {model.num_classes}), got {class_label}")
     cfg = resolve_config(cfg, arch_name=model.arch.get("name", model_name), num_stages=model.num_stages,
                          num_classes=model.num_classes, input_size=model.input_size, ckpt_config=train_config,
                          stage_scales=model.stage_scales, **model_transport(model))
     try:
         levels = sweep_budgets(model, budgets, all_levels)
     except ValueError as error:
-        raise GenerationError(f"--budgets: {error}") from None
+        raise GenerationError(f"config key 'budgets': {error}") from None
     if compile:
         from models.compile import compile_model
 
         compile_model(model)
-    out = out or os.path.join("results", "budget_sweep", checkpoint_tag(ckpt))  # exps/RUN/checkpoints/STEP.pt
+    out = out or os.path.join(sample_dir, checkpoint_tag(ckpt))  # exps/RUN/checkpoints/STEP.pt -> RUN-STEP
     decoder = Decoder(cfg.vae, model.in_channels, dev)
     indices = list(range(num_seeds))
     noise = [n.to(dev) for n in initial_noise(seed, indices, model.stage_shapes)]
@@ -253,14 +259,30 @@ def plot_flops(rows: List[dict], title: str = "") -> bytes:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        from utils.cli import print_text
+        from utils.config import config_help
+
+        return print_text(f"{__doc__}\noptions (defaults <- --config FILE.yaml <- key=value / --key value):\n"
+                          + config_help(BudgetSweepConfig, SWEEP_ALIASES))
     try:
-        with using_cpu_threads(args.cpu_threads):
-            record = budget_sweep(args.ckpt, args.class_label, args.out, seed=args.seed, num_seeds=args.num_seeds,
-                                  steps=args.steps, thresholds=args.thresholds, method=args.method,
-                                  cfg_scale=args.cfg_scale, budgets=args.budgets, all_levels=args.all_levels,
-                                  vae=args.vae, model_name=args.model, use_ema=not args.no_ema,
-                                  precision=args.precision, device=args.device, compile=args.compile)
+        try:
+            cfg = load_sweep_config(argv)
+        except (ValueError, FileNotFoundError) as error:
+            raise GenerationError(str(error)) from None
+        if cfg.class_label is None:
+            raise GenerationError("config key 'class_label': required, e.g. --class-label 207 (an ImageNet class)")
+        if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+            raise GenerationError(f"config key 'cpu_threads': must be >= 1 or null, got {cfg.cpu_threads}")
+        out = os.path.join(cfg.sample_dir, cfg.run_name) if cfg.run_name else None
+        with using_cpu_threads(cfg.cpu_threads):
+            record = budget_sweep(cfg.ckpt, cfg.class_label, out, seed=cfg.seed, num_seeds=cfg.num_seeds,
+                                  steps=cfg.num_steps_per_scale, thresholds=cfg.thresholds, method=cfg.method,
+                                  cfg_scale=cfg.cfg_scale, budgets=cfg.budgets, all_levels=cfg.all_levels,
+                                  vae=cfg.vae, model_name=cfg.model, use_ema=cfg.use_ema, precision=cfg.precision,
+                                  device=cfg.device, compile=cfg.compile, sample_dir=cfg.sample_dir,
+                                  trust_checkpoint=cfg.trust_checkpoint)
     except GenerationError as error:
         print(f"budget_sweep: error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -182,7 +182,6 @@ def test_evaluation_tools_run_with_cpu_threads(tool, function, argv, result, mon
 @pytest.mark.parametrize("tool, argv", [
     ("evaluation.evaluate", ["ref.npz", "samples.npz"]),
     ("evaluation.ref_stats", ["images", "--out", "stats.npz"]),
-    ("generation.budget_sweep", ["--ckpt", "x.pt", "--class-label", "1"]),
 ])
 def test_tools_refuse_bad_cpu_threads(tool, argv, capsys):
     import importlib
@@ -191,3 +190,10 @@ def test_tools_refuse_bad_cpu_threads(tool, argv, capsys):
         importlib.import_module(tool).main(argv + ["--cpu-threads", "0"])
     assert exit_info.value.code == 2
     assert "argument --cpu-threads: must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_budget_sweep_refuses_bad_cpu_threads_like_generate(capsys):
+    from generation import budget_sweep
+
+    assert budget_sweep.main(["--ckpt", "x.pt", "--class-label", "1", "--cpu-threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "budget_sweep: error: config key 'cpu_threads': must be >= 1 or null, got 0"

@@ -396,3 +396,19 @@ def test_budget_sweep_folder_is_named_after_the_run(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "results" / "budget_sweep") == ["run-a-0001200"]
     assert (tmp_path / "results" / "budget_sweep" / "run-a-0001200" / "grid.png").exists()
     assert checkpoint_tag("exps/run-b/checkpoints/0001200.pt") == "run-b-0001200"  # another run: another folder
+
+
+def test_budget_sweep_speaks_generates_option_language():
+    """The sweep's keys are generate.py's (the same names and values); its earlier flags mean the same."""
+    from generation.budget_sweep import load_sweep_config
+    from generation.config import load_generate_config
+
+    new = load_sweep_config(["--ckpt", "c.pt", "class_label=3", "num_steps_per_scale=[40,10]", "use_ema=false",
+                             "num_seeds=2", "budgets=[0.25,1]", "sample_dir=out", "run_name=sweep"])
+    old = load_sweep_config(["--ckpt", "c.pt", "--class-label", "3", "--steps", "40,10", "--no-ema", "--num-seeds",
+                             "2", "--budgets", "0.25,1", "--out", "out/sweep"])
+    assert dict(new) == dict(old)
+    assert (list(new.num_steps_per_scale), new.use_ema, list(new.budgets), new.sample_dir, new.run_name) == \
+        ([40, 10], False, [0.25, 1.0], "out", "sweep")
+    generate = load_generate_config(["--ckpt", "c.pt", "num_steps_per_scale=40,10", "use_ema=false"])
+    assert (list(generate.num_steps_per_scale), generate.use_ema) == ([40, 10], False)  # commas there too

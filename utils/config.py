@@ -183,14 +183,18 @@ def parse_argv(argv: Sequence[str], file_options: Iterable[str] = ("config",)
 
 
 def _parse_value(defaults_type, key: str, raw: str) -> Any:
-    """A command-line value: YAML, except that `str` keys keep their text (see module doc)."""
+    """A command-line value: YAML, except that `str` keys keep their text, and that a list key also
+    takes comma-separated values without brackets (`num_steps_per_scale=40,10`, `budgets=0.5`)."""
     text = raw.strip()
     if text in NULLS:
         return None
-    if _field_type(defaults_type, key.split(".")) is str:
+    tp = _field_type(defaults_type, key.split("."))
+    if tp is str:
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
             return text[1:-1]
         return raw
+    if (tp is list or typing.get_origin(tp) in (list, typing.List)) and text and text[0] not in "[{":
+        raw = f"[{text}]"
     try:
         value = OmegaConf.from_dotlist([f"v={raw}"])["v"]
     except OmegaConfBaseException as e:
