@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from training.posthoc_ema.kernels import (MAX_KERNEL_ERROR, reachable_stds, solve_coefficients, std_problem,
+from training.posthoc_ema.kernels import (MAX_KERNEL_ERROR, MAX_STD, MIN_STD, reachable_stds, solve_coefficients, std_problem,
                                           std_to_exponent)
 from training.posthoc_ema.snapshot_file import Snapshot, SnapshotError, SnapshotFile
 from training.posthoc_ema.snapshots import FOLDER, select_snapshots
@@ -94,9 +94,8 @@ def reconstruct(run: str, stds: Sequence[float], step: Optional[int] = None, out
 
     wanted = []
     for std in stds:
-        problem = std_problem(std)
-        if problem:
-            raise PosthocError(f"--std {problem}: a power-function EMA has a relative std in that range")
+        if std_problem(std):
+            raise PosthocError(f"--std {std}: a power-function EMA has a relative std in [{MIN_STD}, {MAX_STD}]")
         wanted += [float(std)] if float(std) not in wanted else []
     try:
         selection = select_snapshots(run, run_id, step)
