@@ -216,15 +216,19 @@ class SnapshotFile:
             os.close(self._fd)
             raise
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The tensor `name` in its stored dtype and exact shape; SnapshotError when a floating one is
-        not finite."""
+    def tensor(self, name: str, check: bool = True) -> torch.Tensor:
+        """The tensor `name` in its exact shape, floating ones as float32 (float16 converts exactly);
+        SnapshotError when a floating one is not finite (`check=False`: the caller checks what it makes
+        of it, a sum that any non-finite term makes non-finite)."""
         dtype, shape, start, end = self.snapshot.tensors[name]
         raw = torch.empty(end - start, dtype=torch.uint8)
         if end > start:
             _read_exactly(self._fd, raw.numpy(), start, self.snapshot.path)
         value = raw.view(dtype).reshape(shape)
-        if dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+        if not dtype.is_floating_point:
+            return value
+        value = value.float()
+        if check and not bool(torch.isfinite(value).all()):
             raise SnapshotError(f"post-hoc EMA snapshot {self.snapshot.path} holds non-finite weights ({name}); "
                                 "delete it (the others still reconstruct) or copy it again")
         return value
