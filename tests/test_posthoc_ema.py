@@ -136,6 +136,10 @@ def test_bad_keys_and_a_changed_profile_on_resume(tiny_data, tmp_path):
     for stds in ("[0.5]", "[0.05, 0.05]", "[-0.1]", "[1e-300]", "[.nan]"):
         with pytest.raises(ConfigError, match=r"posthoc_ema.stds must be distinct numbers in \[0.001, 0.28\]"):
             tiny_config(tiny_data, str(tmp_path), **{"posthoc_ema.stds": stds})
+    with pytest.raises(ConfigError, match=r"posthoc_ema.keep must be an integer >= 0, got -1"):
+        tiny_config(tiny_data, str(tmp_path), **{"posthoc_ema.stds": "[0.05]", "posthoc_ema.keep": -1})
+    with pytest.raises(ConfigError, match=r"posthoc_ema.dtype must be one of \['float16', 'float32'\], got 'bfloat16'"):
+        tiny_config(tiny_data, str(tmp_path), **{"posthoc_ema.stds": "[0.05]", "posthoc_ema.dtype": "bfloat16"})
     train(tiny_config(tiny_data, str(tmp_path), exp_name="r", max_train_steps=2, **{"posthoc_ema.stds": "[0.05]"}))
     with pytest.raises(ConfigError, match=r"resume: posthoc_ema.stds=\[0.1\], but checkpoint .* holds the profiles of "
                                           r"\[0.05\]"):

@@ -139,7 +139,7 @@ class SnapshotStore:
     def write(self, step: int, profiles: Sequence[dict], stds: Sequence[float], t: int, arch: dict,
               config: dict) -> str:
         """Write the snapshot of `step` (every profile's state dict, floating tensors in the store's
-        dtype; a tensor that would overflow float16 stays float32), then thin the older ones."""
+        dtype; a tensor beyond float16's range stays float32), then thin the older ones."""
         from models.weights_io import export_weights
 
         groups = {f"p{i}": {k: _stored(v, self.dtype) for k, v in state.items()} for i, state in enumerate(profiles)}
@@ -165,11 +165,13 @@ class SnapshotStore:
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if not tensor.is_floating_point() or tensor.dtype == dtype:
-        return tensor
-    cast = tensor.to(dtype)
-    overflow = dtype == torch.float16 and not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(tensor).all())
-    return tensor if overflow else cast
+    """A CPU copy for a snapshot: floating tensors in `dtype` (cast on their device, one at a time, so
+    only half the bytes cross to the host), except one with values beyond what `dtype` holds."""
+    tensor = tensor.detach()
+    if tensor.is_floating_point() and tensor.dtype != dtype:
+        if tensor.numel() == 0 or not float(tensor.abs().amax()) > torch.finfo(dtype).max:
+            tensor = tensor.to(dtype)
+    return tensor.cpu()
 
 
 # ------------------------------------------------------------------ the reconstruction side
