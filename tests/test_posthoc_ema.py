@@ -44,7 +44,8 @@ def _discrete_kernel(gamma, t):
 
 
 def test_reconstruction_matches_a_profile_tracked_directly(tiny_data, tmp_path):
-    keys = dict(max_train_steps=20, checkpointing_steps=1, **{"posthoc_ema.every": 2})
+    # float32 snapshots: the bookkeeping is checked to float precision (float16 ones: test_posthoc_snapshots.py)
+    keys = dict(max_train_steps=20, checkpointing_steps=1, **{"posthoc_ema.every": 2, "posthoc_ema.dtype": "float32"})
     a = train(tiny_config(tiny_data, str(tmp_path), exp_name="a", **keys, **{"posthoc_ema.stds": "[0.05, 0.1]"}))
     b = train(tiny_config(tiny_data, str(tmp_path), exp_name="b", **keys, **{"posthoc_ema.stds": "[0.08]"}))
     [record] = reconstruct(a.exp_dir, [0.08])
@@ -88,9 +89,13 @@ def test_snapshots_survive_kill_and_resume_and_generate_reads_a_reconstruction(t
     for step in (2, 4, 6, 8):  # every snapshot, the ones rewritten after the resume included
         name = f"posthoc_ema/{step:07d}.safetensors"
         x, y = (read_weights_file(os.path.join(run.exp_dir, name)) for run in (straight, resumed))
+        assert x["weights_info"].pop("run") != y["weights_info"].pop("run")  # two runs, two identities
         assert x["weights_info"] == y["weights_info"] and x["steps"] == y["steps"] == step
         assert all(torch.equal(x[g][k], y[g][k]) for g in ("p0", "p1") for k in x[g]), name
     a, b = load_ckpt(straight.last_checkpoint), load_ckpt(resumed.last_checkpoint)
+    runs = {read_weights_file(os.path.join(resumed.exp_dir, f"posthoc_ema/{s:07d}.safetensors"))["weights_info"]["run"]
+            for s in (2, 4, 6, 8)}
+    assert runs == {b["posthoc_ema"]["run"]}  # the identity made at the start survived the kill and the resume
     for x, y in zip(a["posthoc_ema"]["profiles"], b["posthoc_ema"]["profiles"]):
         assert all(torch.equal(x[k], y[k]) for k in x)
     [record] = reconstruct(straight.exp_dir, [0.07])
@@ -128,9 +133,13 @@ def test_bad_inputs_are_one_line_and_write_nothing(tiny_data, tmp_path, capsys):
 def test_bad_keys_and_a_changed_profile_on_resume(tiny_data, tmp_path):
     from training.config import ConfigError
 
-    for stds in ("[0.5]", "[0.05, 0.05]", "[-0.1]"):
-        with pytest.raises(ConfigError, match=r"posthoc_ema.stds must be distinct numbers in \(0, 0.28\]"):
+    for stds in ("[0.5]", "[0.05, 0.05]", "[-0.1]", "[1e-300]", "[.nan]"):
+        with pytest.raises(ConfigError, match=r"posthoc_ema.stds must be distinct numbers in \[0.001, 0.28\]"):
             tiny_config(tiny_data, str(tmp_path), **{"posthoc_ema.stds": stds})
+    with pytest.raises(ConfigError, match=r"posthoc_ema.keep must be an integer >= 0, got -1"):
+        tiny_config(tiny_data, str(tmp_path), **{"posthoc_ema.stds": "[0.05]", "posthoc_ema.keep": -1})
+    with pytest.raises(ConfigError, match=r"posthoc_ema.dtype must be one of \['float16', 'float32'\], got 'bfloat16'"):
+        tiny_config(tiny_data, str(tmp_path), **{"posthoc_ema.stds": "[0.05]", "posthoc_ema.dtype": "bfloat16"})
     train(tiny_config(tiny_data, str(tmp_path), exp_name="r", max_train_steps=2, **{"posthoc_ema.stds": "[0.05]"}))
     with pytest.raises(ConfigError, match=r"resume: posthoc_ema.stds=\[0.1\], but checkpoint .* holds the profiles of "
                                           r"\[0.05\]"):

@@ -116,7 +116,13 @@ def is_verified(path: str) -> bool:
 def remove_stale_temporaries(exp_dir: str) -> None:
     """Delete `.tmp-*` files and sidecars whose checkpoint was never published (a crash
     between the two renames of `atomic_torch_save`)."""
-    folder = checkpoint_dir(exp_dir)
+    remove_temporaries(checkpoint_dir(exp_dir))
+
+
+def remove_temporaries(folder: str) -> None:
+    """Delete the `.tmp-*` files that interrupted atomic writes (utils/atomic.py) left in `folder`, and
+    `.sha256` sidecars whose file was never published. Only for a folder of the run this process holds
+    the lock of: a temporary of a writer still at work would go too."""
     if os.path.isdir(folder):
         names = set(os.listdir(folder))
         for name in names:

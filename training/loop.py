@@ -40,7 +40,7 @@ from training.errors import (CheckpointWriteError, ConfigError, CorruptDataError
 from training.logger import RunLogger, log_error_to_file
 from training.metrics import MetricWindow
 from training.nonfinite import SkipGuard
-from training.posthoc_ema import PowerEMA
+from training.posthoc_ema import start_profiles
 from training.preemption import Preemption
 from training.repa import RepaFeatures, load_run_encoders
 from training.rng import restore_streams, rng_state, seed_micro_batch, seed_process
@@ -146,13 +146,10 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     if ckpt is not None:
         check_data_position(ckpt.get("data_position"), sampler.position(start_step), log)
     # ---- what a step updates besides the model: post-hoc EMA profiles, the skip guard (with their saved state)
-    profiles = PowerEMA(raw_model, cfg.posthoc_ema.stds, cfg.posthoc_ema.every) if cfg.posthoc_ema.stds else None
+    profiles = start_profiles(cfg, raw_model, exp_dir, ckpt, resume_path, log, is_main)
     guard = SkipGuard(optimizer, cfg.max_skipped_steps, device) if cfg.on_nonfinite == "skip" else None
-    if ckpt is not None:
-        if profiles is not None:
-            profiles.load_state_dict(ckpt.get("posthoc_ema"), resume_path)
-        if guard is not None:
-            guard.load_state_dict(ckpt.get("nonfinite"))
+    if ckpt is not None and guard is not None:
+        guard.load_state_dict(ckpt.get("nonfinite"))
     resumed, ckpt = ckpt is not None, None  # free the loaded tensors
     loader_dataset, bad_log = bad_sample_guard(cfg, dataset, exp_dir, P)
     loader = torch.utils.data.DataLoader(
