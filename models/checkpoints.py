@@ -98,7 +98,12 @@ def weights_group(checkpoint: dict, prefer_ema: bool = True) -> Optional[str]:
     """Which entry of a checkpoint holds the model weights: ``ema`` (if preferred and present),
     ``model``, ``state_dict``; None when the dict itself is the state dict."""
     order = ("ema", "model", "state_dict") if prefer_ema else ("model", "ema", "state_dict")
-    return next((k for k in order if isinstance(checkpoint.get(k), dict)), None)
+    group = next((k for k in order if isinstance(checkpoint.get(k), dict)), None)
+    if group == "ema" and not prefer_ema:
+        raise ValueError("the checkpoint holds only EMA weights (no raw 'model' weights; e.g. a post-hoc EMA "
+                         "reconstruction or an exported EMA), so the raw weights asked for (use_ema=false) are not "
+                         "there; sample it with use_ema=true")
+    return group
 
 
 def extract_state_dict(checkpoint: dict, prefer_ema: bool = True) -> Dict[str, torch.Tensor]:

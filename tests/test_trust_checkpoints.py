@@ -265,3 +265,21 @@ def test_a_legacy_pickle_checkpoint_is_refused_pointing_to_trust_checkpoint_only
     with pytest.raises(ValueError) as info:
         read_checkpoint(str(garbage))
     assert "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_raw_weights_asked_of_an_ema_only_file_are_one_line(tmp_path, capsys):
+    """A post-hoc reconstruction (or any EMA-only export) has no raw weights: use_ema=false is refused
+    instead of sampling the EMA under a '-noema' run name."""
+    import generate
+    from conftest import tiny_model
+    from models import load_pretrained
+    from models.weights_io import export_weights
+
+    model = tiny_model("DFM-SiT-S/2", in_channels=3, num_classes=4)
+    path = export_weights(tmp_path / "recon.safetensors", {"ema": model.state_dict()}, arch=model.arch,
+                          config={"vae": "none"}, weights_info={"kind": "posthoc_ema", "std": 0.1})
+    with pytest.raises(ValueError, match="holds only EMA weights .* sample it with use_ema=true"):
+        load_pretrained(path, prefer_ema=False)
+    assert generate.main(["--ckpt", path, "use_ema=false", f"sample_dir={tmp_path / 's'}", "num_samples=2"]) == 2
+    assert "holds only EMA weights" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -60,6 +60,34 @@ def atomic_write(path, mode: str = "wb", fsync: bool = False):
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path, fsync: bool = True):
+    """Context manager yielding a temporary path next to ``path`` for a writer that takes a file
+    name (``safetensors.torch.save_file`` streams tensors to it instead of building the file's bytes
+    in memory); on success it is flushed to disk and renamed to ``path``, as :func:`atomic_write`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd, tmp = _temporary(folder, os.path.basename(path), lambda p: os.open(p, flags, 0o666))
+    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask; a writer that recreates the file may not keep it
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 def describe_write_error(error: BaseException) -> str:
     """A short reason for a failed write: `[Errno 28] No space left on device`, or torch's
     zip-writer failures (`unexpected pos`, `file write failed`) named as what they mean."""
