@@ -25,7 +25,7 @@ mkdir -p "$RUNS"
   if [ -f "'"$RUNS"'/${model}_s$seed/checkpoints/0002000.pt" ]; then exit 0; fi
   nice -n "'"$NICE"'" "'"$PY"'" train.py --config experiments/study/base.yaml --config "experiments/study/$model.yaml" \
     data_dir="'"$DATA"'/train" eval_ref_stats="'"$DATA"'/heldout_swd.npz" output_dir="'"$RUNS"'" seed="$seed" \
-    exp_name="${model}_s$seed" "posthoc_ema.stds=[0.05,0.1]" posthoc_ema.every=100 \
+    exp_name="${model}_s$seed" "posthoc_ema.stds=[0.05,0.1]" posthoc_ema.every=100 posthoc_ema.dtype=float32 posthoc_ema.keep=0 \
     > "'"$RUNS"'/${model}_s$seed.out" 2>&1 && echo "$model seed $seed done: $(date -u +%H:%M:%S)"'
 for seed in $SEEDS; do for model in sit dfm_sit_calibrated; do echo "$RUNS/${model}_s$seed"; done; done \
 | xargs -P "$JOBS" -I{} sh -c 'nice -n "'"$NICE"'" "'"$PY"'" experiments/study/ema_sweep.py {} --std '"$STDS"' \
