@@ -144,7 +144,7 @@ def test_evaluation_inherits_the_preview_method_and_specs_replace_whole():
 
 
 def test_default_experiment_names_tell_different_runs_apart(tmp_path):
-    from training.config import default_exp_name
+    from training.run_name import default_exp_name
 
     base = BASE + [f"output_dir={tmp_path}"]
     plain = parse_config(base)

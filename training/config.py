@@ -9,11 +9,8 @@ or GPU work, raising `ConfigError` with a message that names the key.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -33,7 +30,8 @@ from dfm.decompositions import DECOMPOSITIONS
 from dfm.paths import PATHS
 from dfm.predictions import PREDICTIONS
 from dfm.timesteps import TIME_DISTRIBUTIONS
-from utils.config import Alias, canonical_values, config_to_dict, declared_keys, load_config
+from training.aliases import TRAIN_ALIASES
+from utils.config import config_to_dict, load_config
 from utils.config import option_help as _help
 from utils.registry import SpecDefault
 
@@ -48,55 +46,6 @@ OWN_KEYS = {"input_size": "resolution", "in_channels": "vae", "num_classes": "nu
 MODEL_OVERRIDE_KEYS = tuple(sorted((OVERRIDES | ELIT_OVERRIDES) - set(OWN_KEYS)))
 VAE_NONE = ("none", "", None)
 LR_SCHEDULERS = ("constant", "constant_with_linear_warmup")
-
-
-def _resume_step(value, cfg) -> dict:
-    """Reference `resume_step`: -1 = newest checkpoint, 0 = fresh start, N = checkpoint of step N.
-    0 maps to `auto` (a fresh experiment folder has nothing to resume; we never overwrite one)."""
-    step = int(value)
-    return {"resume": "auto" if step <= 0 else str(step)}
-
-
-def _adam_beta(index: int):
-    def convert(value, cfg) -> dict:
-        betas = list(cfg.betas)
-        betas[index] = float(value)
-        return {"betas": betas}
-    return convert
-
-
-class ReferenceAliases(dict):
-    """The alias table, plus: any `s3*` / `aws*` key of the reference's remote data cache is
-    ignored with a warning (we read local or mounted folders only)."""
-
-    def get(self, key, default=None):
-        if key in self:
-            return self[key]
-        if re.match(r"^(s3|aws)(_|$)|_s3(_|$)", str(key)):
-            return Alias(note="remote (S3) data caches are not supported here; point data_dir at a local or "
-                              "mounted copy")
-        return default
-
-
-# Option names of the reference code (its train.py / YAML files and the DFM README) -> ours
-# (docs/TRAINING.md, "Reference option names").
-TRAIN_ALIASES = ReferenceAliases({
-    "stages_count": Alias("stages"),
-    "learning_rate": Alias("lr"),
-    "stage_sampling_thresholds": Alias("preview.thresholds"),
-    "num_steps_per_scale": Alias("preview.num_steps_per_scale"),
-    "adam_weight_decay": Alias("weight_decay"),
-    "adam_epsilon": Alias("adam_eps"),
-    "adam_beta1": Alias(convert=_adam_beta(0), note="betas[0]"),
-    "adam_beta2": Alias(convert=_adam_beta(1), note="betas[1]"),
-    "elit_group_size": Alias("group_size"),
-    "weighting": Alias("time_distribution"),
-    "resume_step": Alias(convert=_resume_step, note="resume (-1/0 -> auto, N -> step N)"),
-    "epochs": Alias(note="training length is max_train_steps"),
-    "logging_dir": Alias(note="logs go to <output_dir>/<exp_name>/log.txt"),
-    "fused_attn": Alias(note="attention always runs torch's fused scaled_dot_product_attention"),
-    "legacy": Alias(note="label dropout is always applied inside the model (cfg_prob)"),
-})
 
 
 @dataclass
@@ -265,65 +214,6 @@ def parse_config(argv) -> "OmegaConf":
     return resolve_config(cfg)
 
 
-# Keys that change what a run trains (declared `identity=True` with the key): a default experiment
-# name carries a hash of those set to other values than the defaults, so that two different runs
-# never share a folder by accident.
-RUN_IDENTITY_KEYS = declared_keys(TrainConfig, "identity")
-
-
-def _identity_values(config: dict) -> dict:
-    """The RUN_IDENTITY_KEYS of a plain config dict, registry specs in their canonical form (so
-    `prediction: v` is the default `velocity`)."""
-    return canonical_values(TrainConfig, {k: config.get(k) for k in RUN_IDENTITY_KEYS})
-
-
-def _identity_hash(cfg) -> Optional[str]:
-    """8 hex digits of the RUN_IDENTITY_KEYS that differ from the defaults (None when none does); the
-    values as given are hashed, so a setting keeps the hash it had before aliases were canonical."""
-    defaults = config_to_dict(OmegaConf.structured(TrainConfig))
-    given = {k: cfg[k] for k in RUN_IDENTITY_KEYS if cfg.get(k) is not None or defaults.get(k) is not None}
-    given = config_to_dict(OmegaConf.create(given))
-    same = _identity_values(given), _identity_values(defaults)
-    changed = {k: v for k, v in given.items() if same[0][k] != same[1][k]}
-    if not changed:
-        return None
-    return hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def default_exp_name(cfg, identity: Optional[str]) -> str:
-    """`<model>-<resolution>[px]-<time distribution>[-mask...]`, then `-<identity hash>` for a run whose
-    settings differ from the defaults, unless an older folder of the plain name holds the same run."""
-    from dfm.timesteps import TIME_DISTRIBUTIONS
-
-    name = cfg.model.replace("/", "-").lower()
-    space = "px" if is_pixel_space(cfg) else ""
-    budgets = ""
-    if is_elit(cfg.model) and cfg.elit_max_mask_prob > 0:  # runs with other budgets get other folders
-        lo, hi = cfg.elit_min_mask_prob, cfg.elit_max_mask_prob
-        budgets = f"-mask{lo:g}" + (f"-{hi:g}" if hi != lo else "")
-    plain = f"{name}-{cfg.resolution}{space}-{TIME_DISTRIBUTIONS.tag(cfg.time_distribution)}{budgets}"
-    if identity is None or _same_run_folder(cfg, os.path.join(cfg.output_dir, plain)):
-        return plain
-    return f"{plain}-{identity}"
-
-
-def _same_run_folder(cfg, folder: str) -> bool:
-    """A folder of the plain default name, made before names carried the hash, by a run with the same settings."""
-    path = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(path):
-        return False
-    try:
-        saved = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:  # noqa: BLE001 - an unreadable file is not the same run
-        return False
-    if not isinstance(saved, dict):
-        return False
-    saved.setdefault("time_distribution", saved.get("weighting"))
-    defaults = config_to_dict(OmegaConf.structured(TrainConfig))  # keys added since the folder was made
-    current = config_to_dict(OmegaConf.create({k: cfg[k] for k in RUN_IDENTITY_KEYS}))
-    return _identity_values({**defaults, **saved}) == _identity_values(current)
-
-
 def is_pixel_space(cfg) -> bool:
     return str(cfg.vae).lower() in ("none", "")
 
@@ -336,8 +226,10 @@ def resolve_config(cfg) -> "OmegaConf":
     training.previews / training.evaluator); the architecture and the objective are checked by
     building them (on the meta device), so a registry entry's signature is its validation.
     """
+    from training.run_name import default_exp_name, identity_hash
+
     cfg = OmegaConf.create(config_to_dict(cfg))  # plain (untyped) copy we may edit freely
-    identity = _identity_hash(cfg)
+    identity = identity_hash(cfg)
     try:
         is_dfm, _size, patch = parse_name(cfg.model)
     except ValueError:
