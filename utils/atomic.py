@@ -41,6 +41,8 @@ def atomic_write(path, mode: str = "wb", fsync: bool = False):
 
     ``fsync=True`` flushes the data to disk before the rename (checkpoints, configs).
     The file gets mode 0666 less the process umask, as ``open(path, "w")`` would give it.
+    The rename replaces whatever has the name (a symbolic link, a file with other hard links) and
+    never writes through it. An OSError names ``path`` (its ``filename``), whichever step failed.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -54,9 +56,11 @@ def atomic_write(path, mode: str = "wb", fsync: bool = False):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.filename in (None, tmp):
+            error.filename = path  # "No space left on device" says which output could not be written
         raise
 
 
