@@ -33,7 +33,7 @@ from dfm.decompositions import DECOMPOSITIONS
 from dfm.paths import PATHS
 from dfm.predictions import PREDICTIONS
 from dfm.timesteps import TIME_DISTRIBUTIONS
-from utils.config import Alias, canonical_values, config_to_dict, declared_keys, load_config
+from utils.config import Alias, canonical_values, config_to_dict, declared_keys, literal, load_config, to_config
 from utils.config import option_help as _help
 from utils.registry import SpecDefault
 
@@ -282,7 +282,7 @@ def _identity_hash(cfg) -> Optional[str]:
     values as given are hashed, so a setting keeps the hash it had before aliases were canonical."""
     defaults = config_to_dict(OmegaConf.structured(TrainConfig))
     given = {k: cfg[k] for k in RUN_IDENTITY_KEYS if cfg.get(k) is not None or defaults.get(k) is not None}
-    given = config_to_dict(OmegaConf.create(given))
+    given = config_to_dict(to_config(given))
     same = _identity_values(given), _identity_values(defaults)
     changed = {k: v for k, v in given.items() if same[0][k] != same[1][k]}
     if not changed:
@@ -309,18 +309,19 @@ def default_exp_name(cfg, identity: Optional[str]) -> str:
 
 def _same_run_folder(cfg, folder: str) -> bool:
     """A folder of the plain default name, made before names carried the hash, by a run with the same settings."""
-    path = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(path):
-        return False
+    from utils.config import MAX_CONFIG_BYTES
+    from utils.records import RecordError, read_record
+
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:  # noqa: BLE001 - an unreadable file is not the same run
+        saved = read_record(os.path.join(folder, "config.yaml"), "config", fmt="yaml", max_bytes=MAX_CONFIG_BYTES,
+                            missing_ok=True)
+    except (RecordError, OSError):  # an unreadable file (or a link, a FIFO) is not the same run
         return False
     if not isinstance(saved, dict):
         return False
     saved.setdefault("time_distribution", saved.get("weighting"))
     defaults = config_to_dict(OmegaConf.structured(TrainConfig))  # keys added since the folder was made
-    current = config_to_dict(OmegaConf.create({k: cfg[k] for k in RUN_IDENTITY_KEYS}))
+    current = config_to_dict(to_config({k: cfg[k] for k in RUN_IDENTITY_KEYS}))
     return _identity_values({**defaults, **saved}) == _identity_values(current)
 
 
@@ -336,7 +337,7 @@ def resolve_config(cfg) -> "OmegaConf":
     training.previews / training.evaluator); the architecture and the objective are checked by
     building them (on the meta device), so a registry entry's signature is its validation.
     """
-    cfg = OmegaConf.create(config_to_dict(cfg))  # plain (untyped) copy we may edit freely
+    cfg = to_config(cfg)  # plain (untyped) copy we may edit freely
     identity = _identity_hash(cfg)
     try:
         is_dfm, _size, patch = parse_name(cfg.model)
@@ -466,7 +467,7 @@ def _resolve_resume(cfg) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"resume: step {int(resume)} has no checkpoint {path!r} "
                               "(use resume=auto, resume=none, a step with a checkpoint or a file path)")
-        cfg.resume = path
+        cfg.resume = literal(path)  # the folder's name is text, whatever it holds
     elif not os.path.isfile(resume):
         raise ConfigError(f"resume: checkpoint file {resume!r} does not exist "
                           "(use resume=auto, resume=none, a step number or an existing .pt file)")
@@ -481,7 +482,7 @@ def _choice(node, key, allowed, prefix=""):
 def recipe_objective(num_stages: int, **keys):
     """The objective train.py builds from the recipe's defaults for a model of `num_stages` stages,
     with the objective `keys` given changed (benchmarks and tests)."""
-    cfg = OmegaConf.create(config_to_dict(OmegaConf.structured(TrainConfig)))
+    cfg = to_config(OmegaConf.structured(TrainConfig))
     cfg.stages = num_stages
     for key, value in keys.items():
         cfg[key] = value
