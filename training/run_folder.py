@@ -221,9 +221,11 @@ class RunFolder:
     def write(self, writer, *args):
         """`writer(*args)` on rank 0 (an output of the run: a snapshot, a record), its write errors one
         line naming the file (atomic writes attach it to the error) and what is kept."""
+        from safetensors import SafetensorError  # what safetensors' file writer raises on a full disk
+
         try:
             return writer(*args)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, SafetensorError) as e:
             what = getattr(e, "filename", None) or f"the {getattr(writer, '__name__', 'output')} of {self.exp_dir}"
             raise CheckpointWriteError(f"cannot write {what}: {describe_write_error(e)}; "
                                        f"{self.checkpoints_kept()}") from None
