@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from dfm.paths import PATHS
 from dfm.predictions import PREDICTIONS

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
@@ -206,8 +205,8 @@ def test_a_provenance_record_is_read_bounded_and_never_followed(tmp_path):
         lines[name] = str(info.value)
     assert lines["huge"] == (f"provenance record {huge} is 400 MiB, more than the 1 MiB such a file ever needs: is it "
                              "the right file?; rerun generate.py to rewrite it, or delete it")
-    assert lines["deep"] == (f"provenance record {deep}: nested more than 32 levels deep; not a record this code writes; "
-                             "rerun generate.py to rewrite it, or delete it")
+    assert lines["deep"] == (f"provenance record {deep}: nested more than 32 levels deep; not a record this code "
+                             "writes; rerun generate.py to rewrite it, or delete it")
     assert "is a FIFO (named pipe), not a regular file" in lines["fifo"]
     assert f"is a symbolic link (to {deep})" in lines["link"]
     assert load_record(tmp_path / "none.provenance.json") is None
@@ -286,8 +285,10 @@ def test_command_line_and_file_text_stays_as_written(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arg,message", [
     ("stage_weights=[0.5,", "'[0.5,': not valid YAML here (did not find expected node content)"),
     ("stage_weights=!!python/object/apply:os.system [touch MARKER]",
-     "not valid YAML here (could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system')"),
-    ("lr=" + "9" * 400, "Invalid value for config key 'lr' in command-line overrides: int too large to convert to float"),
+     "not valid YAML here (could not determine a constructor for the tag "
+     "'tag:yaml.org,2002:python/object/apply:os.system')"),
+    ("lr=" + "9" * 400,
+     "Invalid value for config key 'lr' in command-line overrides: int too large to convert to float"),
     ("model_overrides={depth: " + "[" * 40 + "]" * 40 + "}", "nested more than 32 levels deep"),
 ])
 def test_command_line_yaml_errors_are_one_line(tiny_data, tmp_path, capsys, monkeypatch, arg, message):
@@ -434,5 +435,6 @@ def test_a_failed_output_write_names_the_file_and_what_is_kept(tiny_data, tmp_pa
     keys = {"exp_name": "run", "max_train_steps": 4, "checkpointing_steps": 4, "posthoc_ema.stds": "[0.05]",
             "posthoc_ema.every": 1}
     assert train_cli.main(tiny_argv(tiny_data, str(tmp_path), **keys)) == 1
-    assert _error_line(capsys) == (f"error: cannot write {snapshot_path(str(tmp_path / 'run'), 1)}: [Errno 28] No space "
-                                   "left on device; no checkpoint was written yet")
+    snapshot = snapshot_path(str(tmp_path / "run"), 1)
+    assert _error_line(capsys) == (f"error: cannot write {snapshot}: [Errno 28] No space left on device; no checkpoint "
+                                   "was written yet")

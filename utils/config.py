@@ -44,13 +44,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from utils.atomic import atomic_write
 
-__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "to_config", "literal", "parse_argv", "config_help", "warn", "option_help",
-           "field_options", "declared_keys", "mapping_valued_keys", "canonical_values"]
+__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "to_config", "literal", "parse_argv", "config_help",
+           "warn", "option_help", "field_options", "declared_keys", "mapping_valued_keys", "canonical_values"]
 
 NULLS = ("null", "~", "Null", "NULL")
 
