@@ -14,12 +14,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from dfm.paths import PATHS
 from dfm.predictions import PREDICTIONS
 from samplers.methods import SAMPLER_METHODS
-from utils.config import Alias
+from utils.config import Alias, config_to_dict, literal, to_config
 
 from .labels import LABEL_MODES
 
@@ -246,7 +246,7 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
     loaded model (the last two as specs). ckpt_config: the training config stored in our
     checkpoints (None for published ones).
     """
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    out = to_config(cfg)
     ckpt_config = ckpt_config or {}
     S = num_stages
 
@@ -282,10 +282,10 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
     if out.vae is None:
         if "vae" in ckpt_config:  # training writes "none" (or an empty value) for pixel space
             stored = ckpt_config["vae"]
-            out.vae = "none" if stored is None or str(stored).lower() in ("", "none") else str(stored)
+            out.vae = "none" if stored is None or str(stored).lower() in ("", "none") else literal(str(stored))
         else:
             out.vae = DEFAULT_VAE
-    out.vae = "none" if str(out.vae).lower() == "none" else str(out.vae)
+    out.vae = "none" if str(out.vae).lower() == "none" else literal(str(out.vae))  # text from a file stays text
     pixel_space = out.vae == "none"
     expected = input_size if pixel_space else input_size * 8
     if out.resolution is not None and out.resolution != expected:
@@ -384,7 +384,7 @@ def default_run_name(cfg: DictConfig, legacy: bool = False) -> str:
 def mismatched_keys(saved: dict, current: DictConfig) -> list[str]:
     """Image-affecting keys on which a run folder's saved config.yaml and this run disagree."""
     keys = list(SAMPLE_KEYS) + (["num_samples"] if current.labels == "balanced" else [])
-    cur = OmegaConf.to_container(current, resolve=True)
+    cur = config_to_dict(current)
     diff = [f"{k}: {saved.get(k, _ADDED_KEYS.get(k))!r} (folder) vs {cur.get(k)!r} (now)"
             for k in keys if saved.get(k, _ADDED_KEYS.get(k)) != cur.get(k)]
     old_ckpt, new_ckpt = str(saved.get("ckpt")), str(cur.get("ckpt"))

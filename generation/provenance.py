@@ -86,17 +86,22 @@ def read_record(npz_path) -> Tuple[Path, Optional[dict]]:
     return path, load_record(path)
 
 
+MAX_RECORD_BYTES = 1 << 20  # ours are a few KiB
+
+
 def load_record(path) -> Optional[dict]:
-    """The record at ``path`` (None when there is no file); ValueError (one line) for one that is not a record."""
+    """The record at ``path`` (None when there is no such name); ValueError (one line) for one that is
+    not a record: a link, FIFO or folder under the name, larger than MAX_RECORD_BYTES, nested deeper
+    than records are, not JSON or not written by generate.py (utils/records.py)."""
+    from utils.records import RecordError, read_record
+
     path = Path(path)
-    if not path.is_file():
-        return None
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"provenance record {path}: unreadable ({error}); rerun generate.py to rewrite it, "
-                         "or delete it") from None
+        record = read_record(path, "provenance record", max_bytes=MAX_RECORD_BYTES, missing_ok=True)
+    except RecordError as error:
+        raise ValueError(f"{error}; rerun generate.py to rewrite it, or delete it") from None
+    if record is None:
+        return None
     if (not isinstance(record, dict) or record.get("format") != RECORD_FORMAT
             or not isinstance(record.get("complete"), bool)):
         raise ValueError(f"provenance record {path}: not a record of generate.py (format {RECORD_FORMAT} "
@@ -125,6 +130,14 @@ def describe_checkpoint(path: str, use_ema: bool, trust_checkpoint: bool) -> dic
         raise GenerationError(f"checkpoint {path}: cannot read it again to record its step and sha256 ({error}); "
                               "was it moved or replaced during the run?") from None
     info = checkpoint.get("weights_info")
+    if isinstance(info, dict):
+        from utils.records import RecordError, check_record
+
+        try:
+            check_record(info, f"checkpoint {path}: its weights_info")  # copied into the record, and into results
+        except RecordError as error:
+            raise GenerationError(f"{error}; it describes the weights and is copied into the provenance record: "
+                                  "rewrite the checkpoint without it") from None
     return {"path": str(path), "bytes": size, "sha256": digest, "sha256_from": "sidecar" if sidecar else "file",
             "step": _step(checkpoint.get("steps")), "use_ema": bool(use_ema),
             "weights": weights_group(checkpoint, use_ema),
@@ -150,9 +163,9 @@ class RunRecord:
     first call only)."""
 
     def __init__(self, cfg, model, num_processes: int):
-        from omegaconf import OmegaConf
+        from utils.config import config_to_dict
 
-        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.config = config_to_dict(cfg)  # the text as given: nothing in it is interpolated
         self.npz = Path(cfg.sample_dir) / f"{cfg.run_name}.npz" if cfg.save_npz else None
         self.path = record_path(Path(cfg.sample_dir) / f"{cfg.run_name}.npz")
         self.arch = dict(model.arch)
@@ -160,10 +173,15 @@ class RunRecord:
         self.started = utc_now()
         self._fixed: Optional[dict] = None  # computed once, on rank 0: the checkpoint's hash is a full read
 
+    def on_disk(self) -> Optional[dict]:
+        """The record at :attr:`path` now (None when there is none); ValueError (one line) for a name that
+        does not hold a record of ours (see :func:`load_record`)."""
+        return load_record(self.path)
+
     def is_complete(self) -> bool:
         """Whether the record on disk already says complete (a readable record of ours)."""
         try:
-            record = load_record(self.path)
+            record = self.on_disk()
         except ValueError:
             return False
         return record is not None and record["complete"]

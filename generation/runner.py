@@ -15,13 +15,15 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .config import GenerationError, mismatched_keys, resolve_config, validate_config
 from utils.atomic import reported_write_errors
+from utils.regular_files import NotRegularFile, check_regular
 from utils.distributed import DistContext, setup_distributed
 from utils.threads import using_cpu_threads
 from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_temporaries,
@@ -182,6 +184,32 @@ def check_sample_dir(sample_dir: str) -> None:
             return
 
 
+def check_sample_files(*paths) -> None:
+    """The names a run reads in its sample folder hold regular files (or nothing): a link, FIFO or
+    folder planted there is one GenerationError naming it (utils/regular_files.py)."""
+    try:
+        check_regular(paths)
+    except NotRegularFile as error:
+        raise GenerationError(str(error)) from None
+
+
+def read_saved_config(path: Path) -> Optional[dict]:
+    """The config a run folder's earlier run saved (`<run>/config.yaml`), as plain data never
+    interpolated, or None when there is none; one GenerationError for a file that is not such a config."""
+    from utils.config import MAX_CONFIG_BYTES
+    from utils.records import RecordError, read_record
+
+    try:
+        saved = read_record(path, "saved config", fmt="yaml", max_bytes=MAX_CONFIG_BYTES, missing_ok=True)
+    except RecordError as error:
+        raise GenerationError(f"{error}; its samples cannot be matched to their settings: choose another run_name "
+                              f"or sample_dir, or delete {path.parent}") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise GenerationError(f"saved config {path}: holds a {type(saved).__name__}, not the mapping generate.py "
+                              f"writes; choose another run_name or sample_dir, or delete {path.parent}")
+    return saved
+
+
 def run(cfg: DictConfig) -> dict:
     """Generate the samples described by `cfg` (a GenerateConfig DictConfig); returns a summary:
     run_dir, npz (or None), generated (new images, all ranks), seconds, images_per_second."""
@@ -217,8 +245,9 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
                "generated": 0, "seconds": 0.0, "images_per_second": 0.0}
 
     saved_config = run_dir / "config.yaml"
-    if saved_config.is_file():
-        saved = OmegaConf.to_container(OmegaConf.load(saved_config))
+    check_sample_files(saved_config, npz_path, record.path)  # before any of them is read
+    saved = read_saved_config(saved_config)
+    if saved is not None:
         diff = mismatched_keys(saved, cfg)
         if diff:
             raise GenerationError(
@@ -230,13 +259,16 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
             raise GenerationError(
                 f"{run_dir} is a finished run of {finished} samples ({npz_path} is complete); num_samples={N} "
                 f"would replace it: choose another run_name, or delete {npz_path} first")
-    if cfg.save_npz and npz_is_complete(npz_path, (N, size, size, 3)) and saved_config.is_file():
+    if cfg.save_npz and npz_is_complete(npz_path, (N, size, size, 3)) and saved is not None:
         _log(ctx, f"{npz_path} is already complete; nothing to do")
         if ctx.is_main and not record.is_complete():  # finished before records existed, or killed just before it
             with writing(record.path):
                 record.write(complete=True)
         return summary
     decoder = Decoder(cfg.vae, model.in_channels, ctx.device)  # before writing anything
+    # The record describes the .npz: a finished run's record is rewritten only by a run that writes the .npz
+    # again (with save_npz=false it would say `npz: null` of a genuine .npz, which evaluate then refuses).
+    keep_record = ctx.is_main and not cfg.save_npz and record.is_complete()
     ctx.barrier()  # every rank has read config.yaml before rank 0 rewrites it
     if ctx.is_main:
         with writing(saved_config):
@@ -246,8 +278,12 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
                 for tmp in npz_path.parent.glob(f".tmp-*-{name}"):
                     tmp.unlink(missing_ok=True)
             save_config(cfg, saved_config)
-        with writing(record.path):
-            record.write(complete=False)
+        if keep_record:
+            print(f"{record.path} is kept as it is: it describes {npz_path.name}, which this run (save_npz=false) "
+                  "does not rewrite", flush=True)
+        else:
+            with writing(record.path):
+                record.write(complete=False)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model {cfg.model} ({n_params:,} parameters, {cfg.stages} stage(s)), "
               f"{'EMA' if cfg.use_ema else 'raw'} weights from {cfg.ckpt}", flush=True)
@@ -302,6 +338,7 @@ def _run(cfg: DictConfig, ctx: DistContext) -> dict:
         if not cfg.save_png:
             for i in range(N):
                 png_path(run_dir, i).unlink(missing_ok=True)
-        with writing(record.path):
-            record.write(complete=True)
+        if not keep_record:
+            with writing(record.path):
+                record.write(complete=True)
     return summary

@@ -33,12 +33,14 @@ import numpy as np
 import torch
 
 from utils.atomic import atomic_path
+from utils.records import RecordError, parse_json
 
 SAFETENSORS_FORMAT = "dfm-weights"
 # header fields stored as JSON text: the architecture, the training config, and what the weights are
 # (`weights_info`, e.g. {"kind": "posthoc_ema", "std": 0.08} for a post-hoc EMA reconstruction)
 JSON_FIELDS = ("arch", "config", "weights_info")
 SAFETENSORS_VERSION = "1"
+HEADER_FIELD_BYTES = 1 << 20  # a config or arch is a few KiB
 _NUMERIC_DTYPES = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
                    "Byte", "Short", "Int", "Long", "LongLong", "UByte", "UShort", "UInt", "ULong", "ULongLong",
                    "Float16", "Float32", "Float64", "LongDouble", "Complex64", "Complex128", "CLongDouble")
@@ -158,23 +160,31 @@ def read_weights_file(path: str) -> dict:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     if meta.get("format") != SAFETENSORS_FORMAT:
         return tensors
-    groups = json.loads(meta.get("groups", "[]"))
+    groups = parse_json(meta.get("groups", "[]"), f"{path}: header field groups", HEADER_FIELD_BYTES)
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise ValueError(f"{path}: header field groups is {groups!r}, not a list of names")
     checkpoint: dict = {g: {} for g in groups}
     for name, tensor in tensors.items():
         group, _, key = name.partition(".")
         if group not in checkpoint:
             raise ValueError(f"{path}: tensor {name!r} belongs to none of the groups {groups}")
         checkpoint[group][key] = tensor
-    checkpoint.update(header_fields(meta))
+    checkpoint.update(header_fields(meta, path))
     return checkpoint
 
 
-def header_fields(meta: Mapping[str, str]) -> dict:
+def header_fields(meta: Mapping[str, str], where: str = "weights header") -> dict:
     """The JSON fields (``arch``, ``config``, ``weights_info``) and ``steps`` of a header written by
-    :func:`export_weights`, without reading any tensor."""
-    fields = {key: json.loads(meta[key]) for key in JSON_FIELDS if meta.get(key)}
+    :func:`export_weights`, without reading any tensor. The fields are read as records from outside
+    (utils/records.py): plain data, at most HEADER_FIELD_BYTES each, never interpolated; a field that
+    is not is one ValueError (RecordError) naming `where` and the field."""
+    fields = {key: parse_json(meta[key], f"{where}: header field {key}", HEADER_FIELD_BYTES)
+              for key in JSON_FIELDS if meta.get(key)}
     if meta.get("steps"):
-        fields["steps"] = int(meta["steps"])
+        steps = str(meta["steps"]).strip()
+        if not steps.isdigit() or len(steps) > 18:
+            raise RecordError(f"{where}: header field steps is {steps[:40]!r}, not a step count")
+        fields["steps"] = int(steps)
     return fields
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -31,11 +30,14 @@ from typing import Optional
 import torch
 
 from utils.atomic import atomic_write
+from utils.records import check_record
+from utils.regular_files import is_regular_file
 from utils.checksum import SUFFIX as SIDECAR_SUFFIX
 from utils.checksum import ChecksumMismatchError, HashingWriter, sidecar_path, verify_file, write_sidecar
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
 REQUIRED_KEYS = ("model", "ema", "opt", "steps")
+RECORD_KEYS = ("config", "arch")
 
 
 def checkpoint_dir(exp_dir: str) -> str:
@@ -60,7 +62,8 @@ def atomic_torch_save(obj, path: str, checksum: bool = True) -> None:
 
 def _scan(exp_dir: str) -> tuple[list, list]:
     """([(step, path)] of the regular files named like checkpoints, oldest first; [paths] of the
-    look-alikes: folders, symlinks, fifos, devices under a checkpoint's name)."""
+    look-alikes: folders, symlinks, fifos, devices under a checkpoint's name (utils/regular_files.py:
+    a link is never followed, a FIFO never opened))."""
     folder = checkpoint_dir(exp_dir)
     if not os.path.isdir(folder):
         return [], []
@@ -70,11 +73,9 @@ def _scan(exp_dir: str) -> tuple[list, list]:
         if not m:
             continue
         path = os.path.join(folder, name)
-        try:
-            regular = stat.S_ISREG(os.lstat(path).st_mode)
-        except OSError:
+        if not os.path.lexists(path):
             continue
-        (found.append((int(m.group(1)), path)) if regular else others.append(path))
+        (found.append((int(m.group(1)), path)) if is_regular_file(path) else others.append(path))
     return sorted(found), sorted(others)
 
 
@@ -210,6 +211,9 @@ def load_checkpoint(path: str, expected_step: Optional[int] = None) -> dict:
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a training checkpoint (needs keys {list(REQUIRED_KEYS)})")
     check_steps(state, path, step_in_name(path) if expected_step is None else expected_step)
+    for key in RECORD_KEYS:  # plain data, bounded: compared, logged and stored again by the resumed run
+        if state.get(key) is not None:
+            check_record(state[key], f"{path}: its {key}")
     return state
 
 

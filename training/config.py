@@ -31,7 +31,7 @@ from dfm.paths import PATHS
 from dfm.predictions import PREDICTIONS
 from dfm.timesteps import TIME_DISTRIBUTIONS
 from training.aliases import TRAIN_ALIASES
-from utils.config import config_to_dict, load_config
+from utils.config import config_to_dict, literal, load_config, to_config
 from utils.config import option_help as _help
 from utils.registry import SpecDefault
 
@@ -228,7 +228,7 @@ def resolve_config(cfg) -> "OmegaConf":
     """
     from training.run_name import default_exp_name, identity_hash
 
-    cfg = OmegaConf.create(config_to_dict(cfg))  # plain (untyped) copy we may edit freely
+    cfg = to_config(cfg)  # plain (untyped) copy we may edit freely
     identity = identity_hash(cfg)
     try:
         is_dfm, _size, patch = parse_name(cfg.model)
@@ -358,7 +358,7 @@ def _resolve_resume(cfg) -> None:
         if not os.path.isfile(path):
             raise ConfigError(f"resume: step {int(resume)} has no checkpoint {path!r} "
                               "(use resume=auto, resume=none, a step with a checkpoint or a file path)")
-        cfg.resume = path
+        cfg.resume = literal(path)  # the folder's name is text, whatever it holds
     elif not os.path.isfile(resume):
         raise ConfigError(f"resume: checkpoint file {resume!r} does not exist "
                           "(use resume=auto, resume=none, a step number or an existing .pt file)")
@@ -373,7 +373,7 @@ def _choice(node, key, allowed, prefix=""):
 def recipe_objective(num_stages: int, **keys):
     """The objective train.py builds from the recipe's defaults for a model of `num_stages` stages,
     with the objective `keys` given changed (benchmarks and tests)."""
-    cfg = OmegaConf.create(config_to_dict(OmegaConf.structured(TrainConfig)))
+    cfg = to_config(OmegaConf.structured(TrainConfig))
     cfg.stages = num_stages
     for key, value in keys.items():
         cfg[key] = value

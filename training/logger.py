@@ -19,6 +19,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from utils.atomic import atomic_write
+from utils.regular_files import open_regular, read_regular
+
 
 def _warn(log: logging.Logger, msg: str) -> None:
     log.warning(msg)
@@ -69,10 +72,14 @@ def setup_file_logger(exp_dir: Optional[str], is_main: bool, name: str = "train"
 
 
 class LogFileHandler(logging.FileHandler):
-    """log.txt: a write that fails (disk full) is one warning line on stderr, once, instead of
-    logging's traceback after every record; the console keeps the messages."""
+    """log.txt: opened as a regular file of the run folder (a link or FIFO under the name is refused,
+    utils/regular_files.py); a write that fails (disk full) is one warning line on stderr, once,
+    instead of logging's traceback after every record; the console keeps the messages."""
 
     _warned = False
+
+    def _open(self):
+        return open_regular(self.baseFilename, self.mode, encoding=self.encoding)
 
     def handleError(self, record):
         if not self._warned:
@@ -97,7 +104,7 @@ class RunLogger:
         self._metrics_file = None
         if not is_main:
             return
-        self._metrics_file = open(os.path.join(exp_dir, "metrics.jsonl"), "a")
+        self._metrics_file = open_regular(os.path.join(exp_dir, "metrics.jsonl"), "a")
         if report_to == "wandb":
             self._start_wandb(config, project, run_name, wandb_mode)
         elif report_to == "tensorboard":
@@ -119,7 +126,13 @@ class RunLogger:
                             "offline instead: upload later with `wandb sync " + os.path.join(self.exp_dir, "wandb") + "`")
             mode = "offline"
         id_file = os.path.join(self.exp_dir, "wandb_run_id.txt")
-        run_id = open(id_file).read().strip() if os.path.isfile(id_file) else None
+        try:
+            run_id = read_regular(id_file, 1024, "wandb run id file").decode("utf-8", "replace").strip() or None
+        except FileNotFoundError:
+            run_id = None
+        except (OSError, ValueError) as e:  # a link or FIFO under the name, or not an id: a new wandb run
+            _warn(self.log, f"WARNING: {e}; starting a new wandb run")
+            run_id = None
         try:
             run = wandb.init(project=project, name=run_name, dir=self.exp_dir, config=config, mode=mode,
                              id=run_id, resume="allow")
@@ -127,7 +140,7 @@ class RunLogger:
             _warn(self.log, f"wandb failed to start ({type(e).__name__}: {e}); logging to the log file only")
             return
         try:
-            with open(id_file, "w") as f:
+            with atomic_write(id_file, "w") as f:
                 f.write(run.id)
         except Exception:
             pass

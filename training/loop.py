@@ -53,6 +53,7 @@ from training.setup import (bad_sample_guard, build_train_state, check_batch_spl
 from training.step import TrainStep
 from utils.config import config_to_dict
 from utils.progress import progress_bar
+from utils.regular_files import NotRegularFile
 from utils.threads import apply_cpu_threads, using_cpu_threads
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "CheckpointWriteError", "check_batch_split"]
@@ -88,6 +89,9 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
     except (ConfigError, TrainingStopped) as error:
         log_error_to_file(f"error: {error}")
         raise
+    except NotRegularFile as error:  # a link, FIFO or folder planted in the run folder: its message names it
+        log_error_to_file(f"error: {error}")
+        raise ConfigError(str(error)) from None
     except CorruptSampleError as error:  # bad_samples=error: one line naming the file
         log_error_to_file(f"error: {error}")
         raise CorruptDataError(str(error)) from None
@@ -132,7 +136,7 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     extra = {"stage_scales": cfg.stage_scales, **({"z_dims": repa_features.z_dims()} if repa_features.encoders else {})}
     state = build_train_state(cfg, in_channels, input_size, device, ckpt, resume_path, extra_model_kwargs=extra)
     raw_model, ema_model, optimizer = state.model, state.ema_model, state.optimizer
-    folder.record_config(cfg, state.start_step, ckpt.get("config") if ckpt is not None else None)
+    previous_config = ckpt.get("config") if ckpt is not None else None
     objective = build_objective(cfg)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
 
@@ -164,6 +168,7 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     config_dict = config_to_dict(cfg)
     tracker = RunLogger(exp_dir, log, cfg.report_to, is_main, config=config_dict, project=cfg.wandb_project,
                         run_name=cfg.exp_name, wandb_mode=cfg.wandb_mode)
+    folder.record_config(cfg, start_step, previous_config)  # once every check of this start has passed
     n_params = sum(p.numel() for p in raw_model.parameters())
     log.info(f"experiment {exp_dir}: {cfg.model} ({n_params / 1e6:.2f}M parameters, {S} stage(s)), "
              f"{len(dataset)} training items ({dataset.kind}), {P} process(es) on {device.type} ({threads} CPU "

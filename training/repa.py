@@ -12,6 +12,7 @@ from typing import List, Optional
 import torch
 
 from training.errors import ConfigError
+from utils.config import literal
 
 # Architecture keys of the timm ViT that `encoder_overrides` may shrink (tests, small experiments).
 ENCODER_OVERRIDE_KEYS = ("depth", "embed_dim", "num_heads", "mlp_ratio")
@@ -41,7 +42,7 @@ def check_repa_config(cfg, *, pixel: bool, size: int, patch: int) -> None:
     from models.registry import SIZES, parse_name
 
     enc_type = "none" if cfg.enc_type is None else str(cfg.enc_type).strip()
-    cfg.enc_type = "none" if enc_type.lower() in ENC_TYPE_NONE else enc_type
+    cfg.enc_type = "none" if enc_type.lower() in ENC_TYPE_NONE else literal(enc_type)  # text stays text
     coeff = float(cfg.proj_coeff)
     if coeff < 0 or coeff != coeff:
         raise ConfigError(f"proj_coeff must be >= 0, got {cfg.proj_coeff}")

@@ -32,9 +32,13 @@ from omegaconf import OmegaConf
 from training.checkpoint import atomic_torch_save, checkpoint_path, list_checkpoints, prune_checkpoints
 from training.errors import CheckpointWriteError, ConfigError, TrainingStopped, describe_write_error
 from training.logger import setup_file_logger
-from utils.config import canonical_values, config_to_dict, mapping_valued_keys, save_config
+from utils.config import MAX_CONFIG_BYTES, canonical_values, config_to_dict, mapping_valued_keys, save_config
+from utils.records import RecordError, read_record
+from utils.regular_files import NotRegularFile, check_regular, is_regular_file, open_regular, read_regular
 
 LOCK_NAME = "run.lock"
+# the files of a run folder this code reads or appends to (checked at the start: regular files only)
+RUN_FILES = ("log.txt", "metrics.jsonl", "bad_samples.json", "config.yaml", "wandb_run_id.txt")
 
 CONFIGS = "configs"
 # keys whose change on resume says nothing about the run (paths of the run itself, workers, logging)
@@ -58,17 +62,30 @@ def _alive(pid: int) -> bool:
 
 def acquire_lock(exp_dir: str):
     """`(file object holding the flock, takeover line or None)` for `<exp_dir>/run.lock`; RunLocked
-    when a live run holds it. The caller keeps the file open for the length of the run."""
+    when a live run holds it, NotRegularFile when something else than a regular file has the name.
+    The caller keeps the file open for the length of the run and ends it with :func:`release_lock`.
+
+    The holder removes the file when it ends (:func:`release_lock`), so a process that opened the old
+    file just before may win the flock on a file that no longer has the name, while a third process
+    creates and locks a new one: the lock is held only once the file locked is, by inode, the file at
+    the name (checked after locking; otherwise the attempt starts again)."""
     path = os.path.join(exp_dir, LOCK_NAME)
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        f.close()
-        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        raise RunLocked(f"{exp_dir} is in use by another run ({_holder(path)}); wait for it to finish, or choose "
-                        "another exp_name / output_dir") from None  # the flock: that process is alive
+    for _ in range(_LOCK_ATTEMPTS):
+        f = open_regular(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise RunLocked(f"{exp_dir} is in use by another run ({_holder(path)}); wait for it to finish, or choose "
+                            "another exp_name / output_dir") from None  # the flock: that process is alive
+        if _same_file(f, path):
+            break
+        f.close()  # locked a file its holder had just removed: try the one at the name now
+    else:
+        raise RunLocked(f"{exp_dir}: {path} kept changing while this run tried to lock it ({_LOCK_ATTEMPTS} attempts); "
+                        "is another program removing it? Start again")
     info, line, here = _lock_info(path), None, socket.gethostname()
     if info is not None:
         if info.get("host") not in (None, here):
@@ -89,10 +106,37 @@ def acquire_lock(exp_dir: str):
     return f, line
 
 
+_LOCK_ATTEMPTS = 100
+_MAX_LOCK_BYTES = 64 << 10  # ours hold one line of JSON
+
+
+def _same_file(f, path: str) -> bool:
+    """Whether the open file `f` is (by device and inode) the file at `path` now."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def release_lock(f, exp_dir: str) -> None:
+    """End the hold of `acquire_lock`'s file `f`: remove the lock file (while still holding the flock,
+    so that no other process locks it in between) and close it. The name is removed only while it is
+    still this file."""
+    path = os.path.join(exp_dir, LOCK_NAME)
+    try:
+        if _same_file(f, path):
+            os.remove(path)
+    except OSError:
+        pass
+    f.close()
+
+
 def _lock_info(path: str) -> Optional[dict]:
     """The holder recorded in a lock file: None when empty, {} when unreadable."""
     try:
-        text = open(path).read().strip()
+        text = read_regular(path, _MAX_LOCK_BYTES, "lock file").decode("utf-8").strip()
         info = json.loads(text) if text else None
     except (OSError, ValueError):
         return {}
@@ -125,12 +169,17 @@ class RunFolder:
             try:
                 os.makedirs(exp_dir, exist_ok=True)
                 self._lock, takeover = acquire_lock(exp_dir)
+                check_regular(os.path.join(exp_dir, name) for name in RUN_FILES)
             except RunLocked as e:
                 error = e
             except OSError as e:
                 error = run_folder_error(cfg, exp_dir, e)
-        self._raise_shared(error)  # before anything is written: a refused run leaves no trace
-        self.log = open_run_log(cfg, exp_dir, accelerator.is_main_process, gather)
+        try:
+            self._raise_shared(error)  # before anything is written: a refused run leaves no trace
+            self.log = open_run_log(cfg, exp_dir, accelerator.is_main_process, gather)
+        except BaseException:
+            self.close()  # the `with` block never started: release the lock here
+            raise
         if takeover:
             self.log.warning(f"WARNING: {takeover}")
 
@@ -160,11 +209,7 @@ class RunFolder:
     def close(self) -> None:
         """Release the lock and remove the lock file (at the end of the run, also after an error)."""
         if self._lock is not None:
-            try:
-                os.remove(os.path.join(self.exp_dir, LOCK_NAME))
-            except OSError:
-                pass
-            self._lock.close()
+            release_lock(self._lock, self.exp_dir)
             self._lock = None
 
     def __enter__(self) -> "RunFolder":
@@ -174,12 +219,21 @@ class RunFolder:
         self.close()
 
     def write(self, writer, *args):
-        """`writer(*args)` on rank 0 (an output of the run: a snapshot, a record), its write errors one line."""
+        """`writer(*args)` on rank 0 (an output of the run: a snapshot, a record), its write errors one
+        line naming the file (atomic writes attach it to the error) and what is kept."""
+        from safetensors import SafetensorError  # what safetensors' file writer raises on a full disk
+
         try:
             return writer(*args)
-        except (OSError, RuntimeError) as e:
-            raise CheckpointWriteError(f"cannot write {getattr(writer, '__name__', 'an output')} of {self.exp_dir}: "
-                                       f"{describe_write_error(e)}; the checkpoints are intact") from None
+        except (OSError, RuntimeError, SafetensorError) as e:
+            what = getattr(e, "filename", None) or f"the {getattr(writer, '__name__', 'output')} of {self.exp_dir}"
+            raise CheckpointWriteError(f"cannot write {what}: {describe_write_error(e)}; "
+                                       f"{self.checkpoints_kept()}") from None
+
+    def checkpoints_kept(self) -> str:
+        """What a failed write leaves: 'the last checkpoint <path> is intact' or 'no checkpoint was written yet'."""
+        found = list_checkpoints(self.exp_dir)
+        return f"the last checkpoint {found[-1][1]} is intact" if found else "no checkpoint was written yet"
 
     def record_config(self, cfg, start_step: int, previous: Optional[dict]) -> None:
         record_config(cfg, self.exp_dir, start_step, previous, self.log, self.is_main, self.gather)
@@ -311,25 +365,32 @@ def record_config(cfg, exp_dir: str, start_step: int, previous: dict | None, log
         if changes:
             log.warning(f"WARNING: resuming at step {start_step} with settings that differ from the checkpoint's run: "
                         + "; ".join(changes) + f" (the earlier config is kept in {os.path.join(exp_dir, CONFIGS)})")
-    error = _write_config_versions(cfg, config, exp_dir, start_step, previous) if is_main else None
+    error = _write_config_versions(cfg, config, exp_dir, start_step, previous, log) if is_main else None
     error = next((e for e in gather(error) if e is not None), None)
     if error is not None:
         raise error
 
 
-def _write_config_versions(cfg, config: dict, exp_dir: str, start_step: int, previous):
+def _write_config_versions(cfg, config: dict, exp_dir: str, start_step: int, previous, log):
     folder = os.path.join(exp_dir, CONFIGS)
     path = target = os.path.join(folder, f"{start_step:07d}.yaml")
     try:
         os.makedirs(folder, exist_ok=True)
         legacy = os.path.join(exp_dir, "config.yaml")
-        if previous is not None and not os.listdir(folder) and os.path.isfile(legacy):
+        if previous is not None and not os.listdir(folder) and is_regular_file(legacy):
             os.replace(legacy, os.path.join(folder, "before.yaml"))  # a folder from before configs/ existed
-        if os.path.isfile(path) and OmegaConf.to_container(OmegaConf.load(path)) != config:
-            n = 1
-            while os.path.exists(f"{path[:-5]}.{n}.yaml"):
-                n += 1
-            os.replace(path, f"{path[:-5]}.{n}.yaml")
+        if os.path.lexists(path):
+            check_regular([path])
+            try:
+                same = read_record(path, "config", fmt="yaml", max_bytes=MAX_CONFIG_BYTES) == config
+            except RecordError as e:  # damaged or edited: kept aside like any other earlier version
+                log.warning(f"WARNING: {e}; kept as it is, under the next free name")
+                same = False
+            if not same:
+                n = 1
+                while os.path.lexists(f"{path[:-5]}.{n}.yaml"):
+                    n += 1
+                os.replace(path, f"{path[:-5]}.{n}.yaml")
         for target in (os.path.join(exp_dir, "config.yaml"), path):
             save_config(cfg, target)
     except OSError as e:
@@ -338,6 +399,9 @@ def _write_config_versions(cfg, config: dict, exp_dir: str, start_step: int, pre
 
 
 def run_folder_error(cfg, exp_dir: str, error: OSError, what: str = ""):
+    """One ConfigError / CheckpointWriteError line for an OSError while setting up the run folder."""
+    if isinstance(error, NotRegularFile):  # a planted link, FIFO or folder: its message names it
+        return ConfigError(str(error))
     what = what or f"cannot create the run folder {exp_dir}"
     reason = describe_write_error(error)
     if error.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from models.registry import is_elit
 from training.config import TrainConfig, is_pixel_space
-from utils.config import canonical_values, config_to_dict, declared_keys
+from utils.config import canonical_values, config_to_dict, declared_keys, to_config
 
 
 # Keys that change what a run trains (declared `identity=True` with the key): a default experiment
@@ -31,7 +31,7 @@ def identity_hash(cfg) -> Optional[str]:
     values as given are hashed, so a setting keeps the hash it had before aliases were canonical."""
     defaults = config_to_dict(OmegaConf.structured(TrainConfig))
     given = {k: cfg[k] for k in RUN_IDENTITY_KEYS if cfg.get(k) is not None or defaults.get(k) is not None}
-    given = config_to_dict(OmegaConf.create(given))
+    given = config_to_dict(to_config(given))
     same = _identity_values(given), _identity_values(defaults)
     changed = {k: v for k, v in given.items() if same[0][k] != same[1][k]}
     if not changed:
@@ -58,16 +58,17 @@ def default_exp_name(cfg, identity: Optional[str]) -> str:
 
 def _same_run_folder(cfg, folder: str) -> bool:
     """A folder of the plain default name, made before names carried the hash, by a run with the same settings."""
-    path = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(path):
-        return False
+    from utils.config import MAX_CONFIG_BYTES
+    from utils.records import RecordError, read_record
+
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception:  # noqa: BLE001 - an unreadable file is not the same run
+        saved = read_record(os.path.join(folder, "config.yaml"), "config", fmt="yaml", max_bytes=MAX_CONFIG_BYTES,
+                            missing_ok=True)
+    except (RecordError, OSError):  # an unreadable file (or a link, a FIFO) is not the same run
         return False
     if not isinstance(saved, dict):
         return False
     saved.setdefault("time_distribution", saved.get("weighting"))
     defaults = config_to_dict(OmegaConf.structured(TrainConfig))  # keys added since the folder was made
-    current = config_to_dict(OmegaConf.create({k: cfg[k] for k in RUN_IDENTITY_KEYS}))
+    current = config_to_dict(to_config({k: cfg[k] for k in RUN_IDENTITY_KEYS}))
     return _identity_values({**defaults, **saved}) == _identity_values(current)

@@ -311,6 +311,26 @@ def bad_sample_guard(cfg, dataset, exp_dir: str, num_processes: int):
     error or a record in `<exp_dir>/bad_samples.json`."""
     from data.robust import BadSampleTracker, ReplaceBadSamples
 
-    tracker = BadSampleTracker(dataset, cfg.bad_samples, existing=os.path.join(exp_dir, "bad_samples.json"),
-                               defer_errors=num_processes > 1)
+    tracker = BadSampleTracker(dataset, cfg.bad_samples, defer_errors=num_processes > 1)
+    tracker.merge(earlier_bad_samples(os.path.join(exp_dir, "bad_samples.json")))
     return ReplaceBadSamples(dataset), tracker
+
+
+MAX_BAD_SAMPLES_BYTES = 64 << 20  # ~300,000 records
+
+
+def earlier_bad_samples(path: str) -> list:
+    """The records of `<exp_dir>/bad_samples.json` written by an earlier launch of the run ([] when
+    there is none), read as a run-folder record (utils/records.py); ConfigError for one that is not."""
+    from utils.records import RecordError, read_record
+
+    try:
+        found = read_record(path, "bad samples record", max_bytes=MAX_BAD_SAMPLES_BYTES, missing_ok=True)
+    except RecordError as e:
+        raise ConfigError(f"{e}; move it away to start its list again") from None
+    files = found.get("files", []) if isinstance(found, dict) else found
+    if found is not None and not (isinstance(files, list)
+                                  and all(isinstance(r, dict) and isinstance(r.get("index"), int) for r in files)):
+        raise ConfigError(f"bad samples record {path}: not a list of files with their index (as written by a run); "
+                          "move it away to start its list again")
+    return files or []

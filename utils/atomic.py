@@ -36,56 +36,49 @@ def temporary_folder(parent: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = "wb", fsync: bool = False):
-    """Context manager yielding a file object; on success the file becomes ``path``.
+def atomic_path(path, fsync: bool = True):
+    """Context manager yielding a new temporary path next to ``path``; on success the file written
+    there is flushed to disk (``fsync``) and renamed to ``path``. For writers that take a file name
+    (``safetensors.torch.save_file`` streams tensors to it instead of building the file's bytes in
+    memory); :func:`atomic_write` is the same for a file object.
 
-    ``fsync=True`` flushes the data to disk before the rename (checkpoints, configs).
-    The file gets mode 0666 less the process umask, as ``open(path, "w")`` would give it.
+    The file gets mode 0666 less the process umask, as ``open(path, "w")`` would give it. The
+    rename replaces whatever has the name (a symbolic link, a file with other hard links) and never
+    writes through it. An OSError names ``path`` (its ``filename``), whichever step failed.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd, tmp = _temporary(folder, os.path.basename(path), lambda p: os.open(p, flags, 0o666))
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_path(path, fsync: bool = True):
-    """Context manager yielding a temporary path next to ``path`` for a writer that takes a file
-    name (``safetensors.torch.save_file`` streams tensors to it instead of building the file's bytes
-    in memory); on success it is flushed to disk and renamed to ``path``, as :func:`atomic_write`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd, tmp = _temporary(folder, os.path.basename(path), lambda p: os.open(p, flags, 0o666))
-    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask; a writer that recreates the file may not keep it
+    mode = os.fstat(fd).st_mode & 0o777  # a writer that recreates the file may not keep it
     os.close(fd)
     try:
         yield tmp
         os.chmod(tmp, mode)
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.filename in (None, tmp):
+            error.filename = path  # "No space left on device" says which output could not be written
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb", fsync: bool = False):
+    """Context manager yielding a file object; on success the file becomes ``path`` (through
+    :func:`atomic_path`: flushed to disk first with ``fsync=True``, as checkpoints and configs are)."""
+    with atomic_path(path, fsync) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, mode) as f:
+            yield f
 
 
 def describe_write_error(error: BaseException) -> str:

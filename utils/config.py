@@ -17,6 +17,14 @@ for every key, whatever its type (`data_dir=/a data_dir=null` gives None,
 `exp_name=a exp_name='b'` gives "b"). Values are parsed as YAML (`lr=1e-4`,
 `stage_weights=[0.9,0.1]`, `resume=null`), except for keys typed `str`, which keep the text as
 typed (`mixed_precision=no` is "no", not False; `null` is still None; quotes are removed).
+A value that is not YAML, holds a tag (`!!python/...`) or does not fit its key's type is one
+ValueError naming the key.
+
+Text is text: omegaconf would read `${...}` in a value as an interpolation (`${oc.env:HOME}`
+reads an environment variable). This project never interpolates, whether the value comes from
+the command line, a config file or a file read back (a checkpoint's config, `config.yaml`): every
+string enters a DictConfig escaped (:func:`to_config` and the loader here), and
+:func:`config_to_dict` returns the text as written without resolving anything.
 
 Aliases: option names users bring from the reference code (`learning_rate`, `stages_count`,
 ...) are translated into ours by an `Alias` table; reference options that have no meaning
@@ -29,19 +37,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from utils.atomic import atomic_write
 
-__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "parse_argv", "config_help", "warn", "option_help",
-           "field_options", "declared_keys", "mapping_valued_keys", "canonical_values"]
+__all__ = ["Alias", "load_config", "save_config", "config_to_dict", "to_config", "literal", "parse_argv", "config_help",
+           "warn", "option_help", "field_options", "declared_keys", "mapping_valued_keys", "canonical_values"]
 
 NULLS = ("null", "~", "Null", "NULL")
 
@@ -83,6 +92,55 @@ def warn(message: str) -> None:
     """One warning line on stderr, from rank 0 only (torchrun/accelerate set RANK)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- text stays text
+
+# `${` and the backslashes right before it: omegaconf reads 2k+1 backslashes there as k backslashes
+# and a literal `${`, and 2k backslashes as k backslashes and an interpolation
+_OPENING = re.compile(r"(\\*)\$\{")
+
+
+def literal(value: Any) -> Any:
+    """`value` with every string (in lists and dicts too) escaped so that omegaconf keeps it as text:
+    `${oc.env:X}` becomes `\\${oc.env:X}`, which a DictConfig gives back as `${oc.env:X}`. Every
+    value that enters a DictConfig goes through here (:func:`to_config`, the loader)."""
+    if isinstance(value, str):
+        return _OPENING.sub(lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
+    if isinstance(value, Mapping) and not isinstance(value, DictConfig):
+        return {k: literal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [literal(v) for v in value]
+    return value
+
+
+def _text(value: Any) -> Any:
+    """The inverse of :func:`literal` on plain data from a DictConfig: escaped openings become the text
+    written; an opening that was not escaped stays as it is (it is text too, never resolved)."""
+    if isinstance(value, str):
+        return _OPENING.sub(lambda m: "\\" * (len(m.group(1)) // 2) + "${" if len(m.group(1)) % 2 else m.group(0),
+                            value)
+    if isinstance(value, dict):
+        return {k: _text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    return value
+
+
+def _no_environment(*args):
+    raise ValueError("a config value asked for an environment variable (${oc.env:...}); this project keeps such "
+                     "text as written and never reads the environment through a config")
+
+
+# The resolver that reads outside the config, replaced: should a string ever reach a DictConfig
+# without `literal`, omegaconf still cannot read an environment variable (a secret) through it.
+OmegaConf.register_resolver("oc.env", _no_environment, replace=True)
+
+
+def to_config(data) -> DictConfig:
+    """A DictConfig of plain data (a dict from :func:`config_to_dict`, a file, a checkpoint), with
+    every string kept as text (see :func:`literal`): the one way plain data becomes a DictConfig."""
+    return OmegaConf.create(literal(config_to_dict(data)))
 
 
 # ----------------------------------------------------------------------------- field types
@@ -183,8 +241,9 @@ def parse_argv(argv: Sequence[str], file_options: Iterable[str] = ("config",)
 
 
 def _parse_value(defaults_type, key: str, raw: str) -> Any:
-    """A command-line value: YAML, except that `str` keys keep their text, and that a list key also
-    takes comma-separated values without brackets (`num_steps_per_scale=40,10`, `budgets=0.5`)."""
+    """A command-line value: YAML, except that `str` keys keep their text (see module doc), and that a
+    list key also takes comma-separated values without brackets (`num_steps_per_scale=40,10`,
+    `budgets=0.5`); plain data (no tags), never interpolated; ValueError naming the key otherwise."""
     text = raw.strip()
     if text in NULLS:
         return None
@@ -195,12 +254,14 @@ def _parse_value(defaults_type, key: str, raw: str) -> Any:
         return raw
     if (tp is list or typing.get_origin(tp) in (list, typing.List)) and text and text[0] not in "[{":
         raw = f"[{text}]"
+    from utils.records import RecordError, parse_yaml
+
     try:
-        value = OmegaConf.from_dotlist([f"v={raw}"])["v"]
-    except OmegaConfBaseException as e:
-        raise ValueError(f"Invalid value for config key '{key}' on the command line: {raw!r} ({e})") from None
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value)
+        # the value as the block under a key, so a scalar parses too (omegaconf's loader wants a mapping)
+        value = parse_yaml("v:\n  " + raw.replace("\n", "\n  "), "", max_bytes=MAX_CONFIG_BYTES)["v"]
+    except RecordError as error:
+        raise ValueError(f"Invalid value for config key '{key}' on the command line: {_short_repr(raw)}"
+                         f"{str(error)}") from None
     return value
 
 
@@ -225,8 +286,8 @@ def _set(cfg: DictConfig, defaults_type, key: str, value: Any, where: str) -> No
     if _field_metadata(defaults_type, key.split(".")).get("spec"):  # replaced whole, never merged
         OmegaConf.update(cfg, key, None, merge=False, force_add=False)
     try:
-        OmegaConf.update(cfg, key, value, merge=True, force_add=False)
-    except OmegaConfBaseException as e:
+        OmegaConf.update(cfg, key, literal(value), merge=True, force_add=False)
+    except (OmegaConfBaseException, OverflowError) as e:  # OverflowError: a 400-digit integer for a float
         if tp is None and not _inside_free_dict(defaults_type, key):
             raise ValueError(f"Unknown config key '{key}' in {where}.{_suggest(defaults_type, key)}") from None
         msg = (getattr(e, "msg", None) or str(e)).splitlines()[0]
@@ -279,23 +340,28 @@ def closest_files(path: str, n: int = 3, suffixes=(".yaml", ".yml")) -> list[str
 
 
 def read_yaml_mapping(path: str) -> dict:
-    """A YAML file's top-level mapping as a plain dict (clear errors for missing / bad files)."""
-    if not os.path.isfile(path):
+    """A YAML file's top-level mapping as a plain dict (clear errors for missing / bad files). The
+    file may be a link (configs are shared that way), but it must lead to a regular file of at most
+    MAX_CONFIG_BYTES (a FIFO or device is refused, never read)."""
+    from utils.records import RecordError, read_record
+
+    if not os.path.exists(path):
         close = closest_files(path)
         hint = f"; closest existing: {', '.join(close)}" if close else ""
-        what = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
-        raise FileNotFoundError(f"config file {path} {what}{hint}")
+        raise FileNotFoundError(f"config file {path} does not exist{hint}")
+    if os.path.isdir(path):
+        raise FileNotFoundError(f"config file {path} is a folder, not a YAML file")
     size = os.path.getsize(path)
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"config file {path} is {size / 2**20:.1f} MiB; a config file is at most "
                          f"{MAX_CONFIG_BYTES // 2**20} MiB (a few hundred lines of key: value): is it the right file?")
     try:
-        loaded = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors
-        raise ValueError(f"Cannot parse config file {path}: {e}") from None
-    if not isinstance(loaded, DictConfig):
-        raise ValueError(f"Config file {path} must hold a mapping of key: value pairs.")
-    data = OmegaConf.to_container(loaded)
+        data = read_record(path, "config file", fmt="yaml", max_bytes=MAX_CONFIG_BYTES, follow_links=True)
+    except RecordError as e:
+        raise ValueError(f"Cannot read {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} does not look like a config file: {_short_repr(data)} is not a mapping "
+                         "of key: value pairs")
     odd = [k for k in data if not isinstance(k, str) or not k or any(c.isspace() for c in k)]
     if odd:
         raise ValueError(f"config file {path} does not look like a config file: {_short_repr(odd[0])} is not a key "
@@ -387,17 +453,19 @@ def load_config(defaults_type, argv: Sequence[str] | None = None, *,
 
 
 def config_to_dict(cfg) -> dict:
-    """DictConfig / dataclass instance / dict -> plain nested dict (YAML/JSON/pickle-safe)."""
+    """DictConfig / dataclass instance / dict -> plain nested dict (YAML/JSON/pickle-safe), every string
+    the text as written: nothing is resolved (see :func:`literal`)."""
     if isinstance(cfg, dict):
         return cfg
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         cfg = OmegaConf.structured(cfg)
-    return OmegaConf.to_container(cfg, resolve=True)
+    return _text(OmegaConf.to_container(cfg, resolve=False))
 
 
 def save_config(cfg, path: str | os.PathLike) -> None:
-    """Write `cfg` as YAML atomically (temporary file in the same folder, then rename)."""
-    text = OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg)))
+    """Write `cfg` as YAML atomically (temporary file in the same folder, then rename); text as written
+    (every string escaped, so resolving only unescapes: `${...}` is written as it was given)."""
+    text = OmegaConf.to_yaml(to_config(cfg), resolve=True)
     with atomic_write(path, "w", fsync=True) as f:
         f.write(text)
 
