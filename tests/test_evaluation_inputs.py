@@ -106,7 +106,7 @@ def test_wrong_weights_file_is_reported(tmp_path):
 @pytest.mark.parametrize("setup, message", [
     ("dtype", "dtype int64"),
     ("resolution", "is 8x8 but samples"),
-    ("too_few", "precision/recall"),
+    ("too_few", "3 image.s.; pr needs at least 4"),
     ("weights", "--inception-weights .*no such file"),
 ])
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, setup, message):
