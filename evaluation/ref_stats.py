@@ -227,7 +227,7 @@ def compute_statistics(path: str, *, metrics=None, inception: bool = True, dinov
         raise EvaluationError(f"ranks saw {total // passes} images, expected {len(source)}")
     arrays: Dict[str, np.ndarray] = {}
     for m in chosen:
-        info = {"num_images": len(source) if subset is None else len(subset), "seed": seed}
+        info = {"num_images": len(source), "seed": seed}
         stored, obj = m.file_arrays(done[m.name].result(), info, f"the {m.name} statistics computed from {path}")
         arrays.update(stored)
         if obj is not None:

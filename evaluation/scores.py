@@ -225,7 +225,8 @@ class SWD(Metric):
         return "swd_histograms" in arrays or "swd_images" in arrays
 
     def file_arrays(self, reference: SWDSummary, meta, where):
-        return {"swd_histograms": reference.histograms}, {**meta, **self.settings.as_meta()}
+        return {"swd_histograms": reference.histograms}, {**meta, "num_images": reference.count,
+                                                          **self.settings.as_meta()}
 
     def reference_from_file(self, arrays, meta, where):
         if meta is None:
