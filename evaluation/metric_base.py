@@ -149,10 +149,8 @@ class FeatureRows(Accumulator):
         self.max_rows, self.seed = max_rows, seed
         self.indices: List[np.ndarray] = []
         self.rows: List[np.ndarray] = []
-        self.seen = 0
 
     def update(self, features, indices):
-        self.seen += len(indices)
         self.indices.append(np.asarray(indices, np.int64))
         self.rows.append(np.asarray(features[self.kinds[0]]))
         if self.max_rows is not None and sum(len(i) for i in self.indices) > 2 * self.max_rows:
@@ -167,7 +165,6 @@ class FeatureRows(Accumulator):
         self.indices, self.rows = [indices[order]], [rows[order]]
 
     def merge(self, other):
-        self.seen += other.seen
         self.indices += other.indices
         self.rows += other.rows
         self._shrink()

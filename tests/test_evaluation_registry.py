@@ -189,3 +189,19 @@ def test_ref_stats_refuses_metrics_a_file_cannot_hold(tmp_path):
     for name in unstorable:
         with pytest.raises(InputError, match=f"--metrics {name}: "):
             ref_stats.compute_statistics(str(tmp_path / "ref.npz"), metrics=name, progress=False)
+
+
+def test_a_result_written_before_the_registry_still_reports(tmp_path):
+    """The keys evaluate wrote on main @572e47e (no "metrics" list; precision null against statistics)."""
+    old = {"fid": 12.3456, "sfid": 4.5, "inception_score": 101.25, "precision": None, "recall": None,
+           "not_computed": {"precision": "...", "recall": "..."}, "swd": 41.25, "swd_32": 50.0, "swd_16": 32.5,
+           "num_samples": 50000, "num_ref": 1281167, "num_ref_pr": 0, "reference_statistics": "statistics file",
+           "fid_method": "sqrtm", "ref": "stats.npz", "samples": "s.npz", "inputs": {}, "sample_record": None}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    md, table = report.report([str(tmp_path / "old.json")])
+    header, _, row = md.splitlines()[:3]
+    titles = [c.strip() for c in header.strip("|").split("|")]
+    cells = dict(zip(titles, (c.strip() for c in row.strip("|").split("|"))))
+    assert (cells["N"], cells["FID"], cells["IS"], cells["Prec."], cells["SWD×10³"]) == ("50000", "12.35", "101.25",
+                                                                                         "", "41.25")
+    assert "12.3456" in table

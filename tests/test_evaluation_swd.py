@@ -211,3 +211,37 @@ def test_swd_rejects_bad_inputs():
         swd(good, _blobs(2, 16, seed=0))
     with pytest.raises(ValueError, match="smaller than min_resolution"):
         swd(good[:, :8, :8], good[:, :8, :8])
+
+
+def test_statistics_files_old_and_new_score_alike(tmp_path, monkeypatch, capsys):
+    """ref_stats stores SWD's summary (and, with --swd-images, the images, with a warning when they are
+    large); a file of before the summary existed (swd_images only) scores the same."""
+    from evaluation import evaluate, ref_stats
+    from evaluation.stats_file import ReferenceStatistics, load_statistics, save_statistics
+
+    ref, smp = _blobs(20, 16, seed=7), _blobs(15, 16, seed=8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref)
+    np.savez(tmp_path / "smp.npz", arr_0=smp)
+    monkeypatch.setattr(ref_stats, "LARGE_IMAGES_BYTES", 1000)
+    new = str(tmp_path / "new.npz")
+    assert ref_stats.main([str(tmp_path / "ref.npz"), "--out", new, "--no-inception", "--no-dinov2", "--swd-images",
+                           "all", "--no-progress", "--device", "cpu"]) == 0
+    assert "warning: --swd-images stores 20 images (0.0 GiB)" in capsys.readouterr().err
+    stats = load_statistics(new)
+    np.testing.assert_array_equal(stats.arrays["swd_images"], ref)
+    old = str(tmp_path / "old.npz")
+    save_statistics(ReferenceStatistics({"swd_images": ref}, {"num_images": 20, "resolution": [16, 16],
+                                                              "inception": None, "dinov2": None,
+                                                              "swd": {"num_images": 20, "seed": 0}}), old)
+    values = [evaluate.evaluate(path, str(tmp_path / "smp.npz"), metrics="swd", progress=False)["swd"]
+              for path in (str(tmp_path / "ref.npz"), new, old)]
+    assert values[0] == values[1] == values[2] == swd(smp, ref).mean
+    # a summary made with another seed: the images it also holds are used; without them, one line
+    assert evaluate.evaluate(new, str(tmp_path / "smp.npz"), metrics="swd", swd_seed=4,
+                             progress=False)["swd"] == swd(smp, ref, seed=4).mean
+    summary_only = str(tmp_path / "summary.npz")
+    assert ref_stats.main([str(tmp_path / "ref.npz"), "--out", summary_only, "--metrics", "swd", "--no-progress",
+                           "--device", "cpu"]) == 0
+    with pytest.raises(ValueError, match="summary made with {'swd_seed': 0}, not with {'swd_seed': 4}; use "
+                                         "--swd-seed 0, or recompute"):
+        evaluate.evaluate(summary_only, str(tmp_path / "smp.npz"), metrics="swd", swd_seed=4, progress=False)
