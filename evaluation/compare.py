@@ -16,8 +16,9 @@ line without its newline (a write cut short) is ignored; any other unreadable li
 ``python -m evaluation.compare RUN_DIR ... --metric fdd [--out plot.png] [--table table.md]``
 plots the runs' curves on one PNG and prints, for every ordered pair of runs (A, B), the
 steps A needs to reach B's best value: "DFM reaches SiT's best fdd (12.3 at step 400000) at
-step 150000 (2.67x fewer steps)". Lower is better for ``fid, sfid, fdd, swd*``; higher for
-``inception_score, precision, recall``. **Crossing** = the first evaluated step whose value is
+step 150000 (2.67x fewer steps)". Whether lower or higher is better comes from the metric that owns
+the key (``evaluation.metric_base.lower_is_better``: higher for IS, precision, recall; lower for the
+distances and for keys of no metric, such as losses). **Crossing** = the first evaluated step whose value is
 at least as good as the target (``<=`` for lower-is-better); with ``--interpolate`` the step is
 interpolated linearly between that evaluation and the one before it (a finer estimate when
 evaluations are sparse). A run that never gets there is reported as "not reached".
@@ -37,13 +38,10 @@ import numpy as np
 
 from utils.atomic import atomic_write, describe_write_error, reported_write_errors
 
+from .metric_base import lower_is_better, owner_of
+
 METRICS_FILE = "metrics.jsonl"
-HIGHER_IS_BETTER = ("inception_score", "precision", "recall")
 X_AXES = ("step", "images_seen")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric not in HIGHER_IS_BETTER
 
 
 def metrics_path(run: str) -> str:
@@ -219,13 +217,15 @@ def plot_convergence(run: str, out: Optional[str] = None, metrics: Optional[Sequ
     """Draw ``convergence.png`` of one run: each metric against step (left) and images seen (right).
 
     ``run`` is the run folder (or its ``metrics.jsonl``); ``out`` defaults to
-    ``<run>/convergence.png``; ``metrics`` defaults to every metric in the file except the
-    per-level ``swd_<res>`` values. Returns the path, or None when there is nothing to plot yet.
+    ``<run>/convergence.png``; ``metrics`` defaults to every key in the file that is a metric's
+    headline value (its first table column; not SWD's per-level ``swd_<res>`` or KID's std) or
+    belongs to no metric (losses). Returns the path, or None when there is nothing to plot yet.
     """
     records = read_metrics(run)
     if metrics is None:
         keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float))}
-        metrics = sorted(k for k in keys - set(X_AXES) if not (k.startswith("swd_") and k[4:].isdigit()))
+        metrics = sorted(k for k in keys - set(X_AXES)
+                         if owner_of(k) is None or k in {c.key for c in owner_of(k).columns})
     metrics = [m for m in metrics if len(curve(records, m)[0])]
     if not metrics:
         return None

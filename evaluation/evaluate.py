@@ -1,9 +1,11 @@
-"""``python -m evaluation.evaluate REF.npz SAMPLES.npz``: FID, sFID, IS, precision, recall
-(FDD with ``--fdd``, SWD with ``--swd``) with the definitions of the ADM evaluation suite, in PyTorch.
+"""``python -m evaluation.evaluate REF.npz SAMPLES.npz [--metrics fid,sfid,is,pr,fdd,swd,...]``: the
+registered metrics (``evaluation.scores``; default ADM's FID, sFID, IS, precision/recall) of a
+sample batch against a reference, in PyTorch, with the definitions of the ADM evaluation suite.
 
 ``REF.npz`` is a reference batch (``arr_0``, optionally ADM's stored ``mu/sigma/mu_s/sigma_s``)
 or a statistics file of ``python -m evaluation.ref_stats``; with statistics, precision and
 recall are not computed (they need the reference images' features) and are reported as null.
+Only the networks the chosen metrics need are loaded: ``--metrics swd`` needs no weights file.
 
 The result also says what was compared (:func:`input_provenance`): the sha256 and image count of
 both files, the feature weights files' sha256, and the provenance record generate.py wrote beside
@@ -17,49 +19,37 @@ ADM's TensorFlow evaluator.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from utils.progress import progress_bar
 
 from utils.atomic import atomic_write, reported_write_errors
 from utils.checksum import file_sha256
 from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 
-from .fdd import DEFAULT_DINOV2_MODEL, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
-from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
-from .metrics import PR_NEIGHBOURHOOD, feature_statistics, frechet_distance, inception_score, precision_recall
+from .fdd import DEFAULT_DINOV2_MODEL
+from .features import FeatureNetworks, NetworkOptions
+from .inception import INCEPTION_WEIGHTS_FILENAME, strict_fp32
+from .metric_base import (Batches, Metric, build_metrics, check_inputs, needed_kinds, require_images, score_all,
+                          stream)
 from .npz import EvaluationError, InputError, NpzImageBatch, check_same_resolution, read_reference_statistics
-from .online import SAMPLES, frechet_scores
-from .stats_file import check_compatible, is_statistics_file, load_statistics, weights_identity
-from .swd import swd as sliced_wasserstein
+from .scores import METRICS
+from .stats_file import ReferenceStatistics, check_compatible, is_statistics_file, load_statistics, weights_identity
 
+DEFAULT_METRICS = ("fid", "sfid", "is", "pr")
 DEFAULT_NUM_REF_PR = 10000
 DEFAULT_SWD_IMAGES = 10000
-PR_NEEDS_IMAGES = ("not computed: the reference is a statistics file, and precision/recall need the "
-                   "reference images' features; pass a reference batch with arr_0 to get them")
-
-
-def extract_features(images: NpzImageBatch, extractor: Callable[[np.ndarray], object], batch_size: int,
-                     limit: Optional[int] = None, desc: str = "", progress: bool = True) -> Dict[str, np.ndarray]:
-    """Run ``extractor`` over the first ``limit`` images (all if None), in file order.
-
-    ``extractor`` returns either an array or a dict of arrays per batch; the result is a
-    dict of the concatenated arrays (key ``"features"`` for a plain array).
-    """
-    total = len(images) if limit is None else min(limit, len(images))
-    parts: Dict[str, List[np.ndarray]] = {}
-    with progress_bar(total=total, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
-        for batch in images.iter_batches(batch_size, limit=total):
-            out = extractor(batch)
-            for key, value in (out.items() if isinstance(out, dict) else [("features", out)]):
-                parts.setdefault(key, []).append(value)
-            bar.update(len(batch))
-    return {key: np.concatenate(values, axis=0) for key, values in parts.items()}
+SAMPLES = "the samples' statistics"
+# options of the command line before metrics were a registry: flag -> (metric, parameter)
+LEGACY_FLAGS = {"--num-ref-pr": ("pr", "num_ref")}
+# metric parameters set by one option for every metric that takes them
+SHARED_PARAMETERS = ("method",)
 
 
 def _resolve_device(device: Optional[str]) -> torch.device:
@@ -72,18 +62,6 @@ def _resolve_device(device: Optional[str]) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return resolved
-
-
-def _check_options_and_weights(batch_size: int, fid_method: str, device: Optional[str],
-                               inception_weights: Optional[str], fdd: bool, dinov2_model: str,
-                               dinov2_weights: Optional[str]):
-    """Validate the shared options; returns the torch device and the local weights files."""
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    if fid_method not in ("sqrtm", "eigh"):
-        raise InputError(f"--fid-method {fid_method}: use sqrtm (ADM) or eigh")
-    dinov2_path = resolve_dinov2_weights(dinov2_model, dinov2_weights) if fdd else None
-    return _resolve_device(device), resolve_inception_weights(inception_weights), dinov2_path
 
 
 def _short(digest) -> str:
@@ -123,144 +101,168 @@ def input_provenance(ref_path: str, num_ref: int, sample_path: str, num_samples:
             "sample_record": record}
 
 
-def _load_images(batch: NpzImageBatch, limit: int) -> np.ndarray:
-    return np.concatenate(list(batch.iter_batches(1024, limit=limit)))
+def _npz_batches(batch: NpzImageBatch, batch_size: int) -> Batches:
+    """``metric_base.stream``'s batches of an ``.npz``: a fresh read of the first ``limit`` images per pass."""
+    def batches(limit: Optional[int]):
+        start = 0
+        for images in batch.iter_batches(batch_size, limit=limit):
+            yield np.arange(start, start + len(images)), images
+            start += len(images)
+    return batches
 
 
-def _swd_results(samples: NpzImageBatch, reference: np.ndarray, num_images: int, seed: int) -> Dict[str, float]:
-    """SWD of the first ``num_images`` samples against (at most ``num_images``) reference images."""
-    return sliced_wasserstein(_load_images(samples, num_images), reference[:num_images], seed=seed).as_dict()
+@dataclass
+class Reference:
+    """The first argument of ``evaluate``: a reference batch (``images``; ``arrays`` = ADM's stored
+    statistics or empty) or a statistics file (``arrays`` and ``meta``; no images)."""
+
+    path: str
+    count: int
+    arrays: Dict[str, np.ndarray]
+    meta: Optional[Dict[str, object]] = None
+    images: Optional[NpzImageBatch] = None
+    stats: Optional[ReferenceStatistics] = None
 
 
-def evaluate(ref_path: str, sample_path: str, *, inception_weights: Optional[str] = None,
+def _not_a_folder(path: str, role: str, metrics: Sequence[Metric]) -> None:
+    if not os.path.isdir(path):
+        return
+    if role == "samples":
+        raise InputError(f"sample batch {path} is a folder; pass the .npz of samples (arr_0 = uint8 [N, H, W, 3]) "
+                         "that generate.py writes")
+    storable = ",".join(m.name for m in metrics if m.stores) or "fid,sfid"
+    raise InputError(f"reference {path} is a folder (a dataset?); evaluate compares with a reference batch .npz "
+                     f"(arr_0) or with the statistics file of a dataset, made once by: python -m evaluation.ref_stats "
+                     f"{path} --out {os.path.normpath(path)}_stats.npz --metrics {storable}")
+
+
+def open_reference(path: str, metrics: Sequence[Metric] = ()) -> Reference:
+    """A :class:`Reference` of ``path``; InputError (one line) for a file that is neither kind."""
+    _not_a_folder(path, "reference", metrics)
+    if is_statistics_file(path):
+        stats = load_statistics(path)
+        return Reference(path, int(stats.meta["num_images"]), stats.arrays, stats.meta, stats=stats)
+    images = NpzImageBatch(path)
+    return Reference(path, len(images), read_reference_statistics(path) or {}, images=images)
+
+
+def choose_metrics(metrics=None, *, fdd: bool = False, swd: bool = False, fid_method: str = "sqrtm",
+                   options: Optional[Dict[str, Dict[str, object]]] = None) -> List[Metric]:
+    """The metrics of ``evaluate``: ``metrics`` (a comma-separated string, or names / specs; default the
+    ADM set); ``fdd`` / ``swd`` add those; ``options`` = ``{metric: {parameter: value}}`` for the metrics
+    given by name; ``fid_method`` is the ``method`` of every metric that takes one."""
+    if metrics is None:
+        metrics = list(DEFAULT_METRICS)
+    elif isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    specs = list(metrics)
+    named = {spec if isinstance(spec, str) else dict(spec).get("name") for spec in specs}
+    specs += [name for name, wanted in (("fdd", fdd), ("swd", swd)) if wanted and name not in named]
+    options = options or {}
+    specs = [{"name": spec, **options[spec]} if isinstance(spec, str) and spec in options else spec for spec in specs]
+    return build_metrics(specs, {"method": fid_method})
+
+
+def evaluate(ref_path: str, sample_path: str, *, metrics=None, inception_weights: Optional[str] = None,
              device: Optional[str] = None, batch_size: int = 64, num_ref_pr: Optional[int] = DEFAULT_NUM_REF_PR,
              fdd: bool = False, dinov2_weights: Optional[str] = None, dinov2_model: str = DEFAULT_DINOV2_MODEL,
              fid_method: str = "sqrtm", allow_resolution_mismatch: bool = False, swd: bool = False,
              swd_num_images: int = DEFAULT_SWD_IMAGES, swd_seed: int = 0,
+             metric_options: Optional[Dict[str, Dict[str, object]]] = None,
              progress: bool = True) -> Dict[str, object]:
-    """All metrics of ``sample_path`` against the reference batch ``ref_path``, as a dict.
+    """The ``metrics`` (default: FID, sFID, IS, precision/recall; ``fdd``, ``swd`` add those) of
+    ``sample_path`` against ``ref_path``, as a dict.
 
-    Inputs are checked (and weights located) before any network runs. FID/sFID use the
-    stored ``mu/sigma/mu_s/sigma_s`` of either file when present, as ADM does; precision and
-    recall use the first ``num_ref_pr`` reference images (None or 0: all, ADM's choice; the
-    ImageNet reference batches hold exactly 10000). ``ref_path`` may instead be a statistics
-    file of ``evaluation.ref_stats`` (see :func:`evaluate_against_statistics`). ``swd``: SWD of
-    the first ``swd_num_images`` samples against the first ``swd_num_images`` reference images.
+    ``ref_path`` is a reference batch (``arr_0``; ADM's stored ``mu/sigma/mu_s/sigma_s`` of either
+    file are used when present, as ADM does) or a statistics file of ``evaluation.ref_stats``; a
+    metric a statistics file can never hold (precision/recall) is null then, with the reason under
+    ``"not_computed"``. Inputs and weights are checked before any network runs, and only the
+    networks the metrics need are loaded. Every set is streamed batch by batch. ``num_ref_pr``,
+    ``swd_num_images``, ``swd_seed``: parameters of ``pr`` and ``swd``; ``metric_options`` sets any
+    metric's parameters (``{"kid": {"subsets": 50}}``).
     """
-    if swd and swd_num_images < 1:
-        raise InputError(f"--swd-num-images must be >= 1, got {swd_num_images}")
-    if is_statistics_file(ref_path):
-        return evaluate_against_statistics(
-            ref_path, sample_path, inception_weights=inception_weights, device=device, batch_size=batch_size,
-            fdd=fdd, dinov2_weights=dinov2_weights, dinov2_model=dinov2_model, fid_method=fid_method, swd=swd,
-            swd_num_images=swd_num_images, swd_seed=swd_seed, progress=progress)
-    ref, samples = NpzImageBatch(ref_path), NpzImageBatch(sample_path)
-    check_same_resolution(ref.info, samples.info, allow_resolution_mismatch)
-    ref_stats, sample_stats = read_reference_statistics(ref_path), read_reference_statistics(sample_path)
-    if num_ref_pr is not None and num_ref_pr < 0:
-        raise InputError(f"--num-ref-pr must be >= 0 (0 = all reference images), got {num_ref_pr}")
-    n_ref_pr = len(ref) if not num_ref_pr else min(int(num_ref_pr), len(ref))
-    min_images = PR_NEIGHBOURHOOD + 1
-    for name, count in ((f"reference batch {ref_path} (first {n_ref_pr} used for precision/recall)", n_ref_pr),
-                        (f"sample batch {sample_path}", len(samples))):
-        if count < min_images:
-            raise InputError(f"{name}: {count} images; precision/recall (k = {PR_NEIGHBOURHOOD}) and the "
-                             f"covariances need at least {min_images}")
-    torch_device, weights_path, dinov2_path = _check_options_and_weights(
-        batch_size, fid_method, device, inception_weights, fdd, dinov2_model, dinov2_weights)
-    provenance = input_provenance(ref_path, len(ref), sample_path, len(samples), weights_path, dinov2_path)
+    if fid_method not in ("sqrtm", "eigh"):
+        raise InputError(f"--fid-method {fid_method}: use sqrtm (ADM) or eigh")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    options = {"pr": {"num_ref": 0 if num_ref_pr is None else num_ref_pr},
+               "swd": {"seed": swd_seed, "num_images": swd_num_images}}
+    for name, params in (metric_options or {}).items():
+        options[name] = {**options.get(name, {}), **params}
+    try:
+        chosen = choose_metrics(metrics, fdd=fdd, swd=swd, fid_method=fid_method, options=options)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    _not_a_folder(sample_path, "samples", chosen)
+    ref = open_reference(ref_path, chosen)
+    samples = NpzImageBatch(sample_path)
+    resolution = samples.info.resolution
+    if ref.images is not None:
+        check_same_resolution(ref.images.info, samples.info, allow_resolution_mismatch)
+    # what a statistics file can never hold (precision/recall) is reported as null, with the reason
+    skipped = [m for m in chosen if ref.stats is not None and m.uses_reference and not m.stores]
+    scored = [m for m in chosen if m not in skipped]
+    check_inputs(f"sample batch {sample_path}", len(samples), resolution, scored)
+    # ADM's stored statistics of either batch stand in for its features, as in ADM
+    stored_samples = read_reference_statistics(sample_path) or {}
+    sample_data = {m.name: m.reference_from_file(stored_samples, None, sample_path) for m in scored}
+    reference_data: Dict[str, object] = {}
+    if ref.stats is None:
+        for m in scored:
+            data = m.reference_from_file(ref.arrays, None, ref_path) if m.uses_reference else None
+            if data is not None:
+                reference_data[m.name] = data
+            elif m.uses_reference:
+                limit = m.limit("reference")
+                used = len(ref.images) if limit is None else min(limit, len(ref.images))
+                where = f"reference batch {ref_path}" + (f" (first {used} used for {m.name})"
+                                                         if used < len(ref.images) else "")
+                require_images(where, used, [m])
+    computed = [m for m in scored if m.uses_reference and m.name not in reference_data]
+    kinds = needed_kinds([m for m in scored if sample_data[m.name] is None] + ([] if ref.stats else computed))
+    torch_device = _resolve_device(device)
+    networks = FeatureNetworks(kinds, NetworkOptions(inception_weights, dinov2_model, dinov2_weights), torch_device)
+    if ref.stats is not None:
+        check_compatible(ref.stats, scored, resolution, networks.paths.get("inception"), dinov2_model,
+                         networks.paths.get("dinov2"))
+        reference_data = {m.name: m.reference_from_file(ref.arrays, ref.meta, f"reference statistics {ref_path}")
+                          for m in computed}
+        computed = []
+    provenance = input_provenance(ref_path, ref.count, sample_path, len(samples), networks.paths.get("inception"),
+                                  networks.paths.get("dinov2"))
+    for m in scored:
+        m.device = torch_device
 
     with strict_fp32():
-        inception = InceptionFeatureExtractor(weights_path, torch_device)
-        # Without stored statistics the reference covariances need every reference image.
-        ref_feats = extract_features(ref, inception, batch_size, limit=n_ref_pr if ref_stats is not None else None,
-                                     desc="reference (Inception)", progress=progress)
-        smp_feats = extract_features(samples, inception, batch_size, desc="samples (Inception)", progress=progress)
-        del inception
-
-        def stats(stored, feats):
-            if stored is not None:
-                return (stored["mu"], stored["sigma"]), (stored["mu_s"], stored["sigma_s"])
-            return feature_statistics(feats["pool"]), feature_statistics(feats["spatial"])
-
-        (ref_pool, ref_spatial), (smp_pool, smp_spatial) = stats(ref_stats, ref_feats), stats(sample_stats, smp_feats)
+        networks.build()
+        if computed:
+            done = stream({m.name: m.accumulator("reference") for m in computed},
+                          _npz_batches(ref.images, batch_size), networks, progress=progress, desc="reference",
+                          total=len(ref.images))
+            reference_data.update({name: acc.result() for name, acc in done.items()})
+        done = stream({m.name: m.accumulator("samples") for m in scored if sample_data[m.name] is None},
+                      _npz_batches(samples, batch_size), networks, progress=progress, desc="samples",
+                      total=len(samples))
+        sample_data.update({name: acc.result() for name, acc in done.items()})
         names = (f"{SAMPLES} ({sample_path})", f"the statistics of {ref_path}")
-        results: Dict[str, object] = {
-            "fid": frechet_distance(*smp_pool, *ref_pool, method=fid_method, names=names),
-            "sfid": frechet_distance(*smp_spatial, *ref_spatial, method=fid_method, names=names),
-            "inception_score": inception_score(smp_feats["logits"]),
-        }
-        results["precision"], results["recall"] = precision_recall(
-            ref_feats["pool"][:n_ref_pr], smp_feats["pool"], device=torch_device)
-
-        if fdd:
-            dino = DinoV2FeatureExtractor(load_dinov2(dinov2_model, dinov2_path, torch_device))
-            ref_dino = extract_features(ref, dino, batch_size, desc="reference (DINOv2)", progress=progress)
-            smp_dino = extract_features(samples, dino, batch_size, desc="samples (DINOv2)", progress=progress)
-            results["fdd"] = frechet_distance(*feature_statistics(smp_dino["features"]),
-                                              *feature_statistics(ref_dino["features"]), method=fid_method,
-                                              names=names)
-            results["dinov2_model"] = dinov2_model
-
-    if swd:
-        results.update(_swd_results(samples, _load_images(ref, swd_num_images), swd_num_images, swd_seed))
-    results.update({
-        "num_samples": len(samples),
-        "num_ref": len(ref),
-        "num_ref_pr": n_ref_pr,
-        "reference_statistics": "stored" if ref_stats is not None else "computed",
-        "fid_method": fid_method,
-        "ref": str(ref_path),
-        "samples": str(sample_path),
-        **provenance,
-    })
-    return results
-
-
-def evaluate_against_statistics(stats_path: str, sample_path: str, *, inception_weights: Optional[str] = None,
-                                device: Optional[str] = None, batch_size: int = 64, fdd: bool = False,
-                                dinov2_weights: Optional[str] = None, dinov2_model: str = DEFAULT_DINOV2_MODEL,
-                                fid_method: str = "sqrtm", swd: bool = False,
-                                swd_num_images: int = DEFAULT_SWD_IMAGES, swd_seed: int = 0,
-                                progress: bool = True) -> Dict[str, object]:
-    """FID, sFID, IS (and FDD, SWD) of ``sample_path`` against a statistics file.
-
-    The statistics must be of the samples' resolution and of the same weights files
-    (:func:`evaluation.stats_file.check_compatible`). Precision and recall are ``None`` with
-    the reason under ``"not_computed"``; IS needs only the samples.
-    """
-    stats, samples = load_statistics(stats_path), NpzImageBatch(sample_path)
-    metrics = ["fid", "sfid"] + (["fdd"] if fdd else []) + (["swd"] if swd else [])
-    if len(samples) < 2:
-        raise InputError(f"sample batch {sample_path}: {len(samples)} image(s); a covariance needs at least 2")
-    torch_device, weights_path, dinov2_path = _check_options_and_weights(
-        batch_size, fid_method, device, inception_weights, fdd, dinov2_model, dinov2_weights)
-    check_compatible(stats, metrics, samples.info.resolution, weights_path, dinov2_model, dinov2_path)
-    provenance = input_provenance(stats_path, stats.meta["num_images"], sample_path, len(samples), weights_path,
-                                  dinov2_path)
-
-    with strict_fp32():
-        feats = extract_features(samples, InceptionFeatureExtractor(weights_path, torch_device), batch_size,
-                                 desc="samples (Inception)", progress=progress)
-        sample_stats = {"pool": feature_statistics(feats["pool"]), "spatial": feature_statistics(feats["spatial"])}
-        if fdd:
-            dino = DinoV2FeatureExtractor(load_dinov2(dinov2_model, dinov2_path, torch_device))
-            dino_feats = extract_features(samples, dino, batch_size, desc="samples (DINOv2)", progress=progress)
-            sample_stats["dinov2"] = feature_statistics(dino_feats["features"])
-    results: Dict[str, object] = frechet_scores(stats, sample_stats, metrics, fid_method)
-    results.update({"inception_score": inception_score(feats["logits"]), "precision": None, "recall": None,
-                    "not_computed": {"precision": PR_NEEDS_IMAGES, "recall": PR_NEEDS_IMAGES}})
-    if fdd:
+        results: Dict[str, object] = score_all(scored, sample_data, reference_data, names=names, progress=progress)
+    for m in skipped:
+        results.update({key: None for key in m.result_keys()})
+        results.setdefault("not_computed", {}).update(
+            {key: f"not computed: the reference is a statistics file, and {m.not_storable}; pass a reference "
+                  "batch with arr_0 to get them" for key in m.result_keys()})
+    if "dinov2" in networks.paths:
         results["dinov2_model"] = dinov2_model
-    if swd:
-        results.update(_swd_results(samples, stats.arrays["swd_images"], swd_num_images, swd_seed))
+    if any(hasattr(m, "method") for m in scored):
+        results["fid_method"] = fid_method
     results.update({
+        "metrics": [m.name for m in chosen],
         "num_samples": len(samples),
-        "num_ref": stats.meta["num_images"],
-        "num_ref_pr": 0,
-        "reference_statistics": "statistics file",
-        "fid_method": fid_method,
-        "ref": str(stats_path),
+        "num_ref": ref.count,
+        "reference_statistics": ("statistics file" if ref.stats is not None else
+                                 "stored" if any(m.uses_reference and m not in computed for m in scored) else
+                                 "computed"),
+        "ref": str(ref_path),
         "samples": str(sample_path),
         **provenance,
     })
@@ -274,32 +276,50 @@ def write_json_atomic(obj: Dict[str, object], path: str) -> None:
         f.write("\n")
 
 
+def _metric_flags() -> List[tuple]:
+    """``(flag, metric, parameter, default)`` of every registered metric's parameters: ``--swd-seed``,
+    ``--kid-subsets``, ... (the Fréchet distances' ``method`` is ``--fid-method``, for all of them)."""
+    flags = []
+    for name in METRICS.names():
+        for param, default in METRICS.params(name).items():
+            if param in SHARED_PARAMETERS:
+                continue
+            legacy = [flag for flag, target in LEGACY_FLAGS.items() if target == (name, param)]
+            flags.append(([f"--{name}-{param}".replace("_", "-")] + legacy, name, param, default))
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.evaluate",
-        description="FID, sFID, Inception Score, precision and recall of an ADM-style sample batch "
-                    "(uint8 [N, H, W, 3] in arr_0) against a reference batch, as the ADM suite defines them.")
+        description="Metrics of an ADM-style sample batch (uint8 [N, H, W, 3] in arr_0) against a reference "
+                    "batch or a statistics file: FID, sFID, Inception Score, precision and recall as the ADM suite "
+                    "defines them, and any registered metric (--metrics).")
     parser.add_argument("ref_batch", help="reference batch .npz (e.g. VIRTUAL_imagenet256_labeled.npz) or a "
                                           "statistics file from python -m evaluation.ref_stats")
     parser.add_argument("sample_batch", help="sample batch .npz with arr_0 = uint8 [N, H, W, 3]")
+    parser.add_argument("--metrics", default=None, metavar="LIST",
+                        help=f"comma-separated metrics (default {','.join(DEFAULT_METRICS)}); registered: "
+                             f"{','.join(METRICS.names())}")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
-                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch.hub "
-                             "cache, else download from GitHub)")
-    parser.add_argument("--num-ref-pr", type=int, default=DEFAULT_NUM_REF_PR,
-                        help="reference images used for precision/recall (default 10000; 0 = all, as ADM)")
-    parser.add_argument("--fdd", action="store_true", help="also compute FDD (Fréchet distance of DINOv2 features)")
+                        help=f"torch-fidelity's {INCEPTION_WEIGHTS_FILENAME} (default: torch.hub cache, else "
+                             "download from GitHub); only read when a metric needs Inception")
+    parser.add_argument("--fdd", action="store_true", help="also compute FDD (same as adding fdd to --metrics)")
     parser.add_argument("--dinov2-weights", default=None, metavar="PATH",
                         help="DINOv2 weights (timm model.safetensors or Meta's dinov2_vitl14_pretrain.pth)")
     parser.add_argument("--dinov2-model", default=DEFAULT_DINOV2_MODEL, help=f"timm model name (default {DEFAULT_DINOV2_MODEL})")
     parser.add_argument("--fid-method", default="sqrtm", choices=("sqrtm", "eigh"),
-                        help="matrix square root of the Fréchet distance: sqrtm (ADM, default) or eigh (faster)")
+                        help="matrix square root of every Fréchet distance (FID, sFID, FDD): sqrtm (ADM, default) "
+                             "or eigh (faster)")
     parser.add_argument("--swd", action="store_true",
-                        help="also compute SWD (ProGAN's sliced Wasserstein distance x1e3; needs no weights)")
-    parser.add_argument("--swd-num-images", type=int, default=DEFAULT_SWD_IMAGES,
-                        help=f"images of each set used for SWD (default {DEFAULT_SWD_IMAGES}; ~75 KB memory each)")
-    parser.add_argument("--swd-seed", type=int, default=0, help="seed of SWD's patches and directions (default 0)")
+                        help="also compute SWD (same as adding swd to --metrics; needs no weights)")
+    group = parser.add_argument_group("metric parameters (used when the metric is computed)")
+    for flags, name, param, default in _metric_flags():
+        kind = type(default) if default is not None and default is not inspect.Parameter.empty else str
+        group.add_argument(*flags, dest=f"metric:{name}:{param}", type=kind, default=None, metavar=param.upper(),
+                           help=f"{name}'s {param} (default {default})")
     parser.add_argument("--allow-resolution-mismatch", action="store_true",
                         help="compare samples and a reference batch of different image sizes")
     parser.add_argument("--out", default=None, metavar="JSON", help="also write the results to this JSON file")
@@ -310,14 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    options: Dict[str, Dict[str, object]] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("metric:") and value is not None:
+            _, name, param = dest.split(":")
+            options.setdefault(name, {})[param] = value
     try:
         with using_cpu_threads(args.cpu_threads):
             results = evaluate(
-                args.ref_batch, args.sample_batch, inception_weights=args.inception_weights, device=args.device,
-                batch_size=args.batch_size, num_ref_pr=args.num_ref_pr, fdd=args.fdd,
-                dinov2_weights=args.dinov2_weights, dinov2_model=args.dinov2_model, fid_method=args.fid_method,
-                allow_resolution_mismatch=args.allow_resolution_mismatch, swd=args.swd,
-                swd_num_images=args.swd_num_images, swd_seed=args.swd_seed, progress=not args.no_progress)
+                args.ref_batch, args.sample_batch, metrics=args.metrics, inception_weights=args.inception_weights,
+                device=args.device, batch_size=args.batch_size, fdd=args.fdd, dinov2_weights=args.dinov2_weights,
+                dinov2_model=args.dinov2_model, fid_method=args.fid_method,
+                allow_resolution_mismatch=args.allow_resolution_mismatch, swd=args.swd, metric_options=options,
+                progress=not args.no_progress)
         for name, reason in results.get("not_computed", {}).items():
             print(f"note: {name} {reason}", file=sys.stderr)
         if args.out:

@@ -40,6 +40,10 @@ from .npz import EvaluationError, first_line
 
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
 INCEPTION_WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+# pytorch-fid's port of the same graph: its state dict has exactly the layer names and shapes of
+# torch-fidelity's network (torchvision's Inception3 layout), so it would load without a word, but
+# it is another file (another sha256: statistics made with one never match the other's)
+PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 SPATIAL_CHANNELS = 7
 
 
@@ -71,6 +75,10 @@ def resolve_inception_weights(path: Optional[str] = None, timeout: float = 30.0)
     reached, instead of hanging on the download.
     """
     if path is not None:
+        if os.path.basename(path).startswith(PYTORCH_FID_FILENAME.split("-")[0] + "-"):
+            raise WeightsError(f"--inception-weights {path}: that is pytorch-fid's {PYTORCH_FID_FILENAME}; this "
+                               f"codebase uses torch-fidelity's {INCEPTION_WEIGHTS_FILENAME} (the same network, "
+                               f"another file and hash): download {INCEPTION_WEIGHTS_URL}")
         if not os.path.isfile(path):
             raise WeightsError(f"--inception-weights {path}: no such file; download {INCEPTION_WEIGHTS_URL}")
         return path

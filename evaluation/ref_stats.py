@@ -1,17 +1,22 @@
-"""``python -m evaluation.ref_stats IMAGES --out stats.npz``: reference statistics of a dataset.
+"""``python -m evaluation.ref_stats IMAGES --out stats.npz [--metrics fid,sfid,fdd,...]``: reference
+statistics of a dataset, for ``evaluation.evaluate`` and training-time evaluation.
 
 ``IMAGES`` is anything ``dataset_tools.py convert`` writes (a PNG folder or ZIP with
 dataset.json; read with :func:`data.open_dataset`) or an ADM-style ``.npz`` (``arr_0`` uint8
 ``[N, H, W, 3]``; statistics are computed from its images, never copied from stored keys).
-The output format is described in :mod:`evaluation.stats_file`: Inception pool and spatial
-mean/covariance (``mu, sigma, mu_s, sigma_s``, ADM's names), DINOv2 mean/covariance
-(``mu_dinov2, sigma_dinov2``), optionally a seeded subset of the images for SWD
-(``swd_images``), and metadata naming the resolution, image count and weights (SHA-256).
+The file holds, for each chosen metric, what the metric stores of a reference set
+(``Metric.stores``; default FID, sFID and FDD: Inception pool and spatial mean/covariance with
+ADM's names ``mu, sigma, mu_s, sigma_s``, DINOv2 mean/covariance), and metadata naming the
+resolution, image count and weights (SHA-256); format in :mod:`evaluation.stats_file`.
+
+Every metric streams the images through its accumulator (``evaluation.metric_base``), so memory
+does not grow with the dataset: sums for the Fréchet distances, SWD's histograms, a bounded sample
+for per-image features. The one exception is ``--swd-images N|all``, kept from before SWD had a
+summary: it also stores those images (a warning says how large they are).
 
 Multi-GPU: ``torchrun --nproc_per_node=G -m evaluation.ref_stats ...``: rank ``r`` reads the
-images ``i`` with ``i % G == r`` (an ``.npz``: the batches), accumulates float64 sums of its
-features, and rank 0 adds the ranks' sums and writes the file (nccl on GPUs, gloo on CPU).
-Sums instead of features: a 1.28M-image training set never has its features in one place.
+images ``i`` with ``i % G == r`` (an ``.npz``: the batches), and the ranks' accumulators are
+merged after every pass (nccl on GPUs, gloo on CPU); rank 0 writes the file.
 """
 from __future__ import annotations
 
@@ -19,12 +24,10 @@ import argparse
 import os
 import sys
 import zipfile
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from data.datasets import open_dataset
 from data.robust import CorruptSampleError, ReplaceBadSamples
@@ -32,11 +35,17 @@ from utils.atomic import reported_write_errors
 from utils.distributed import DistContext, setup_distributed
 from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 
-from .fdd import DEFAULT_DINOV2_MODEL, DINOV2_IMAGE_SIZE, DinoV2FeatureExtractor, load_dinov2, resolve_dinov2_weights
-from .inception import InceptionFeatureExtractor, resolve_inception_weights, strict_fp32
-from .metrics import RunningStatistics
-from .npz import POOL_DIM, SPATIAL_DIM, EvaluationError, InputError, NpzImageBatch, require_finite
+from .fdd import DEFAULT_DINOV2_MODEL
+from .features import NETWORKS, FeatureNetworks, NetworkOptions, network_meta
+from .inception import strict_fp32
+from .metric_base import Metric, build_metrics, needed_kinds, check_inputs, stream
+from .npz import EvaluationError, InputError, NpzImageBatch
+from .scores import METRICS
 from .stats_file import ReferenceStatistics, save_statistics, weights_identity
+
+DEFAULT_METRICS = ("fid", "sfid", "fdd")
+# stored images beyond this size get a warning line (--swd-images)
+LARGE_IMAGES_BYTES = 2 ** 30
 
 
 # What opening a dataset raises for a path that is no dataset, or a damaged one (a ZIP cut short:
@@ -73,13 +82,15 @@ class ImageSource:
     def __len__(self) -> int:
         return self.count
 
-    def shard(self, rank: int, world: int, batch_size: int, workers: int = 4) -> Iterator[np.ndarray]:
-        """This rank's images: items ``rank::world`` (dataset) or batches ``rank::world`` (.npz)."""
+    def shard(self, rank: int, world: int, batch_size: int, workers: int = 4) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """This rank's ``(indices, images)``: items ``rank::world`` (dataset) or batches ``rank::world`` (.npz)."""
         if self.npz is not None:
             for b, batch in enumerate(self.npz.iter_batches(batch_size)):
                 if b % world == rank:
-                    yield batch
+                    yield np.arange(b * batch_size, b * batch_size + len(batch)), batch
             return
+        mine = np.arange(rank, self.count, world)
+        done = 0
         # A corrupt image comes back flagged (ReplaceBadSamples), not as a worker's traceback.
         loader = DataLoader(Subset(ReplaceBadSamples(self.dataset), range(rank, self.count, world)),
                             batch_size=batch_size, num_workers=workers, collate_fn=_stack_flagged)
@@ -88,7 +99,8 @@ class ImageSource:
                 self._item(bad[0])  # raises the one-line error naming the file
                 raise InputError(f"{self.dataset.sample_path(bad[0])}: a DataLoader worker could not read it, "
                                  "although it reads here; check the storage and rerun")
-            yield images
+            yield mine[done:done + len(images)], images
+            done += len(images)
 
     def _item(self, index: int):
         """Image ``index`` of the dataset; a corrupt one ends in an InputError naming its file."""
@@ -99,15 +111,20 @@ class ImageSource:
                              f"(`python dataset_tools.py verify {self.path}` lists all corrupt files)") from None
 
     def take(self, indices: Sequence[int]) -> np.ndarray:
-        """uint8 ``(len(indices), H, W, 3)`` of the images at sorted ``indices``."""
+        """uint8 ``(len(indices), H, W, 3)`` of the images at sorted ``indices`` (filled in place: the
+        images are held once)."""
+        wanted = np.asarray(indices, np.int64)
+        out = np.empty((len(wanted), *self.resolution, 3), np.uint8)
         if self.npz is None:
-            return _stack_images([self._item(int(i)) for i in indices])
-        wanted, parts, start = np.asarray(indices), [], 0
+            for j, i in enumerate(wanted):
+                out[j] = self._item(int(i))[0].permute(1, 2, 0).numpy()
+            return out
+        start = 0
         for batch in self.npz.iter_batches(256, limit=int(wanted.max()) + 1 if len(wanted) else 0):
-            sel = wanted[(wanted >= start) & (wanted < start + len(batch))] - start
-            parts.append(batch[sel])
+            rows = np.flatnonzero((wanted >= start) & (wanted < start + len(batch)))
+            out[rows] = batch[wanted[rows] - start]
             start += len(batch)
-        return np.concatenate(parts) if parts else np.zeros((0, *self.resolution, 3), np.uint8)
+        return out
 
 
 def _stack_images(items) -> np.ndarray:
@@ -126,66 +143,97 @@ def swd_subset(count: int, num: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, size=num, replace=False))
 
 
-def compute_statistics(path: str, *, inception: bool = True, dinov2: bool = True, swd_images: int = 0,
-                       seed: int = 0, inception_weights: Optional[str] = None,
+def choose_metrics(metrics=None, *, inception: bool = True, dinov2: bool = True, swd: bool = False,
+                   swd_seed: int = 0) -> List[Metric]:
+    """The metrics whose reference data to store: ``metrics`` (names or specs; default FID, sFID, FDD, less
+    those of a network switched off by ``inception`` / ``dinov2``), ``swd`` adds SWD with seed ``swd_seed``."""
+    allowed = {"inception": inception, "dinov2": dinov2}
+    explicit = metrics is not None
+    specs = list(DEFAULT_METRICS if metrics is None else
+                 [m.strip() for m in metrics.split(",") if m.strip()] if isinstance(metrics, str) else metrics)
+    named = {spec if isinstance(spec, str) else dict(spec).get("name") for spec in specs}
+    if swd and "swd" not in named:
+        specs.append("swd")
+    specs = [{"name": "swd", "seed": swd_seed} if spec == "swd" else spec for spec in specs]
+    try:
+        chosen = build_metrics(specs)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    off = [m for m in chosen if any(not allowed[n] for n in m.networks)]
+    if explicit and off:
+        raise InputError(f"--metrics {', '.join(m.name for m in off)} need(s) "
+                         f"{', '.join(n for n in NETWORKS if not allowed[n])}, which --no-... switched off")
+    chosen = [m for m in chosen if m not in off]
+    unstorable = [m for m in chosen if not m.stores]
+    if unstorable:
+        raise InputError("; ".join(f"--metrics {m.name}: " + (m.not_storable if m.uses_reference else
+                                                              "it compares the samples with nothing, so there is "
+                                                              "nothing to store") for m in unstorable))
+    if not chosen:
+        raise InputError("nothing to compute: --no-inception, --no-dinov2 and --swd-images 0")
+    return chosen
+
+
+def compute_statistics(path: str, *, metrics=None, inception: bool = True, dinov2: bool = True, swd_images: int = 0,
+                       seed: int = 0, swd_seed: int = 0, inception_weights: Optional[str] = None,
                        dinov2_model: str = DEFAULT_DINOV2_MODEL, dinov2_weights: Optional[str] = None,
                        batch_size: int = 64, workers: int = 4, ctx: Optional[DistContext] = None,
                        progress: bool = True) -> Optional[ReferenceStatistics]:
-    """Statistics of every image under ``path``; returns them on rank 0 (None on other ranks).
+    """Statistics of every image under ``path`` for ``metrics`` (:func:`choose_metrics`); returns them on
+    rank 0 (None on other ranks).
 
-    ``swd_images``: 0 stores none, ``-1`` all, ``M`` a seeded subset of ``M`` images.
+    ``swd_images`` (adds SWD): 0 none, ``-1`` all, ``M`` a subset of ``M`` images drawn with ``seed``;
+    SWD's summary then describes that subset, and those images are stored too.
     """
     ctx = ctx or setup_distributed()
+    chosen = choose_metrics(metrics, inception=inception, dinov2=dinov2, swd=bool(swd_images), swd_seed=swd_seed)
     source = ImageSource(path)
-    if len(source) < 2 and (inception or dinov2):
-        raise InputError(f"{path}: {len(source)} image(s); a covariance needs at least 2")
+    check_inputs(path, len(source), source.resolution, chosen)
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    meta: Dict[str, object] = {"source": path, "num_images": len(source), "resolution": list(source.resolution),
-                               "inception": None, "dinov2": None, "swd": None}
-    extractors, running = {}, {}
-    if inception:
-        weights = resolve_inception_weights(inception_weights)
-        meta["inception"] = weights_identity(weights)
-        extractors["inception"] = InceptionFeatureExtractor(weights, ctx.device)
-        running.update(pool=RunningStatistics(POOL_DIM), spatial=RunningStatistics(SPATIAL_DIM))
-    if dinov2:
-        weights = resolve_dinov2_weights(dinov2_model, dinov2_weights)
-        meta["dinov2"] = {"model": dinov2_model, "image_size": DINOV2_IMAGE_SIZE, **weights_identity(weights)}
-        model = load_dinov2(dinov2_model, weights, ctx.device)
-        extractors["dinov2"] = DinoV2FeatureExtractor(model)
-        running["dinov2"] = RunningStatistics(model.num_features)
-    if extractors:
-        mine = len(range(ctx.rank, len(source), ctx.world_size)) if source.npz is None else None
-        with strict_fp32(), tqdm(total=mine, unit="img", desc=f"features (rank {ctx.rank})", file=sys.stderr,
-                                 disable=not progress or not ctx.is_main) as bar:
-            for batch in source.shard(ctx.rank, ctx.world_size, batch_size, workers):
-                if "inception" in extractors:
-                    feats = extractors["inception"](batch)
-                    running["pool"].update(feats["pool"])
-                    running["spatial"].update(feats["spatial"])
-                if "dinov2" in extractors:
-                    running["dinov2"].update(extractors["dinov2"](batch))
-                bar.update(len(batch))
-    gathered = ctx.all_gather_object(running)
+    options = NetworkOptions(inception_weights, dinov2_model, dinov2_weights)
+    networks = FeatureNetworks(needed_kinds(chosen), options, ctx.device)
+    meta: Dict[str, object] = {"source": path, "num_images": len(source), "resolution": list(source.resolution)}
+    meta.update({name: None for name in NETWORKS})
+    meta.update({m.registered_name: None for m in (METRICS[n] for n in METRICS.names()) if m.meta_fields})
+    for name, weights in networks.paths.items():
+        meta[name] = network_meta(name, options, weights_identity(weights))
+    subset = swd_subset(len(source), swd_images, seed) if swd_images else None
+    if subset is not None and ctx.is_main:
+        size = len(subset) * source.resolution[0] * source.resolution[1] * 3
+        if size > LARGE_IMAGES_BYTES:
+            print(f"warning: --swd-images stores {len(subset)} images ({size / 2 ** 30:.1f} GiB) in the statistics "
+                  "file and holds them in memory while writing it; SWD needs only its summary, which is stored "
+                  "too: leave --swd-images out (--metrics ...,swd) for a small file", file=sys.stderr)
+    accumulators = {m.name: (m.accumulator("statistics", subset=subset) if subset is not None and m.name == "swd"
+                             else m.accumulator("statistics")) for m in chosen}
+    seen = [0]
+
+    def batches(limit):
+        for indices, images in source.shard(ctx.rank, ctx.world_size, batch_size, workers):
+            seen[0] += len(indices)
+            yield indices, images
+
+    mine = len(range(ctx.rank, len(source), ctx.world_size)) if source.npz is None else None
+    with strict_fp32():
+        networks.build()
+        done = stream(accumulators, batches, networks, gather=ctx.all_gather_object,
+                      progress=progress and ctx.is_main, desc=f"reference statistics (rank {ctx.rank})", total=mine)
+    passes = max(acc.passes for acc in accumulators.values())
+    total = ctx.sum_int(seen[0])
     if not ctx.is_main:
         return None
-    total = {name: RunningStatistics(len(stats.sum)) for name, stats in running.items()}
-    for part in gathered:
-        for name, stats in part.items():
-            total[name].merge(stats)
+    if total != passes * len(source):
+        raise EvaluationError(f"ranks saw {total // passes} images, expected {len(source)}")
     arrays: Dict[str, np.ndarray] = {}
-    for name, (mu_key, sigma_key) in (("pool", ("mu", "sigma")), ("spatial", ("mu_s", "sigma_s")),
-                                      ("dinov2", ("mu_dinov2", "sigma_dinov2"))):
-        if name in total:
-            if total[name].count != len(source):
-                raise EvaluationError(f"ranks saw {total[name].count} images, expected {len(source)}")
-            arrays[mu_key], arrays[sigma_key] = total[name].finalize()
-            require_finite(f"the {name} statistics computed from {path}", mu=arrays[mu_key], sigma=arrays[sigma_key])
-    if swd_images:
-        indices = swd_subset(len(source), swd_images, seed)
-        arrays["swd_images"] = source.take(indices)
-        meta["swd"] = {"num_images": len(indices), "seed": seed}
+    for m in chosen:
+        info = {"num_images": len(source), "seed": seed}
+        stored, obj = m.file_arrays(done[m.name].result(), info, f"the {m.name} statistics computed from {path}")
+        arrays.update(stored)
+        if obj is not None:
+            meta[m.name] = obj
+    if subset is not None:
+        arrays["swd_images"] = source.take(subset)
     return ReferenceStatistics(arrays, meta)
 
 
@@ -201,18 +249,25 @@ def _swd_count(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.ref_stats",
-        description="Reference statistics (Inception pool/spatial and DINOv2 mean/covariance, optional SWD "
-                    "images) of a converted dataset or an ADM .npz, for evaluation.evaluate and training-time "
+        description="Reference statistics of a converted dataset or an ADM .npz for the chosen metrics (default: "
+                    "Inception pool/spatial and DINOv2 mean/covariance), for evaluation.evaluate and training-time "
                     "evaluation. Multi-GPU under torchrun.")
     parser.add_argument("images", help="dataset folder/ZIP from `dataset_tools.py convert`, or an .npz with arr_0")
     parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--metrics", default=None, metavar="LIST",
+                        help=f"comma-separated metrics whose reference data to store (default "
+                             f"{','.join(DEFAULT_METRICS)}); those a statistics file can hold: "
+                             f"{','.join(n for n in METRICS.names() if METRICS[n].stores)}")
     parser.add_argument("--inception", action=argparse.BooleanOptionalAction, default=True,
-                        help="Inception statistics for FID/sFID (default on)")
+                        help="--no-inception leaves out the metrics that need Inception (FID, sFID)")
     parser.add_argument("--dinov2", action=argparse.BooleanOptionalAction, default=True,
-                        help="DINOv2 statistics for FDD (default on)")
+                        help="--no-dinov2 leaves out the metrics that need DINOv2 (FDD)")
     parser.add_argument("--swd-images", type=_swd_count, default=0, metavar="N|all",
-                        help="store N images (a seeded subset) or all of them for SWD (default 0: none)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the SWD subset (default 0)")
+                        help="add SWD over a seeded subset of N images (or all), and store those images too "
+                             "(default 0: no images; --metrics ...,swd stores SWD's summary of every image)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --swd-images subset (default 0)")
+    parser.add_argument("--swd-seed", type=int, default=0,
+                        help="SWD's seed of patches and directions (evaluate's --swd-seed; default 0)")
     parser.add_argument("--inception-weights", default=None, metavar="PATH")
     parser.add_argument("--dinov2-weights", default=None, metavar="PATH")
     parser.add_argument("--dinov2-model", default=DEFAULT_DINOV2_MODEL)
@@ -228,12 +283,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     ctx = setup_distributed(args.device)
     try:
-        if not (args.inception or args.dinov2 or args.swd_images):
-            raise InputError("nothing to compute: --no-inception, --no-dinov2 and --swd-images 0")
         with using_cpu_threads(args.cpu_threads):
             stats = compute_statistics(
-                args.images, inception=args.inception, dinov2=args.dinov2, swd_images=args.swd_images,
-                seed=args.seed, inception_weights=args.inception_weights, dinov2_model=args.dinov2_model,
+                args.images, metrics=args.metrics, inception=args.inception, dinov2=args.dinov2,
+                swd_images=args.swd_images, seed=args.seed, swd_seed=args.swd_seed,
+                inception_weights=args.inception_weights, dinov2_model=args.dinov2_model,
                 dinov2_weights=args.dinov2_weights, batch_size=args.batch_size, workers=args.workers, ctx=ctx,
                 progress=not args.no_progress)
         if stats is not None:

@@ -1,15 +1,18 @@
 """``python -m evaluation.report RESULT.json [...] [--out TABLE]``: evaluation results as the papers' table.
 
 One row per result JSON of ``python -m evaluation.evaluate --out``: model, steps (per stage), NFE
-(``50×2`` where CFG runs an unconditional pass), CFG scale (and its interval), FID, sFID, IS,
-precision, recall, FDD (empty where not computed). The Markdown lists each row's provenance under
-the table (checkpoint and sha256 prefix, training step, EMA / raw / post-hoc EMA, sampler, seed,
+(``50×2`` where CFG runs an unconditional pass), CFG scale (and its interval), the label mode
+(balanced / random), the number of samples, then one column per value of every metric that any of
+the results computed (titles, scales and digits from the metric registry, ``evaluation.scores``;
+empty where a row did not compute it). The Markdown lists each row's provenance under the table
+(checkpoint and sha256 prefix, training step, EMA / raw / post-hoc EMA, sampler, seed,
 labels, samples, processes, code version, reference and samples sha256 prefixes), taken from the
 generate.py record the result carries (``sample_record``; a result without one says so).
 
 Without ``--out`` the Markdown is printed; ``--out TABLE`` writes ``TABLE.md`` and ``TABLE.csv``
-(both or neither; a ``.md``/``.csv`` suffix on TABLE is dropped). The CSV has the same rows, the
-metrics unrounded and the provenance in columns with full hashes. A missing file or a JSON that
+(both or neither; a ``.md``/``.csv`` suffix on TABLE is dropped). The CSV has the same rows, the values
+of every registered metric unrounded (empty where not computed) and the provenance in columns with
+full hashes. A missing file or a JSON that
 is not a result is one line (``error: ...``, exit status 2); nothing is written then.
 """
 from __future__ import annotations
@@ -24,13 +27,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from utils.atomic import atomic_write, reported_write_errors
 
-RESULT_KEYS = ("fid", "sfid", "inception_score", "num_samples", "ref", "samples")
-METRICS = (("FID", "fid"), ("sFID", "sfid"), ("IS", "inception_score"), ("Prec.", "precision"),
-           ("Rec.", "recall"), ("FDD", "fdd"))
-TABLE_COLUMNS = ("model", "steps", "NFE", "CFG") + tuple(title for title, _ in METRICS)
-CSV_COLUMNS = ("result", "model", "steps", "nfe", "cfg") + tuple(key for _, key in METRICS) + (
-    "checkpoint", "checkpoint_sha256", "step", "weights", "sampler", "seed", "labels", "num_samples",
-    "num_processes", "code_version", "ref", "ref_sha256", "samples", "samples_sha256")
+from .metric_base import Column, metric_classes
+
+RESULT_KEYS = ("num_samples", "ref", "samples")
+ROW_COLUMNS = ("model", "steps", "NFE", "CFG", "labels", "N")
+PROVENANCE_COLUMNS = ("checkpoint", "checkpoint_sha256", "step", "weights", "sampler", "seed", "labels",
+                      "num_samples", "num_processes", "code_version", "ref", "ref_sha256", "samples", "samples_sha256")
 _WEIGHTS = {"ema": "EMA", "model": "raw", "state_dict": "state dict", None: "plain state dict"}
 
 
@@ -55,13 +57,27 @@ def read_result(path: str) -> dict:
     missing = [key for key in RESULT_KEYS if key not in result]
     if missing:
         raise ReportError(f"{not_result} (no {', '.join(missing)})")
-    odd = [key for _, key in METRICS if result.get(key) is not None
+    odd = [key for key in metric_keys() if result.get(key) is not None
            and (isinstance(result[key], bool) or not isinstance(result[key], (int, float)))]
     if odd:
         raise ReportError(f"{not_result} ({', '.join(odd)} not a number)")
     if not isinstance(result.get("sample_record"), (dict, type(None))):
         raise ReportError(f"{not_result} (its sample_record is a {type(result['sample_record']).__name__})")
     return result
+
+
+def metric_columns() -> List[Column]:
+    """Every registered metric's columns, in registry order."""
+    return [column for cls in metric_classes() for column in cls.columns]
+
+
+def metric_keys() -> List[str]:
+    """Every registered metric's result keys (CSV columns), in registry order."""
+    return list(dict.fromkeys(key for cls in metric_classes() for key in cls.result_keys()))
+
+
+def csv_columns() -> Tuple[str, ...]:
+    return ("result", "model", "steps", "nfe", "cfg") + tuple(metric_keys()) + PROVENANCE_COLUMNS
 
 
 def _get(d, *keys):
@@ -126,7 +142,7 @@ def _code(version) -> str:
 
 
 def table_row(path: str, result: dict) -> Dict[str, object]:
-    """The CSV_COLUMNS of one result (metrics as numbers, None where not computed; the rest text)."""
+    """The :func:`csv_columns` of one result (metrics as numbers, None where not computed; the rest text)."""
     record = result.get("sample_record") or {}
     sampler, checkpoint = record.get("sampler") or {}, record.get("checkpoint") or {}
     model = _get(checkpoint, "arch", "name") or _get(record, "config", "model")
@@ -135,7 +151,7 @@ def table_row(path: str, result: dict) -> Dict[str, object]:
         "model": model or (f"{os.path.basename(str(result['samples']))} (no record)" if not record else ""),
         "steps": "+".join(str(n) for n in sampler.get("num_steps_per_scale") or []),
         "nfe": _nfe(sampler), "cfg": _cfg(sampler),
-        **{key: result.get(key) for _, key in METRICS},
+        **{key: result.get(key) for key in metric_keys()},
         "checkpoint": checkpoint.get("path", ""), "checkpoint_sha256": checkpoint.get("sha256", ""),
         "step": checkpoint.get("step"), "weights": _weights(checkpoint) if checkpoint else "",
         "sampler": _sampler(sampler) if sampler else "",
@@ -146,10 +162,6 @@ def table_row(path: str, result: dict) -> Dict[str, object]:
         "samples": result["samples"], "samples_sha256": _get(result, "inputs", "samples", "sha256") or "",
     }
     return row
-
-
-def _metric(value) -> str:
-    return "" if value is None else f"{value:.2f}"
 
 
 def _provenance(number: int, row: Dict[str, object], has_record: bool) -> str:
@@ -167,12 +179,19 @@ def _provenance(number: int, row: Dict[str, object], has_record: bool) -> str:
             f"{where}")
 
 
-def markdown(rows: Sequence[Dict[str, object]], records: Sequence[bool]) -> str:
-    """The table, then each row's provenance as a numbered list (row i is item i)."""
-    lines = ["| # | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    for i, row in enumerate(rows, 1):
-        cells = [str(i), str(row["model"]), str(row["steps"]), str(row["nfe"]), str(row["cfg"])]
-        cells += [_metric(row[key]) for _, key in METRICS]
+def markdown(rows: Sequence[Dict[str, object]], records: Sequence[bool],
+             results: Optional[Sequence[dict]] = None) -> str:
+    """The table, then each row's provenance as a numbered list (row i is item i). Metric columns: those
+    of the metrics any of ``results`` (default: the rows) holds a value or a null for."""
+    results = rows if results is None else results
+    columns = [c for cls in metric_classes() if any(k in r for r in results for k in cls.result_keys())
+               for c in cls.columns]
+    titles = ROW_COLUMNS + tuple(c.title for c in columns)
+    lines = ["| # | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
+    for i, (row, result) in enumerate(zip(rows, results), 1):
+        cells = [str(i), str(row["model"]), str(row["steps"]), str(row["nfe"]), str(row["cfg"]),
+                 str(row["labels"] or ""), _num(row["num_samples"])]
+        cells += [c.cell(result) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Provenance:", ""]
     lines += [_provenance(i, row, has) for i, (row, has) in enumerate(zip(rows, records), 1)]
@@ -182,9 +201,10 @@ def markdown(rows: Sequence[Dict[str, object]], records: Sequence[bool]) -> str:
 def csv_text(rows: Sequence[Dict[str, object]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    columns = csv_columns()
+    writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
     return out.getvalue()
 
 
@@ -192,7 +212,8 @@ def report(paths: Sequence[str]) -> Tuple[str, str]:
     """``(markdown, csv)`` of the results at ``paths``; ReportError for a file that is not a result."""
     results: List[Tuple[str, dict]] = [(path, read_result(path)) for path in paths]
     rows = [table_row(path, result) for path, result in results]
-    return markdown(rows, [bool(result.get("sample_record")) for _, result in results]), csv_text(rows)
+    records = [bool(result.get("sample_record")) for _, result in results]
+    return markdown(rows, records, [result for _, result in results]), csv_text(rows)
 
 
 def output_paths(out: str) -> Tuple[str, str]:
@@ -202,8 +223,8 @@ def output_paths(out: str) -> Tuple[str, str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.report",
-                                     description="The papers' table (model, steps, NFE, CFG, FID, sFID, IS, "
-                                                 "precision, recall, FDD) of evaluation.evaluate results, with "
+                                     description="The papers' table (model, steps, NFE, CFG, labels, samples, "
+                                                 "and the metrics computed) of evaluation.evaluate results, with "
                                                  "each row's provenance.")
     parser.add_argument("results", nargs="+", metavar="RESULT.json", help="--out files of python -m evaluation.evaluate")
     parser.add_argument("--out", default=None, metavar="TABLE",

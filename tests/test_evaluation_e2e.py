@@ -16,8 +16,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from evaluation import evaluate as evaluate_module
-from evaluation.fdd import load_dinov2, preprocess_for_dinov2
-from evaluation.inception import save_random_inception_weights
+from evaluation import features as features_module
+from evaluation.fdd import DinoV2FeatureExtractor, load_dinov2, preprocess_for_dinov2
+from evaluation.inception import InceptionFeatureExtractor, save_random_inception_weights
 from conftest import SMALL_DINOV2, save_random_dinov2_weights
 
 
@@ -93,15 +94,21 @@ def run(tmp_path_factory):
     np.savez(folder / "ref.npz", arr_0=ref)
     np.savez(folder / "samples.npz", arr_0=smp)
 
-    features = {}
-    extract = evaluate_module.extract_features
+    calls = {"inception": [], "dinov2": []}
 
-    def recording_extract(images, extractor, *args, desc="", **kwargs):
-        features[desc] = extract(images, extractor, *args, desc=desc, **kwargs)
-        return features[desc]
+    def recording(cls, store):
+        def build(*args, **kwargs):
+            net = cls(*args, **kwargs)
+
+            def run(images):
+                store.append(net(images))
+                return store[-1]
+            return run
+        return build
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluate_module, "extract_features", recording_extract)
+        patch.setattr(features_module, "InceptionFeatureExtractor", recording(InceptionFeatureExtractor, calls["inception"]))
+        patch.setattr(features_module, "DinoV2FeatureExtractor", recording(DinoV2FeatureExtractor, calls["dinov2"]))
         code = evaluate_module.main([
             str(folder / "ref.npz"), str(folder / "samples.npz"), "--inception-weights", weights,
             "--device", "cpu", "--batch-size", "3", "--fid-method", "eigh", "--fdd",
@@ -110,9 +117,12 @@ def run(tmp_path_factory):
     assert code == 0
     with open(folder / "results.json") as f:
         results = json.load(f)
+    # the reference is read first, then the samples (5 images each)
+    inception = {key: np.concatenate([c[key] for c in calls["inception"]]) for key in ("pool", "spatial", "logits")}
+    dino = np.concatenate(calls["dinov2"])
     return dict(results=results, ref=ref, smp=smp, weights=weights, dinov2=str(folder / "dinov2.pth"),
-                inception=(features["reference (Inception)"], features["samples (Inception)"]),
-                dino=(features["reference (DINOv2)"]["features"], features["samples (DINOv2)"]["features"]))
+                inception=({k: v[:5] for k, v in inception.items()}, {k: v[5:] for k, v in inception.items()}),
+                dino=(dino[:5], dino[5:]))
 
 
 def test_json_has_every_metric(run):

@@ -103,10 +103,33 @@ def test_wrong_weights_file_is_reported(tmp_path):
         inception.InceptionFeatureExtractor(str(bad))
 
 
+def test_pytorch_fids_inception_file_gets_one_line_naming_the_file_to_use(tmp_path, capsys):
+    """pytorch-fid's port has torch-fidelity's layer names and shapes, so it would load silently."""
+    wrong = inception.save_random_inception_weights(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    np.savez(tmp_path / "ref.npz", arr_0=_images(size=8))
+    assert evaluate_cli.main([str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz"), "--inception-weights", wrong,
+                              "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --inception-weights {wrong}: that is pytorch-fid's pt_inception-2015-12-05-6726825d.pth; this "
+        "codebase uses torch-fidelity's weights-inception-2015-12-05-6726825d.pth (the same network, another file "
+        f"and hash): download {inception.INCEPTION_WEIGHTS_URL}\n")
+
+
+def test_a_dataset_folder_as_reference_says_to_run_ref_stats_first(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    np.savez(tmp_path / "smp.npz", arr_0=_images(size=8))
+    assert evaluate_cli.main([str(folder), str(tmp_path / "smp.npz"), "--metrics", "fid,swd", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: reference {folder} is a folder (a dataset?); evaluate compares with a reference batch .npz (arr_0) "
+        "or with the statistics file of a dataset, made once by: python -m evaluation.ref_stats "
+        f"{folder} --out {folder}_stats.npz --metrics fid,swd\n")
+
+
 @pytest.mark.parametrize("setup, message", [
     ("dtype", "dtype int64"),
     ("resolution", "is 8x8 but samples"),
-    ("too_few", "precision/recall"),
+    ("too_few", "3 image.s.; pr needs at least 4"),
     ("weights", "--inception-weights .*no such file"),
 ])
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, setup, message):

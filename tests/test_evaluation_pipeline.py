@@ -5,7 +5,7 @@ import pytest
 from scipy import linalg
 
 from evaluation import evaluate as evaluate_module
-from evaluation import npz
+from evaluation import features, npz
 
 POOL, SPATIAL = 4, 3  # 5 samples give full-rank covariances
 
@@ -28,8 +28,8 @@ class FakeInception:
 def fake_network(monkeypatch):
     monkeypatch.setattr(npz, "POOL_DIM", POOL)
     monkeypatch.setattr(npz, "SPATIAL_DIM", SPATIAL)
-    monkeypatch.setattr(evaluate_module, "InceptionFeatureExtractor", FakeInception)
-    monkeypatch.setattr(evaluate_module, "resolve_inception_weights", lambda path: "unused")
+    monkeypatch.setattr(features, "InceptionFeatureExtractor", FakeInception)
+    monkeypatch.setattr(features, "resolve_inception_weights", lambda path: "unused")
 
 
 def _fd_scipy(x, mu, sigma):
@@ -113,7 +113,7 @@ def test_non_finite_statistics_stop_with_one_line_naming_their_source(tmp_path, 
             out["pool"][0, 0] = bad
             return out
 
-    monkeypatch.setattr(evaluate_module, "InceptionFeatureExtractor", NonFiniteInception)
+    monkeypatch.setattr(features, "InceptionFeatureExtractor", NonFiniteInception)
     with pytest.raises(npz.InputError, match=r"^the samples' statistics \(.*smp.npz\): non-finite values .* in mu "
                                              r"\(1 of 4 values\), sigma \(7 of 16 values\)"):  # row and column 0
         evaluate_module.evaluate(str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz"), num_ref_pr=4,

@@ -7,8 +7,10 @@ the same images (whose statistics evaluate computes with np.cov).
 """
 import json
 import os
+import pickle
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -16,13 +18,13 @@ import torch
 from PIL import Image
 
 from evaluation import evaluate as evaluate_module
-from evaluation import ref_stats
+from evaluation import features, ref_stats
 from evaluation.fdd import DinoV2FeatureExtractor
 from evaluation.inception import InceptionFeatureExtractor, save_random_inception_weights
 from evaluation.npz import InputError
 from evaluation.online import OnlineEvaluator
 from evaluation.stats_file import check_compatible, load_statistics
-from evaluation.swd import swd
+from evaluation.swd import SWDSettings, swd
 from conftest import SMALL_DINOV2, save_random_dinov2_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,18 +80,15 @@ def setup(tmp_path_factory):
     common = ["--inception-weights", inception, "--dinov2-model", SMALL_DINOV2, "--dinov2-weights",
               str(tmp / "dinov2.pth"), "--batch-size", "3", "--workers", "0", "--device", "cpu", "--no-progress"]
     stats_path = str(tmp / "stats.npz")
-    recorded = {"inception": [], "dinov2": [], "samples": {}}
-    extract = evaluate_module.extract_features
-
-    def recording_extract(images, extractor, *args, desc="", **kwargs):
-        recorded["samples"][desc] = extract(images, extractor, *args, desc=desc, **kwargs)
-        return recorded["samples"][desc]
+    recorded = {"inception": [], "dinov2": [], "smp_inception": [], "smp_dinov2": []}
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ref_stats, "InceptionFeatureExtractor", _Recording(InceptionFeatureExtractor, recorded["inception"]))
-        patch.setattr(ref_stats, "DinoV2FeatureExtractor", _Recording(DinoV2FeatureExtractor, recorded["dinov2"]))
+        patch.setattr(features, "InceptionFeatureExtractor", _Recording(InceptionFeatureExtractor, recorded["inception"]))
+        patch.setattr(features, "DinoV2FeatureExtractor", _Recording(DinoV2FeatureExtractor, recorded["dinov2"]))
         assert ref_stats.main([folder, "--out", stats_path, "--swd-images", "3", "--seed", "3", *common]) == 0
-        patch.setattr(evaluate_module, "extract_features", recording_extract)
+        patch.setattr(features, "InceptionFeatureExtractor",
+                      _Recording(InceptionFeatureExtractor, recorded["smp_inception"]))
+        patch.setattr(features, "DinoV2FeatureExtractor", _Recording(DinoV2FeatureExtractor, recorded["smp_dinov2"]))
         scores = evaluate_module.evaluate(
             stats_path, str(tmp / "smp.npz"), inception_weights=inception, device="cpu", batch_size=4, fdd=True,
             dinov2_model=SMALL_DINOV2, dinov2_weights=str(tmp / "dinov2.pth"), fid_method="eigh", swd=True,
@@ -117,7 +116,8 @@ def test_statistics_equal_mean_and_cov_of_the_features(setup):
     expected_idx = np.sort(np.random.default_rng(3).choice(5, 3, replace=False))
     np.testing.assert_array_equal(stats.arrays["swd_images"], setup["ref"][expected_idx])
     meta = stats.meta
-    assert (meta["num_images"], meta["resolution"], meta["swd"]) == (5, [16, 16], {"num_images": 3, "seed": 3})
+    assert (meta["num_images"], meta["resolution"]) == (5, [16, 16])
+    assert meta["swd"] == {"num_images": 3, "seed": 3, **SWDSettings().as_meta()}
     assert meta["inception"]["file"] == "inception.pth" and len(meta["inception"]["sha256"]) == 64
     assert meta["dinov2"]["model"] == SMALL_DINOV2 and stats.available() == ("fid", "sfid", "fdd", "swd")
 
@@ -138,7 +138,8 @@ def test_zip_and_npz_inputs_give_the_same_swd_images(setup, tmp_path):
 
 def test_evaluate_with_statistics_scores_the_recorded_features(setup, capsys):
     scores, rec = setup["scores"], setup["recorded"]
-    smp_inc, smp_dino = rec["samples"]["samples (Inception)"], rec["samples"]["samples (DINOv2)"]["features"]
+    smp_inc = {key: _cat(rec["smp_inception"], key) for key in ("pool", "spatial", "logits")}
+    smp_dino = _cat(rec["smp_dinov2"])
     for key, ref_x, smp_x in (("fid", _cat(rec["inception"], "pool"), smp_inc["pool"]),
                               ("sfid", _cat(rec["inception"], "spatial"), smp_inc["spatial"]),
                               ("fdd", _cat(rec["dinov2"]), smp_dino)):
@@ -156,9 +157,16 @@ def test_evaluate_with_statistics_scores_the_recorded_features(setup, capsys):
 
 
 def test_cli_notes_that_precision_recall_need_images(setup, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate_module, "extract_features", lambda images, extractor, *a, **k: {
-        "pool": np.random.default_rng(0).random((4, 2048)), "spatial": np.random.default_rng(1).random((4, 2023)),
-        "logits": np.zeros((4, 1008))})
+    class Fake:  # stands in for Inception: random features of its dimensions
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, images):
+            rng = np.random.default_rng(len(images))
+            return {"pool": rng.random((len(images), 2048)), "spatial": rng.random((len(images), 2023)),
+                    "logits": np.zeros((len(images), 1008))}
+
+    monkeypatch.setattr(features, "InceptionFeatureExtractor", Fake)
     code = evaluate_module.main([setup["stats"], str(setup["tmp"] / "smp.npz"), "--inception-weights",
                                  setup["inception"], "--device", "cpu", "--fid-method", "eigh", "--no-progress"])
     captured = capsys.readouterr()
@@ -166,17 +174,50 @@ def test_cli_notes_that_precision_recall_need_images(setup, capsys, monkeypatch)
     assert json.loads(captured.out)["recall"] is None
 
 
+class _Ranks:
+    """An in-process all-gather for ``n`` threads standing in for processes (each gets pickled copies)."""
+
+    def __init__(self, n):
+        self.barrier, self.slots = threading.Barrier(n), [None] * n
+
+    def gather(self, rank):
+        def all_gather(obj):
+            self.slots[rank] = pickle.dumps(obj)
+            self.barrier.wait()
+            parts = [pickle.loads(p) for p in self.slots]
+            self.barrier.wait()
+            return parts
+        return all_gather
+
+
 def test_online_evaluator_matches_evaluate_and_leaves_random_streams(setup):
     torch.manual_seed(7)
     expected_draw = torch.rand(3)
     torch.manual_seed(7)
-    evaluator = OnlineEvaluator(setup["stats"], ["fid", "sfid", "swd"], (16, 16), inception_weights=setup["inception"])
-    got = evaluator.finish([evaluator.partial(setup["smp"][:2]), evaluator.partial(setup["smp"][2:])])
+    metrics = ["fid", "sfid", "is", "swd"]
+    evaluators = [OnlineEvaluator(setup["stats"], metrics, (16, 16), inception_weights=setup["inception"])
+                  for _ in range(2)]
     torch.testing.assert_close(torch.rand(3), expected_draw)
-    for key in ("fid", "sfid", "swd", "swd_16"):
-        assert got[key] == pytest.approx(setup["scores"][key], rel=1e-4), key
+    alone = evaluators[0](setup["smp"])
+    for key in ("fid", "sfid", "inception_score", "swd", "swd_16"):
+        assert alone[key] == pytest.approx(setup["scores"][key], rel=1e-4), key
+    # two processes, each with the samples of indices rank::2, as training evaluates: every pass is merged
+    ranks, results = _Ranks(2), [None, None]
+
+    def run(rank):
+        mine = list(range(rank, len(setup["smp"]), 2))
+        results[rank] = evaluators[rank].score(setup["smp"][mine], ranks.gather(rank), mine)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert results[0] == results[1]
+    for key in alone:
+        assert results[0][key] == pytest.approx(alone[key], rel=1e-6), key
     with pytest.raises(ValueError, match=r"expected uint8 \[N, 16, 16, 3\]"):
-        evaluator.partial(setup["smp"].astype(np.float32))
+        evaluators[0](setup["smp"].astype(np.float32))
 
 
 def test_incompatible_statistics_are_rejected(setup, tmp_path):
@@ -191,7 +232,7 @@ def test_incompatible_statistics_are_rejected(setup, tmp_path):
     with pytest.raises(InputError, match="dinov2 model"):
         check_compatible(stats, ["fdd"], (16, 16), **{**ok, "dinov2_model": "vit_large_patch14_dinov2.lvd142m"})
     with pytest.raises(InputError, match="unknown metric"):
-        check_compatible(stats, ["kid"], (16, 16), **ok)
+        check_compatible(stats, ["no_such_metric"], (16, 16), **ok)
     swd_only = str(tmp_path / "swd.npz")
     assert ref_stats.main([setup["folder"], "--out", swd_only, "--no-inception", "--no-dinov2", "--swd-images", "all",
                            "--workers", "0", "--no-progress"]) == 0
@@ -211,7 +252,7 @@ def test_torchrun_two_processes_give_the_same_statistics(setup, tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = load_statistics(setup["stats"]), load_statistics(out)
-    assert sorted(two.arrays) == ["mu", "mu_s", "sigma", "sigma_s", "swd_images"]
+    assert sorted(two.arrays) == ["mu", "mu_s", "sigma", "sigma_s", "swd_histograms", "swd_images"]
     assert {**one.meta, "dinov2": None} == two.meta
     for key, value in two.arrays.items():
         value = one.arrays[key]

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 import generation.runner as runner_module
 from evaluation import evaluate as evaluate_module
+from evaluation import features as features_module
 from evaluation import report as report_module
 from evaluation.stats_file import ReferenceStatistics, save_statistics
 from generation.config import GenerateConfig
@@ -202,9 +203,9 @@ class FakeDino:
 
 @pytest.fixture
 def fake_network(monkeypatch):
-    monkeypatch.setattr(evaluate_module, "InceptionFeatureExtractor", FakeInception)
-    monkeypatch.setattr(evaluate_module, "DinoV2FeatureExtractor", FakeDino)
-    monkeypatch.setattr(evaluate_module, "load_dinov2", lambda *args: None)
+    monkeypatch.setattr(features_module, "InceptionFeatureExtractor", FakeInception)
+    monkeypatch.setattr(features_module, "DinoV2FeatureExtractor", FakeDino)
+    monkeypatch.setattr(features_module, "load_dinov2", lambda *args: None)
 
 
 def _evaluate(runs, samples, out, *extra):
@@ -262,14 +263,14 @@ def test_evaluate_refuses_comparisons_that_cannot_be_right(runs, fake_network, t
     few = tmp_path / "few.npz"
     np.savez(few, arr_0=np.zeros((3, 8, 8, 3), np.uint8))
     assert _refusal(runs, few, tmp_path / "r.json", capsys) == (
-        f"error: sample batch {few}: 3 images; precision/recall (k = 3) and the covariances need at least 4\n")
+        f"error: sample batch {few}: 3 image(s); pr needs at least 4 (k = 3 nearest neighbours)\n")
     stats = tmp_path / "stats.npz"
     save_statistics(ReferenceStatistics({"mu": np.zeros(4), "sigma": np.eye(4)},
                                         {"num_images": 10, "resolution": [8, 8], "inception": None}), str(stats))
     one = tmp_path / "one.npz"
     np.savez(one, arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     assert _refusal(runs, one, tmp_path / "r.json", capsys, ref=stats) == (
-        f"error: sample batch {one}: 1 image(s); a covariance needs at least 2\n")
+        f"error: sample batch {one}: 1 image(s); fid, sfid need at least 2 (a covariance)\n")
 
     # the .npz replaced after its record was written
     replaced = tmp_path / "replaced.npz"
@@ -301,13 +302,15 @@ def test_report_turns_results_into_the_table(runs, fake_network, tmp_path, capsy
     assert capsys.readouterr().out == f"wrote {tmp_path / 'table.md'} and {tmp_path / 'table.csv'}\n"
     md = (tmp_path / "table.md").read_text()
     lines = md.splitlines()
-    assert lines[0] == "| # | model | steps | NFE | CFG | FID | sFID | IS | Prec. | Rec. | FDD |"
+    # the label mode and the sample count tell rows apart; the columns are those of the metrics computed
+    assert lines[0] == "| # | model | steps | NFE | CFG | labels | N | FID | sFID | IS | Prec. | Rec. |"
 
     def metrics(r):
-        return [f"{r[k]:.2f}" for k in ("fid", "sfid", "inception_score", "precision", "recall")] + [""]
+        return [f"{r[k]:.2f}" for k in ("fid", "sfid", "inception_score", "precision", "recall")]
 
-    assert lines[2] == "| " + " | ".join(["1", "DFM-SiT-S/2", "3+2", "5", "1"] + metrics(results[0])) + " |"
-    assert lines[3] == "| " + " | ".join(["2", "DFM-SiT-S/2", "2+2", "7×2", "2 [0, 0.7]"] + metrics(results[1])) + " |"
+    assert lines[2] == "| " + " | ".join(["1", "DFM-SiT-S/2", "3+2", "5", "1", "balanced", "8"] + metrics(results[0])) + " |"
+    assert lines[3] == "| " + " | ".join(["2", "DFM-SiT-S/2", "2+2", "7×2", "2 [0, 0.7]", "random", "8"]
+                                         + metrics(results[1])) + " |"
     ref_sha, code = _sha256(folder / "ref.npz")[:12], _git_version()
     code = code.replace("-dirty", "")[:12] + ("-dirty" if code.endswith("-dirty") else "")
     assert lines[4:7] == ["", "Provenance:", ""]
@@ -322,7 +325,7 @@ def test_report_turns_results_into_the_table(runs, fake_network, tmp_path, capsy
 
     with open(tmp_path / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and list(rows[0]) == list(report_module.CSV_COLUMNS)
+    assert len(rows) == 2 and list(rows[0]) == list(report_module.csv_columns())
     for row, result, name, ckpt in zip(rows, results, "ab", (runs["ckpt"], runs["ckpt_b"])):
         assert {k: float(row[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall")} == {
             k: result[k] for k in ("fid", "sfid", "inception_score", "precision", "recall")}  # unrounded
@@ -345,7 +348,7 @@ def test_report_bad_input_is_one_line(tmp_path, capsys):
     table = tmp_path / "table"
     for path, line in ((missing, f"error: {missing}: no such file"),
                        (other, f"error: {other}: not a result of python -m evaluation.evaluate --out "
-                               "(no sfid, inception_score, num_samples, ref)"),
+                               "(no num_samples, ref)"),
                        (broken, f"error: {broken}: not a result of python -m evaluation.evaluate --out (not JSON: "
                                 "Expecting property name enclosed in double quotes: line 1 column 2 (char 1))")):
         assert report_module.main([str(path), "--out", str(table)]) == 2

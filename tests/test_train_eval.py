@@ -64,7 +64,9 @@ def test_eval_bad_input_is_one_config_error_before_training(tiny_data, tmp_path)
     with pytest.raises(ConfigError, match="eval_ref_stats is not"):
         tiny_config(tiny_data, out, eval_every=2)
     with pytest.raises(ConfigError, match="eval_metrics"):
-        tiny_config(tiny_data, out, eval_every=2, eval_ref_stats=ref, eval_metrics="[swd,kid]")
+        tiny_config(tiny_data, out, eval_every=2, eval_ref_stats=ref, eval_metrics="[swd,no_such_metric]")
+    with pytest.raises(ConfigError, match="eval_metrics: pr cannot be computed during training"):
+        tiny_config(tiny_data, out, eval_every=2, eval_ref_stats=ref, eval_metrics="[swd,pr]")
     with pytest.raises(ConfigError, match="no such file"):
         tiny_config(tiny_data, out, eval_every=2, eval_ref_stats=str(tmp_path / "missing.npz"))
     with pytest.raises(ConfigError, match="eval_sampler.num_steps_per_scale"):

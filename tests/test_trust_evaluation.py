@@ -220,7 +220,7 @@ class _Features:
 
 
 def test_non_finite_statistics_during_training_skip_that_evaluation(tiny_data, tmp_path, monkeypatch):
-    from evaluation import online
+    from evaluation import features
     from training.loop import train
 
     weights = tmp_path / "inception.pth"
@@ -233,7 +233,7 @@ def test_non_finite_statistics_during_training_skip_that_evaluation(tiny_data, t
     mu_s, sigma_s = feature_statistics(y)
     save_statistics(ReferenceStatistics(dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s), meta),
                     str(tmp_path / "ref.npz"))
-    monkeypatch.setattr(online, "InceptionFeatureExtractor", _Features)
+    monkeypatch.setattr(features, "InceptionFeatureExtractor", _Features)
     _Features.calls = 0
     cfg = tiny_config(tiny_data, str(tmp_path / "out"), eval_every=2, eval_num_samples=6, eval_metrics="[fid]",
                       eval_ref_stats=str(tmp_path / "ref.npz"), eval_inception_weights=str(weights),

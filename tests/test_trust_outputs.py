@@ -152,7 +152,7 @@ def test_ref_stats_names_a_corrupt_png(images_with_a_corrupt_png, tmp_path, caps
 
 
 def test_ref_stats_and_evaluate_out_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, capsys):
-    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)  # SWD needs 16 px
     np.savez(tmp_path / "ref.npz", arr_0=images)
     out = tmp_path / "stats.npz"
 

@@ -175,7 +175,7 @@ class TrainConfig:
         "score the EMA model every N steps (and at the end) into metrics.jsonl + convergence.png; 0 = off"))
     eval_num_samples: int = field(default=10_000, metadata=_help("images per evaluation, split over the processes"))
     eval_metrics: List[str] = field(default_factory=lambda: ["fdd"], metadata=_help(
-        "any of fid, sfid, fdd, swd"))
+        "metrics registered in evaluation/scores.py that a statistics file can score (see evaluate --help)"))
     eval_ref_stats: Optional[str] = field(default=None, metadata=_help(
         "reference statistics (.npz of `python -m evaluation.ref_stats`, or the study's heldout_swd.npz)"))
     eval_inception_weights: Optional[str] = field(default=None, metadata=_help(

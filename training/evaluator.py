@@ -11,8 +11,9 @@ reference statistics, missing Inception / DINOv2 weights and a VAE that cannot l
   generates the indices `r, r + P, ...`;
 * `samplers.sample` integrates (the one sampler of the codebase), the pyramid is recomposed and
   decoded to uint8 (`data.vae.samples_to_uint8`; pixel-space runs need no VAE);
-* `evaluation.online.OnlineEvaluator` scores each process's share and the main process
-  combines them, then logs `{"images_seen", <metric>: value, ...}` through the run's tracker
+* `evaluation.online.OnlineEvaluator` streams each process's share through the metrics'
+  accumulators, merged over the processes after each pass; the main process logs
+  `{"images_seen", <metric>: value, ...}` through the run's tracker
   (so the values land in wandb / tensorboard and `metrics.jsonl` beside the training losses)
   and redraws `<run>/convergence.png` (`evaluation.compare.plot_convergence`).
 
@@ -55,15 +56,19 @@ class EvalSamplerConfig(SamplerSettings):
 
 def check_eval_keys(cfg) -> None:
     """The evaluation keys (files and weights are checked when the evaluator is built, before training)."""
-    from evaluation.stats_file import METRICS
+    from evaluation.metric_base import build_metrics
 
     if cfg.eval_every < 0:
         raise ConfigError(f"eval_every must be >= 0 (0 = no evaluation), got {cfg.eval_every}")
     metrics = list(cfg.eval_metrics or [])
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown or not metrics or len(set(metrics)) < len(metrics):
-        raise ConfigError(f"eval_metrics must be a non-empty list of distinct names from {list(METRICS)}, "
-                          f"got {metrics}")
+    try:
+        chosen = build_metrics(metrics, where="eval_metrics")
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (got {metrics})") from None
+    offline = [m for m in chosen if m.uses_reference and not m.stores]
+    if offline:
+        raise ConfigError(f"eval_metrics: {', '.join(m.name for m in offline)} cannot be computed during training: "
+                          + "; ".join(m.not_storable for m in offline) + " (eval_ref_stats holds statistics only)")
     e = cfg.eval_sampler
     check_sampler_keys(e, cfg.preview.num_steps_per_scale, cfg.preview.thresholds, cfg.stages, "eval_sampler.",
                        method=cfg.preview.method)
@@ -90,7 +95,8 @@ class TrainingEvaluator:
         self.every, self.max_steps, self.batch_size = int(cfg.eval_every), int(cfg.max_train_steps), int(cfg.batch_size)
         self.log = log
         self.sampler = cfg.eval_sampler
-        self.metrics = list(cfg.eval_metrics)
+        # the values plotted in convergence.png: each metric's headline keys
+        self.metrics = [c.key for m in scorer.metrics for c in m.columns]
         self.num_samples = int(cfg.eval_num_samples)
         self.scorer, self.num_classes = scorer, num_classes
         self.device, self.rank, self.P = torch.device(device), rank, num_processes
@@ -171,13 +177,13 @@ class TrainingEvaluator:
         was_training = model.training
         model.eval()
         devices = [self.device] if self.device.type == "cuda" else []
+        mine = list(range(self.rank, self.num_samples, self.P))
         with torch.random.fork_rng(devices=devices):
-            images = self.generate(model, list(range(self.rank, self.num_samples, self.P)))
-            parts = self.gather(self.scorer.partial(images))
+            images = self.generate(model, mine)
+            values = self.scorer.score(images, self.gather, mine)
         model.train(was_training)
         if self.rank != 0:
             return None
-        values = self.scorer.finish(parts)
         values["eval_seconds"] = time.time() - t0
         return values
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FID-50K, sFID, IS, precision, recall of ELIT-SiT-B/2, 256 px, full budget, no CFG (Euler, 50 steps).
-#   REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz INCEPTION_WEIGHTS=/data/pt_inception-2015-12-05-6726825d.pth \
+#   REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz INCEPTION_WEIGHTS=/data/weights-inception-2015-12-05-6726825d.pth \
 #   CKPT=exps/elit-sit-b-2-256/checkpoints/0400000.pt bash experiments/evaluation/eval_elit_sit_b_256.sh [key=value ...]
 # Variables and outputs: see generate_and_evaluate.sh and docs/GENERATION.md.
 set -euo pipefail

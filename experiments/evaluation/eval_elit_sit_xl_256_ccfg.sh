@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FID-50K, sFID, IS, precision, recall of multi-budget ELIT-SiT-XL/2, 256 px, with cheap CFG
 # (scale 4.0, unconditional pass at budget 0.0625; Euler, 50 steps).
-#   REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz INCEPTION_WEIGHTS=/data/pt_inception-2015-12-05-6726825d.pth \
+#   REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz INCEPTION_WEIGHTS=/data/weights-inception-2015-12-05-6726825d.pth \
 #   CKPT=exps/elit-sit-xl-2-256-multibudget/checkpoints/0400000.pt bash experiments/evaluation/eval_elit_sit_xl_256_ccfg.sh [key=value ...]
 # Variables and outputs: see generate_and_evaluate.sh and docs/GENERATION.md.
 set -euo pipefail

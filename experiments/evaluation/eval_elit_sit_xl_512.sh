@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FID-50K, sFID, IS, precision, recall of ELIT-SiT-XL/2 (single budget), 512 px, full budget, no CFG
 # (Euler, 50 steps).
-#   REF_BATCH=/data/VIRTUAL_imagenet512.npz INCEPTION_WEIGHTS=/data/pt_inception-2015-12-05-6726825d.pth \
+#   REF_BATCH=/data/VIRTUAL_imagenet512.npz INCEPTION_WEIGHTS=/data/weights-inception-2015-12-05-6726825d.pth \
 #   CKPT=exps/elit-sit-xl-2-512/checkpoints/0400000.pt bash experiments/evaluation/eval_elit_sit_xl_512.sh [key=value ...]
 # Variables and outputs: see generate_and_evaluate.sh and docs/GENERATION.md.
 set -euo pipefail

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # FID-50K, sFID, IS, precision, recall of the uniform-timestep SiT-XL/2 (the reference baseline), 256 px, no CFG (Euler, 50 steps).
-#   REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz INCEPTION_WEIGHTS=/data/pt_inception-2015-12-05-6726825d.pth \
+#   REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz INCEPTION_WEIGHTS=/data/weights-inception-2015-12-05-6726825d.pth \
 #   CKPT=exps/sit-xl-2-256-uniform/checkpoints/0400000.pt bash experiments/evaluation/eval_sit_xl_256_uniform.sh [key=value ...]
 # Variables and outputs: see generate_and_evaluate.sh and docs/GENERATION.md.
 set -euo pipefail

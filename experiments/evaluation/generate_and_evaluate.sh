@@ -6,7 +6,7 @@
 # Environment (paths may be relative to the directory you run the script from):
 #   CKPT               checkpoint to sample from (the eval_*.sh scripts give a default)
 #   REF_BATCH          ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz   (required)
-#   INCEPTION_WEIGHTS  pt_inception-2015-12-05-6726825d.pth, or "auto" to let
+#   INCEPTION_WEIGHTS  torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or "auto" to let
 #                      evaluation.evaluate use its torch.hub cache / download       (required)
 #   NPROC              processes for torchrun (default: number of GPUs, else 1)
 #   SAMPLE_DIR         output folder (default results/)
@@ -32,7 +32,7 @@ CKPT=$(abspath "$CKPT")
 [[ -n ${REF_BATCH:-} ]] || die "REF_BATCH is not set: point it to the ADM reference batch, e.g. REF_BATCH=/data/VIRTUAL_imagenet256_labeled.npz (https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz)"
 [[ -f $REF_BATCH ]] || die "reference batch not found: REF_BATCH=$REF_BATCH"
 REF_BATCH=$(abspath "$REF_BATCH")
-[[ -n ${INCEPTION_WEIGHTS:-} ]] || die "INCEPTION_WEIGHTS is not set: give the path of pt_inception-2015-12-05-6726825d.pth (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth), or INCEPTION_WEIGHTS=auto to use the torch.hub cache / a download"
+[[ -n ${INCEPTION_WEIGHTS:-} ]] || die "INCEPTION_WEIGHTS is not set: give the path of weights-inception-2015-12-05-6726825d.pth (https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth), or INCEPTION_WEIGHTS=auto to use the torch.hub cache / a download"
 INCEPTION_ARGS=()
 if [[ $INCEPTION_WEIGHTS != auto ]]; then
     [[ -f $INCEPTION_WEIGHTS ]] || die "Inception weights not found: INCEPTION_WEIGHTS=$INCEPTION_WEIGHTS"
