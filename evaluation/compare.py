@@ -11,7 +11,7 @@ The lines of one step are merged into one record (the trainer writes its trainin
 and, at evaluation steps, the metrics as separate lines); a key written twice for a step (an
 evaluation repeated after a resume) keeps the last value. A final
 line without its newline (a write cut short) is ignored; any other unreadable line is an error.
-:func:`append_metrics` writes a record; :func:`plot_convergence` redraws ``convergence.png``.
+:func:`plot_convergence` redraws ``convergence.png`` (the trainer's `training.logger.RunLogger` writes the records).
 
 ``python -m evaluation.compare RUN_DIR ... --metric fdd [--out plot.png] [--table table.md]``
 plots the runs' curves on one PNG and prints, for every ordered pair of runs (A, B), the
@@ -37,6 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from utils.atomic import atomic_write, describe_write_error, reported_write_errors
+from utils.records import parse_json
+from utils.regular_files import open_regular
 
 from .metric_base import lower_is_better, owner_of
 
@@ -56,7 +58,7 @@ def read_metrics(run: str) -> List[Dict[str, object]]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file; a run folder holds {METRICS_FILE} once it has been evaluated")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, encoding="utf-8", follow_links=True) as f:  # a FIFO never hangs the reader
             text = f.read()
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not a text file (the byte at offset {exc.start} is not UTF-8); expected "
@@ -69,39 +71,17 @@ def read_metrics(run: str) -> List[Dict[str, object]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line, f"{path}:{number}")
             step, seen = record["step"], record["images_seen"]
             if not isinstance(step, int) or not isinstance(seen, int):
                 raise TypeError("step and images_seen must be integers")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:  # RecordError is a ValueError
             if number == len(lines) and not text.endswith("\n"):
                 continue  # the last write was cut short
             raise ValueError(f"{path}:{number}: not a metrics record ({type(exc).__name__}: {exc}); expected "
                              f'{{"step": int, "images_seen": int, "<metric>": float, ...}}') from None
         by_step.setdefault(step, {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
-
-
-def append_metrics(run_dir: str, step: int, images_seen: int, metrics: Dict[str, float]) -> str:
-    """Append one record to ``run_dir/metrics.jsonl`` (the trainer's writer); returns the path.
-
-    A last line cut short by a crash is removed first, so the file stays readable; the line is
-    flushed and fsynced. Non-finite values are written as null.
-    """
-    path = os.path.join(run_dir, METRICS_FILE)
-    clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
-    line = json.dumps({"step": int(step), "images_seen": int(images_seen), **clean}) + "\n"
-    with open(path, "a+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size:
-            f.seek(0)
-            data = f.read()
-            if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
-        f.write(line.encode())
-        f.flush()
-        os.fsync(f.fileno())
-    return path
 
 
 def curve(records: Sequence[Dict[str, object]], metric: str, x: str = "step") -> Tuple[np.ndarray, np.ndarray]:

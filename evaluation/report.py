@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -43,15 +42,14 @@ class ReportError(ValueError):
 def read_result(path: str) -> dict:
     """A result JSON of ``evaluation.evaluate``; ReportError (one line) otherwise."""
     not_result = f"{path}: not a result of python -m evaluation.evaluate --out"
+    from utils.records import RecordError, read_record
+
     if not os.path.isfile(path):
         raise ReportError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: unreadable ({exc})") from None
-    except ValueError as exc:
-        raise ReportError(f"{not_result} (not JSON: {exc})") from None
+    try:  # bounded in size and nesting, a regular file (a result the user names may be a link)
+        result = read_record(path, "evaluation result", follow_links=True)
+    except RecordError as exc:
+        raise ReportError(f"{not_result} ({str(exc).replace(f'evaluation result {path}: ', '')})") from None
     if not isinstance(result, dict):
         raise ReportError(f"{not_result} (a JSON {type(result).__name__}, not an object)")
     missing = [key for key in RESULT_KEYS if key not in result]

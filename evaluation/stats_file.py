@@ -150,10 +150,12 @@ def _read_meta(raw: np.ndarray, where: str) -> Dict[str, object]:
     if raw.dtype.kind != "U" or raw.ndim != 0:
         raise InputError(f"{where}: meta_json is a {raw.dtype} array of shape {raw.shape}, expected a string "
                          f"holding a JSON object; {RECREATE}")
+    from utils.records import RecordError, parse_json
+
     try:
-        meta = json.loads(raw.item())
-    except ValueError as exc:
-        raise InputError(f"{where}: meta_json is not JSON ({exc}); {RECREATE}") from None
+        meta = parse_json(raw.item(), f"{where}: meta_json")
+    except RecordError as exc:
+        raise InputError(f"{exc}; {RECREATE}") from None
     if not isinstance(meta, dict):
         raise InputError(f"{where}: meta_json holds a JSON {type(meta).__name__}, expected an object; {RECREATE}")
     if meta.get("format") != STATS_FORMAT or meta.get("version") != STATS_VERSION:

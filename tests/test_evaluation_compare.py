@@ -73,11 +73,18 @@ def test_convergence_png_of_one_run(tmp_path):
     assert compare.plot_convergence(str(tmp_path / "empty")) is None
 
 
-def test_append_metrics_writes_records_and_drops_a_cut_last_line(tmp_path):
-    compare.append_metrics(str(tmp_path), 100, 25600, {"fdd": 5.0, "swd": float("nan")})
-    with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"step": 200, "ima')  # a crash mid-write
-    compare.append_metrics(str(tmp_path), 200, 51200, {"fdd": 4.0})
+def test_the_trainers_records_survive_a_last_line_cut_short(tmp_path):
+    """A crash mid-write leaves half a line; the next start drops it before appending, and the curves read."""
+    import logging
+
+    from training.logger import RunLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 100, "images_seen": 25600, "fdd": 5.0, "swd": NaN}\n'
+                                            '{"step": 200, "ima')
+    tracker = RunLogger(str(tmp_path), logging.getLogger("test"))
+    tracker.log_metrics({"images_seen": 51200, "fdd": 4.0}, 200)
+    tracker.close()
     records = compare.read_metrics(str(tmp_path))
-    assert records == [{"step": 100, "images_seen": 25600, "fdd": 5.0, "swd": None},
-                       {"step": 200, "images_seen": 51200, "fdd": 4.0}]
+    assert [(r["step"], r["images_seen"], r["fdd"]) for r in records] == [(100, 25600, 5.0), (200, 51200, 4.0)]
+
+

@@ -349,8 +349,8 @@ def test_report_bad_input_is_one_line(tmp_path, capsys):
     for path, line in ((missing, f"error: {missing}: no such file"),
                        (other, f"error: {other}: not a result of python -m evaluation.evaluate --out "
                                "(no num_samples, ref)"),
-                       (broken, f"error: {broken}: not a result of python -m evaluation.evaluate --out (not JSON: "
-                                "Expecting property name enclosed in double quotes: line 1 column 2 (char 1))")):
+                       (broken, f"error: {broken}: not a result of python -m evaluation.evaluate --out (not valid "
+                                "JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)))")):
         assert report_module.main([str(path), "--out", str(table)]) == 2
         assert capsys.readouterr().err == line + "\n"
     assert not list(tmp_path.glob("table*"))

@@ -135,7 +135,7 @@ def _bad_meta(key, value):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("not_json", "meta_json is not JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+    ("not_json", "meta_json: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
                  f"(char 1)); {RECREATE}"),
     ("json_list", f"meta_json holds a JSON list, expected an object; {RECREATE}"),
     ("number", f"meta_json is a int64 array of shape (), expected a string holding a JSON object; {RECREATE}"),

@@ -89,6 +89,21 @@ class LogFileHandler(logging.FileHandler):
                   file=sys.stderr, flush=True)
 
 
+def open_records(path: str):
+    """A JSON-lines file opened for appending (a regular file, no link followed), a last line cut short
+    by a crash removed first: readers skip such a line, but the next record would be glued to it."""
+    import io
+
+    f = open_regular(path, "a+b")
+    size = f.seek(0, os.SEEK_END)
+    if size:
+        f.seek(size - 1)
+        if f.read(1) != b"\n":
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+    return io.TextIOWrapper(f, encoding="utf-8")
+
+
 class RunLogger:
     """Metrics and images to the log file and the chosen tracker (main process only)."""
 
@@ -104,7 +119,7 @@ class RunLogger:
         self._metrics_file = None
         if not is_main:
             return
-        self._metrics_file = open_regular(os.path.join(exp_dir, "metrics.jsonl"), "a")
+        self._metrics_file = open_records(os.path.join(exp_dir, "metrics.jsonl"))
         if report_to == "wandb":
             self._start_wandb(config, project, run_name, wandb_mode)
         elif report_to == "tensorboard":
