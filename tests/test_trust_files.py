@@ -438,3 +438,18 @@ def test_a_failed_output_write_names_the_file_and_what_is_kept(tiny_data, tmp_pa
     snapshot = snapshot_path(str(tmp_path / "run"), 1)
     assert _error_line(capsys) == (f"error: cannot write {snapshot}: [Errno 28] No space left on device; no checkpoint "
                                    "was written yet")
+
+
+def test_resume_by_step_never_follows_a_link_in_the_run_folder(tmp_path, tiny_data):
+    from train_helpers import tiny_config
+    from training.config import ConfigError
+
+    folder = tmp_path / "out" / "linked" / "checkpoints"
+    folder.mkdir(parents=True)
+    target = tmp_path / "elsewhere.pt"
+    target.write_bytes(b"not a checkpoint")
+    (folder / "0000002.pt").symlink_to(target)
+    with pytest.raises(ConfigError, match=r"resume: .*0000002.pt is a symbolic link \(to .*elsewhere.pt\), not a "
+                                          "checkpoint file of this run"):
+        tiny_config(tiny_data, str(tmp_path / "out"), exp_name="linked", resume="2")
+    assert target.read_bytes() == b"not a checkpoint"

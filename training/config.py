@@ -354,7 +354,11 @@ def _resolve_resume(cfg) -> None:
     elif resume.isdigit():  # a step number of this experiment (the reference's resume_step)
         from training.checkpoint import checkpoint_path
 
+        from utils.regular_files import describe_non_regular
+
         path = checkpoint_path(os.path.join(cfg.output_dir, cfg.exp_name), int(resume))
+        if describe_non_regular(path):  # a link, FIFO or folder in the run's own folder is never followed
+            raise ConfigError(f"resume: {path} is {describe_non_regular(path)}, not a checkpoint file of this run")
         if not os.path.isfile(path):
             raise ConfigError(f"resume: step {int(resume)} has no checkpoint {path!r} "
                               "(use resume=auto, resume=none, a step with a checkpoint or a file path)")

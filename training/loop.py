@@ -242,7 +242,7 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
                 out = previewer(ema_model, step_now)
             except OSError as e:
                 raise CheckpointWriteError(f"cannot write the preview of step {step_now} in {exp_dir}/previews: "
-                                           f"{describe_write_error(e)}; the checkpoints are intact") from None
+                                           f"{describe_write_error(e)}; {folder.checkpoints_kept()}") from None
             for name, (grid, path) in out.items():
                 tracker.log_image(f"previews/{name}", grid, step_now, caption=f"step {step_now}")
             log.info(f"preview {out['samples'][1]}")
