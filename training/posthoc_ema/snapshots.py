@@ -42,10 +42,10 @@ def snapshot_path(exp_dir: str, step: int) -> str:
 
 
 def new_run_identity() -> str:
-    """`20261207T090246.123456Z-1a2b3c4d`: the UTC start time to the microsecond (identities sort by
+    """`20261207T090246123456Z-1a2b3c4d`: the UTC start time to the microsecond (identities sort by
     start, also for two runs started in the same second) and 32 random bits."""
     now = time.time()
-    return (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-"
+    return (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z-"
             + secrets.token_hex(4))
 
 
