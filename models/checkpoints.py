@@ -8,7 +8,7 @@ from typing import Dict, Optional
 
 import torch
 
-from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_for_weights
+from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_for_weights, split_arch
 from models.weights_io import (UntrustedCheckpointError, describe_globals, is_safetensors, read_weights_file,
                                torch_load_cpu, weights_only_reason)
 from utils.checksum import verify_file
@@ -257,6 +257,10 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     stored = stored_arch(checkpoint)
     looks_like = None
     if stored is not None:
+        try:
+            split_arch(stored)
+        except ValueError as error:
+            raise ValueError(f"the architecture stored in the checkpoint cannot be read: {error}") from None
         if name is not None and name != stored.get("name"):
             raise ValueError(f"the checkpoint holds a {stored.get('name')} model (its stored arch), not {name}; "
                              "leave the name out (the stored arch has every setting, stage scales included)")
