@@ -10,8 +10,10 @@ stays on the device, as AMP's loss scaler does it: the flag goes to the fused Ad
 updates by `1 - flag`; nothing is read on the host in the step. Skipped steps are counted (in
 the logged metrics, `skipped_steps`, and in the checkpoint); `max_skipped_steps` skipped in a
 row stop the run with the `stop` line (checked at the log steps, where the host reads metrics
-anyway). A skipped step still advances the step counter, the LR schedule and the data: the run
-goes on with the next batch, and resume stays exact.
+anyway), and so does a run that skipped every one of its steps, fewer than `max_skipped_steps`
+(checked before its last checkpoint: it trained nothing, so it writes none and is not "done").
+A skipped step still advances the step counter, the LR schedule and the data: the run goes on
+with the next batch, and resume stays exact.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class SkipGuard:
         self.max_in_a_row = int(max_in_a_row)
         zeros = lambda: torch.zeros((), dtype=torch.long, device=device)  # noqa: E731
         self.total, self.in_a_row, self.worst, self.first_of_worst = zeros(), zeros(), zeros(), zeros()
+        self.skipped_here, self.decided_here, self.first_step = zeros(), 0, None  # this session's steps
 
     def decide(self, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
         """The skip flag (0-dim float, 1.0 = skip) of optimizer step `step` (0-based) from its norm."""
@@ -49,6 +52,9 @@ class SkipGuard:
         flag = bad.to(torch.float32)
         self.optimizer.found_inf = flag
         self.total += bad.long()
+        self.skipped_here += bad.long()
+        self.decided_here += 1
+        self.first_step = step + 1 if self.first_step is None else self.first_step
         self.in_a_row = torch.where(bad, self.in_a_row + 1, torch.zeros_like(self.in_a_row))
         longer = self.in_a_row > self.worst
         self.first_of_worst = torch.where(longer, step + 2 - self.in_a_row, self.first_of_worst)

@@ -242,6 +242,7 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
 
 
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+OPTIMIZER_KERNEL_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state, path: str) -> None:
@@ -256,6 +257,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state, path: str) -> 
 
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         fail(f"expected AdamW's state dict, found {type(state).__name__}")
+    # Which kernel runs the update is this run's choice, not state: a run resumed with on_nonfinite=skip
+    # needs the fused kernel (found_inf) even when the checkpoint's run used the for-each one. Set before
+    # loading, so that torch places the step counts where the chosen kernel wants them.
+    groups = state.get("param_groups")
+    if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+        kernels = [{k: group[k] for k in OPTIMIZER_KERNEL_OPTIONS if k in group} for group in optimizer.param_groups]
+        state = {**state, "param_groups": [{**saved, **chosen} for saved, chosen in zip(groups, kernels)]
+                 + groups[len(kernels):]}
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
