@@ -71,14 +71,18 @@ def test_resume_across_a_skipped_step_is_exact(tiny_data, tmp_path, nan_at):
     assert a["nonfinite"]["skipped_steps"] == b["nonfinite"]["skipped_steps"] == 1
 
 
-def test_skipping_forever_stops_with_one_line(tiny_data, tmp_path, nan_at, capsys):
+def _skip_run_errors(tiny_data, tmp_path, capsys, **keys):
+    """train.py with on_nonfinite=skip and `keys`: its exit status must be 1; its `error` lines."""
     import train as train_cli
 
+    assert train_cli.main(tiny_argv(tiny_data, str(tmp_path), on_nonfinite="skip", **keys)) == 1
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+
+
+def test_skipping_forever_stops_with_one_line(tiny_data, tmp_path, nan_at, capsys):
     nan_at(set(range(1, 100)))
-    argv = tiny_argv(tiny_data, str(tmp_path), exp_name="forever", on_nonfinite="skip", max_skipped_steps=3,
-                     max_train_steps=50, checkpointing_steps=50)
-    assert train_cli.main(argv) == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    errors = _skip_run_errors(tiny_data, tmp_path, capsys, exp_name="forever", max_skipped_steps=3,
+                              max_train_steps=50, checkpointing_steps=50)
     assert errors == ["error: the training loss stayed non-finite (NaN/inf) for 3 steps in a row (skipped) at step 2; "
                       "training stopped (no checkpoint was written). Check the learning rate (lower lr); the data "
                       "(bad_samples, dataset_tools.py verify)."]
@@ -131,13 +135,9 @@ def test_a_stop_run_resumes_with_skip(tiny_data, tmp_path, nan_at):
 def test_a_run_that_skipped_every_step_is_not_done(tiny_data, tmp_path, nan_at, capsys):
     """Every step non-finite, but fewer in a row than max_skipped_steps: it logged loss=0 grad_norm=0 and
     ended "done" with exit 0, having trained nothing. Now it says so, exits 1 and writes no last checkpoint."""
-    import train as train_cli
-
     nan_at(set(range(100)))
-    argv = tiny_argv(tiny_data, str(tmp_path), exp_name="all", on_nonfinite="skip", max_skipped_steps=10,
-                     max_train_steps=4, checkpointing_steps=4)
-    assert train_cli.main(argv) == 1
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    errors = _skip_run_errors(tiny_data, tmp_path, capsys, exp_name="all", max_skipped_steps=10, max_train_steps=4,
+                              checkpointing_steps=4)
     assert errors == ["error: the training loss was non-finite (NaN/inf) at every step of this run, steps 1-4 (all 4 "
                       "skipped, fewer than max_skipped_steps=10 in a row): nothing was trained; training stopped (no "
                       "checkpoint was written). Check the learning rate (lower lr); the data (bad_samples, "
