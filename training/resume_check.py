@@ -52,6 +52,9 @@ def _check_weights(state: dict) -> None:
             raise ValueError(f"its 'arch' entry is a {_kind(state['arch'])}, not a mapping of model options")
         try:
             canonical_arch(arch)
+        except ValueError as error:
+            raise ValueError(f"its arch cannot be built: {error}") from None
+        try:
             check_state_dict_fits(skeleton_for_weights(arch, model), model)
         except ValueError as error:
             raise ValueError(f"its arch ({arch.get('name')}) and weights do not go together: {error}") from None
