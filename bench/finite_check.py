@@ -26,8 +26,9 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         assert first_nonfinite(state) is None
         times.append(time.perf_counter() - start)
-    print(f"{args.model}: {values:,} values, {torch.get_num_threads()} thread(s): median {statistics.median(times):.3f} s "
-          f"over {args.repeats} runs (min {min(times):.3f}, max {max(times):.3f})")
+    print(f"{args.model}: {values:,} values, {torch.get_num_threads()} thread(s): "
+          f"median {statistics.median(times):.3f} s over {args.repeats} runs "
+          f"(min {min(times):.3f}, max {max(times):.3f})")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ class ELITSiT(SiT):
         self.elit_max_mask_prob = float(elit_max_mask_prob)
         self.input_token_editor = TokenEditor(LatentRead(hidden_size, num_heads, group_size))
         self.output_token_editor = TokenEditor(LatentWrite(hidden_size, num_heads, group_size))
-        self.window_index = cpu_constant(window_order, self.grid, group_size)  # (W, g^2) grid index of latent j of window w
+        # (W, g^2) grid index of latent j of window w
+        self.window_index = cpu_constant(window_order, self.grid, group_size)
         init_latent_interface(self.input_token_editor.adapters[0], self.output_token_editor.adapters[0])
 
     def kept_latents(self, inference_budget=None) -> int:

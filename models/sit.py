@@ -68,10 +68,11 @@ class SiT(nn.Module):
             raise ValueError(f"stages must be >= 1, got {stages}")
         if input_size % patch_size != 0:
             raise ValueError(f"input_size {input_size} is not divisible by the patch size {patch_size}")
-        if (input_size // patch_size) ** 2 > MAX_TOKENS:
-            raise ValueError(f"input_size {input_size} with patch {patch_size} makes {(input_size // patch_size) ** 2:,} "
-                             f"tokens, more than the {MAX_TOKENS:,} (a {int(MAX_TOKENS ** 0.5)}x{int(MAX_TOKENS ** 0.5)} "
-                             "grid) a model may have; lower input_size or use a larger patch")
+        tokens, side = (input_size // patch_size) ** 2, int(MAX_TOKENS ** 0.5)
+        if tokens > MAX_TOKENS:
+            raise ValueError(f"input_size {input_size} with patch {patch_size} makes {tokens:,} tokens, more than "
+                             f"the {MAX_TOKENS:,} (a {side}x{side} grid) a model may have; lower input_size or use a "
+                             "larger patch")
         if hidden_size % num_heads:
             raise ValueError(f"num_heads ({num_heads}) must divide hidden_size ({hidden_size})")
         if int(hidden_size * mlp_ratio) < 1:
@@ -80,7 +81,8 @@ class SiT(nn.Module):
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
         if position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(f"position_embedding must be one of {list(POSITION_EMBEDDINGS)}, got {position_embedding!r}")
+            raise ValueError(f"position_embedding must be one of {list(POSITION_EMBEDDINGS)}, "
+                             f"got {position_embedding!r}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels

@@ -90,7 +90,8 @@ def _decode(spec, counter: List[int]):
         counter[0] += 1
         g = torch.Generator().manual_seed(counter[0])
         if dtype.is_floating_point or dtype.is_complex:
-            base = (torch.randint(1, 1000, (size,), generator=g) / 1000).to(dtype)  # in (0, 1): valid for log, sqrt, ...
+            # values in (0, 1): valid for log, sqrt, reciprocal, ...
+            base = (torch.randint(1, 1000, (size,), generator=g) / 1000).to(dtype)
         elif dtype == torch.bool:
             base = torch.ones(size, dtype=dtype)
         else:

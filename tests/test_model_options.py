@@ -88,7 +88,8 @@ def test_help_shows_the_ranges_of_registered_parts():
 
     try:
         assert MLPS.signature_text("test_ranged") == "width: float > 0 = 0.5"
-        with pytest.raises(ValueError, match=r"^MLP 'test_ranged': parameter 'width' must be a finite number > 0, got -1"):
+        with pytest.raises(ValueError, match=r"^MLP 'test_ranged': parameter 'width' must be a finite number > 0, "
+                                             r"got -1"):
             MLPS.split({"name": "test_ranged", "width": -1})
         assert ATTENTIONS.signature_text("rope") == "base: float = 100.0"  # unannotated ranges stay as they were
     finally:

@@ -160,7 +160,8 @@ def test_damaged_skip_counters_are_named(tiny_data, tmp_path):
     SkipGuard.check_state(None)
     SkipGuard.check_state({"skipped_steps": 3, "skipped_in_a_row": 1})
     for state, message in [("x", "its 'nonfinite' entry is a str, not a mapping of skipped-step counters"),
-                           ({"skipped_steps": "abc"}, "its nonfinite.skipped_steps is 'abc', not a non-negative integer"),
+                           ({"skipped_steps": "abc"},
+                            "its nonfinite.skipped_steps is 'abc', not a non-negative integer"),
                            ({"skipped_steps": 1, "skipped_in_a_row": -1}, "its nonfinite.skipped_in_a_row is -1"),
                            ({"skipped_steps": 1, "skipped_in_a_row": 2},
                             r"its nonfinite.skipped_in_a_row \(2\) exceeds nonfinite.skipped_steps \(1\)")]:

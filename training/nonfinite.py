@@ -94,7 +94,8 @@ class SkipGuard:
         if state is None:
             return
         if not isinstance(state, dict):
-            raise ValueError(f"its 'nonfinite' entry is a {type(state).__name__}, not a mapping of skipped-step counters")
+            raise ValueError(f"its 'nonfinite' entry is a {type(state).__name__}, not a mapping of skipped-step "
+                             "counters")
         for key in ("skipped_steps", "skipped_in_a_row"):
             value = state.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -69,7 +69,7 @@ def check_resume_state(state: dict) -> None:
     if "config" in state and not isinstance(state["config"], dict):
         raise ValueError(f"its 'config' entry is a {_kind(state['config'])}, not a mapping of the run's settings")
     opt = state.get("opt")
-    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)):
         raise ValueError(f"its 'opt' entry is not an optimizer state dict (a mapping with 'state' and 'param_groups'), "
                          f"found a {_kind(opt)}")
     SkipGuard.check_state(state.get("nonfinite"))
