@@ -273,6 +273,13 @@ def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_clas
         out.thresholds = default_thresholds
     if len(out.thresholds) != S - 1:
         fail("thresholds", f"needs {S - 1} value(s) for a {S}-stage model, got {list(out.thresholds)}")
+    from samplers.methods import check_sampler_settings
+
+    try:  # the sampler of generate.py and the budget sweep, checked before any image or record is written
+        out.method = check_sampler_settings(out.method, out.num_steps_per_scale, out.thresholds, S)
+    except ValueError as error:  # the message starts with the key's name
+        key = str(error).split()[0].rstrip(":")
+        fail(key, str(error).removeprefix(f"{key}: "))
 
     for key, registry, stored in (("path_type", PATHS, path_type), ("prediction", PREDICTIONS, prediction)):
         if out[key] is not None and registry.canonical(out[key]) != registry.canonical(stored):

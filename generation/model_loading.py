@@ -22,6 +22,7 @@ def load_sampling_model(ckpt: str, model_name: str | None, use_ema: bool, device
     """
     from models import model_from_checkpoint, read_checkpoint
     from models.checkpoints import stored_arch
+    from models.finite import NonFiniteWeightsError
 
     try:
         checkpoint = read_checkpoint(ckpt, trust_checkpoint=trust_checkpoint)
@@ -40,6 +41,8 @@ def load_sampling_model(ckpt: str, model_name: str | None, use_ema: bool, device
     options = {} if arch is not None else {k: v for k, v in (foreign_options or {}).items() if v is not None}
     try:
         model = model_from_checkpoint(checkpoint, name=name, prefer_ema=use_ema, **options)
+    except NonFiniteWeightsError as error:
+        raise GenerationError(f"checkpoint {ckpt}: {error}") from None
     except (ValueError, RuntimeError, KeyError) as error:
         what = f"the architecture {model_name}" if name else "the architecture its weights describe"
         raise GenerationError(f"cannot load checkpoint {ckpt} as {what}: {error}") from None

@@ -8,7 +8,8 @@ from typing import Dict, Optional
 
 import torch
 
-from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_for_weights
+from models.finite import check_finite
+from models.registry import MODEL_NAMES, SIZES, create_model, is_elit, parse_name, skeleton_for_weights, split_arch
 from models.weights_io import (UntrustedCheckpointError, describe_globals, is_safetensors, read_weights_file,
                                torch_load_cpu, weights_only_reason)
 from utils.checksum import verify_file
@@ -256,12 +257,17 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
     scales, decomposition, block parts); ``name``, when given, must be the stored one. Others are
     rebuilt from ``name`` or :func:`infer_arch`. The architecture is built on the meta device first
     (stopped as soon as it outgrows the tensors) and checked against the tensors' names and shapes,
-    so memory is allocated only for a model that the weights fill exactly.
+    so memory is allocated only for a model that the weights fill exactly, and only for weights that
+    are finite (:func:`models.finite.check_finite`; NonFiniteWeightsError names the first tensor).
     """
     state = extract_state_dict(checkpoint, prefer_ema)
     stored = stored_arch(checkpoint)
     looks_like = None
     if stored is not None:
+        try:
+            split_arch(stored)
+        except ValueError as error:
+            raise ValueError(f"the architecture stored in the checkpoint cannot be read: {error}") from None
         if name is not None and name != stored.get("name"):
             raise ValueError(f"the checkpoint holds a {stored.get('name')} model (its stored arch), not {name}; "
                              "leave the name out (the stored arch has every setting, stage scales included)")
@@ -289,6 +295,9 @@ def model_from_checkpoint(checkpoint: dict, name: Optional[str] = None, prefer_e
                              f"{error}") from None
         raise
     check_state_dict_fits(skeleton, state, looks_like)
+    group = weights_group(checkpoint, prefer_ema)
+    check_finite(state, "the EMA weights" if group == "ema" else "the weights",
+                 "use an earlier checkpoint" + (" (or the raw weights: use_ema=false)" if group == "ema" else ""))
     if heads_unknown:
         raise ValueError(f"the checkpoint stores no architecture and its width {arch['hidden_size']} is none of "
                          f"SiT's sizes ({', '.join(str(h) for h in sorted(_HEADS_BY_HIDDEN))}), so its number of "

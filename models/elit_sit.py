@@ -6,14 +6,18 @@ else (embedders, heads, stages, REPA projectors, the forward's arguments) is the
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Annotated, List
 
 import torch
 
 from models.elit import (LATENT_POS_TOKENS, LatentRead, LatentWrite, TokenEditor, budget_levels,
                          init_latent_interface, latents_per_window, mask_levels, merge_latents,
                          select_latents, window_order)
-from models.sit import SiT
+from models.layers import cpu_constant
+from models.sit import Blocks, Depth, SiT, Size
+from utils.registry import Between
+
+MaskProbability = Annotated[float, Between(0, 1, high_open=True)]  # a window keeps at least one latent
 
 
 class ELITSiT(SiT):
@@ -33,9 +37,9 @@ class ELITSiT(SiT):
 
     constant_tensors = SiT.constant_tensors + ("window_index",)
 
-    def __init__(self, *, group_size: int, elit_tail_depth: int, elit_min_mask_prob: float = 0.0,
-                 elit_max_mask_prob: float = 0.0, encoder_depth: int = 8, depth: int = 28,
-                 hidden_size: int = 1152, num_heads: int = 16, **sit_kwargs):
+    def __init__(self, *, group_size: Size, elit_tail_depth: Blocks, elit_min_mask_prob: MaskProbability = 0.0,
+                 elit_max_mask_prob: MaskProbability = 0.0, encoder_depth: Blocks = 8, depth: Depth = 28,
+                 hidden_size: Size = 1152, num_heads: Size = 16, **sit_kwargs):
         super().__init__(encoder_depth=encoder_depth, depth=depth, hidden_size=hidden_size,
                          num_heads=num_heads, **sit_kwargs)
         if not 0 <= encoder_depth or not 0 <= elit_tail_depth or encoder_depth + elit_tail_depth >= depth:
@@ -56,7 +60,8 @@ class ELITSiT(SiT):
         self.elit_max_mask_prob = float(elit_max_mask_prob)
         self.input_token_editor = TokenEditor(LatentRead(hidden_size, num_heads, group_size))
         self.output_token_editor = TokenEditor(LatentWrite(hidden_size, num_heads, group_size))
-        self.window_index = window_order(self.grid, group_size)  # (W, g^2) grid index of latent j of window w
+        # (W, g^2) grid index of latent j of window w
+        self.window_index = cpu_constant(window_order, self.grid, group_size)
         init_latent_interface(self.input_token_editor.adapters[0], self.output_token_editor.adapters[0])
 
     def kept_latents(self, inference_budget=None) -> int:

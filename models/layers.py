@@ -36,6 +36,15 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
     return np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1)
 
 
+def cpu_constant(make, *args) -> torch.Tensor:
+    """``make(*args)`` computed on the CPU, then moved to the default device: a constant of the
+    architecture holds its values in a meta-device build too, and building it there costs no
+    one-time import of torch's meta kernels (seconds on a busy machine)."""
+    default = torch.empty(0).device
+    with torch.device("cpu"):
+        return make(*args).to(default)
+
+
 def grid_positions(grid_size: int) -> torch.Tensor:
     """(grid_size**2, 2) float32 (row, column) coordinates of the tokens of a row-major grid."""
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")

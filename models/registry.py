@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 
 import torch
 
 from models.elit_sit import ELITSiT
 from models.sit import SiT
-from utils.registry import SpecDefault
+from utils.registry import SpecDefault, check_arguments
 
 SIZES = {  # depth, hidden, heads, REPA encoder_depth
     "S": dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
@@ -29,6 +30,10 @@ PATCH_SIZES = (2, 4, 8)
 PREFIXES = ("", "DFM-", "ELIT-", "DFM-ELIT-")
 MODEL_NAMES = [f"{prefix}SiT-{size}/{p}" for prefix in PREFIXES for size in SIZES for p in PATCH_SIZES]
 DEFAULT_DFM_STAGES = 2
+# The most parameters (and buffers) a model may have: six times SiT-XL/2, 16 GB of float32 weights per
+# copy (training holds about four). A build is sized on the meta device first, so a larger one is one
+# ValueError before anything is allocated; raise this for a deliberately larger model.
+MAX_PARAMETERS = 4 * 10**9
 
 def _constructor_options(cls) -> dict:
     """{argument: default} of a model class's constructor (its named arguments are the arch options)."""
@@ -82,10 +87,15 @@ def create_model(name: str, **overrides) -> SiT:
     multistage, size, patch = parse_name(name)
     elit = is_elit(name)
     config, stages = _model_config(name, overrides)
-    if elit:
-        model = ELITSiT(patch_size=patch, stages=stages, multistage=multistage, **config)
-    else:
-        model = SiT(patch_size=patch, stages=stages, multistage=multistage, **config)
+    cls = ELITSiT if elit else SiT
+    kwargs = dict(patch_size=patch, stages=stages, multistage=multistage, **config)
+    if torch.empty(0).device.type == "meta":
+        with _size_bound(name):
+            model = cls(**kwargs)
+    else:  # sized on the meta device first: a model too large is refused before anything is allocated
+        with torch.device("meta"), _initialisers_off(), _size_bound(name):
+            _check_memory(name, cls(**kwargs))
+        model = cls(**kwargs)
     allowed = OVERRIDES | ELIT_OVERRIDES if elit else OVERRIDES
     model.arch = {"name": name, "stages": stages, **{k: v for k, v in config.items() if k in allowed}}
     if not multistage:
@@ -95,31 +105,32 @@ def create_model(name: str, **overrides) -> SiT:
 
 def _model_config(name: str, overrides: dict):
     """(constructor keyword arguments, stages) of ``name`` with ``overrides``: the size's settings,
-    ELIT's defaults, the overrides (None = default) in their stored form. ValueError for an
-    unknown option or a bad stage count."""
+    ELIT's defaults, the overrides (None = default) in their stored form. Every option is checked
+    against the model constructors' annotated types and ranges (``models.sit.SiT``,
+    ``models.elit_sit.ELITSiT``): the one check of the command line, YAML and stored archs alike.
+    ValueError (one line naming the option) for an unknown option or a value out of its range."""
+    if not isinstance(name, str):
+        raise ValueError(f"the model name must be a string such as 'SiT-XL/2', got {name!r}")
     multistage, size, patch = parse_name(name)
     elit = is_elit(name)
     allowed = OVERRIDES | ELIT_OVERRIDES if elit else OVERRIDES
     unknown = set(overrides) - allowed
     if unknown:
         extra = f" ({', '.join(sorted(ELIT_OVERRIDES))} only for ELIT models)" if unknown & ELIT_OVERRIDES else ""
-        raise ValueError(f"unknown model option(s) {sorted(unknown)} for {name}{extra}; allowed: {sorted(allowed)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+        raise ValueError(f"unknown model option(s) {sorted(unknown, key=str)} for {name}{extra}; "
+                         f"allowed: {sorted(allowed)}")
+    overrides = check_arguments(SiT, {k: v for k, v in overrides.items() if v is not None}, "model option")
+    if elit:
+        overrides = check_arguments(ELITSiT, overrides, "model option")
     stages = overrides.pop("stages", DEFAULT_DFM_STAGES if multistage else 1)
     if not multistage and stages != 1:
         raise ValueError(f"stages={stages} is not allowed for {name}: SiT models have 1 stage; "
                          f"use DFM-{name} for a multi-stage model")
-    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-        raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
     config = dict(SIZES[size])
     if elit:
         config.update(encoder_depth=ELIT_ENCODER_DEPTH, elit_tail_depth=ELIT_TAIL_DEPTH[size],
                       elit_min_mask_prob=0.0, elit_max_mask_prob=0.0)
     config.update(overrides)
-    if "z_dims" in config:
-        config["z_dims"] = [int(z) for z in config["z_dims"]]
-    if "stage_scales" in config:  # stored in arch as plain floats (checkpoint and safetensors header)
-        config["stage_scales"] = [float(c) for c in config["stage_scales"]]
     for key, default in SIT_OPTIONS.items():  # registry specs: stored compactly, checked here
         if isinstance(default, SpecDefault) and key in config:
             config[key] = default.registry.compact(config[key])
@@ -128,12 +139,23 @@ def _model_config(name: str, overrides: dict):
     return config, stages
 
 
+def split_arch(arch) -> tuple:
+    """``(name, options)`` of an arch dict (a stored ``arch``, ``model.arch``); ValueError when it is
+    not a mapping with a model ``name`` (a damaged or edited checkpoint)."""
+    if not isinstance(arch, dict):
+        raise ValueError(f"an architecture is a mapping with a model 'name' and options, got {type(arch).__name__}")
+    options = {str(k): v for k, v in arch.items()}
+    if "name" not in options:
+        raise ValueError(f"the architecture has no model 'name' (one of e.g. SiT-XL/2, DFM-SiT-B/2; its other "
+                         f"fields: {', '.join(sorted(options)) or 'none'})")
+    return options.pop("name"), options
+
+
 def canonical_arch(arch: dict) -> dict:
     """Every option of ``arch`` with its default filled in and registry specs in full: two arch
     dicts build the same model exactly when their canonical forms are equal, so an option added
     later (with a default that keeps the old behaviour) leaves older checkpoints' arch equal."""
-    arch = dict(arch)
-    name = arch.pop("name")
+    name, arch = split_arch(arch)
     config, stages = _model_config(name, arch)
     defaults = dict(SIT_OPTIONS)
     if is_elit(name):
@@ -190,18 +212,70 @@ def skeleton_model(name: str, **overrides) -> SiT:
 
 
 @contextlib.contextmanager
+def _on_registration(check):
+    """Call ``check(module, name, tensor)`` for every parameter and buffer a model build registers
+    (inside this block): a check that raises stops the build there."""
+    from torch.nn.modules import module as torch_module
+
+    def hook(module, name, tensor):
+        if tensor is not None:
+            check(module, name, tensor)
+
+    handles = [torch_module.register_module_parameter_registration_hook(hook),
+               torch_module.register_module_buffer_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _size_bound(name: str):
+    """Stop a build (one ValueError) once its parameters and buffers exceed :data:`MAX_PARAMETERS`:
+    whatever option makes a model huge (width, label table, a block part's own size), with no
+    formula per option."""
+    total = [0]
+
+    def check(module, tensor_name, tensor):
+        total[0] += tensor.numel()
+        if total[0] > MAX_PARAMETERS:
+            raise ValueError(f"{name} with these options has more than {MAX_PARAMETERS:,} parameters (the limit, "
+                             f"models.registry.MAX_PARAMETERS; exceeded at {type(module).__name__}.{tensor_name} of "
+                             f"{tensor.numel():,} values), so no model was built; check the sizes (hidden_size, depth, "
+                             "num_classes, input_size, mlp_ratio)")
+
+    return _on_registration(check)
+
+
+def _machine_memory() -> int:
+    """Bytes of physical memory (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_memory(name: str, skeleton) -> None:
+    """ValueError when the weights of ``skeleton`` (a meta-device twin) exceed the machine's memory."""
+    tensors = list(skeleton.parameters()) + list(skeleton.buffers())
+    need, have = sum(t.numel() * t.element_size() for t in tensors), _machine_memory()
+    if have and need > have:
+        raise ValueError(f"{name} with these options has {sum(t.numel() for t in tensors):,} parameters, "
+                         f"{need / 2**30:.1f} GiB of weights, more than this machine's {have / 2**30:.1f} GiB of "
+                         "memory, so no model was built; check the sizes (hidden_size, depth, num_classes, input_size)")
+
+
+@contextlib.contextmanager
 def _bounded_by(state: dict, arch: dict, stored: bool):
     """Stop a model build as soon as it registers far more parameters and buffers than ``state``
     holds tensors (twice as many, plus 16), or one far larger than the largest of them (16 times):
-    an edited ``arch`` (``depth: 100000``, a 10^9-row label table) ends in one ValueError after a few
+    an edited ``arch`` (``depth: 1000``, a 10^6-row label table) ends in one ValueError after a few
     meta-device modules, whatever option was edited (no list of options or parameter names). A
     plausible mismatch gets through, to be named key by key (``check_state_dict_fits``)."""
     limit, largest = 2 * len(state) + 16, 16 * max((t.numel() for t in state.values()), default=0)
     count = [0]
 
     def check(module, name, tensor):
-        if tensor is None:
-            return
         count[0] += 1
         if count[0] > limit or tensor.numel() > largest:
             what = (f"more tensors than twice the {len(state)} the checkpoint holds" if count[0] > limit else
@@ -212,15 +286,8 @@ def _bounded_by(state: dict, arch: dict, stored: bool):
             raise ValueError(f"the architecture {whose} ({arch.get('name')}) does not match the checkpoint's "
                              f"tensors: it builds {what}{why}, so no model was built")
 
-    from torch.nn.modules import module as torch_module
-
-    handles = [torch_module.register_module_parameter_registration_hook(check),
-               torch_module.register_module_buffer_registration_hook(check)]
-    try:
+    with _on_registration(check):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def skeleton_for_weights(arch: dict, state: dict, stored: bool = True) -> SiT:
@@ -228,5 +295,6 @@ def skeleton_for_weights(arch: dict, state: dict, stored: bool = True) -> SiT:
     far larger tensors than the state dict ``state`` holds; ``stored``: the arch came with the
     checkpoint (else the caller asked for it). A model that gets through still has to match the
     names and shapes (``models.checkpoints.check_state_dict_fits``)."""
+    name, options = split_arch(arch)
     with _bounded_by(state, arch, stored):
-        return skeleton_model(**arch)
+        return skeleton_model(name, **options)

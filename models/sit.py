@@ -5,7 +5,7 @@ objective and the samplers never ask which kind of model they hold.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Annotated, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -17,9 +17,23 @@ from dfm.predictions import PREDICTIONS
 from models.blocks import ATTENTIONS, MLPS, NORMS, SiTBlock
 from models.layers import (FinalLayer, LabelEmbedder, PatchEmbed, StageFinalLayers,
                            StagePatchEmbedders, StageTimestepEmbedders, TimestepEmbedder,
-                           build_projector, grid_positions, sincos_pos_embed_2d, unpatchify)
+                           build_projector, cpu_constant, grid_positions, sincos_pos_embed_2d, unpatchify)
+from utils.registry import Above, Between, Range
 
 POSITION_EMBEDDINGS = ("sincos", "none")
+# Upper bounds of the options that multiply work without a parameter to show for it (the parameter
+# count itself is bounded by models.registry.MAX_PARAMETERS): 1024 blocks (SiT-XL has 28), 16 DFM
+# stages (a 2^15-fold Laplacian), a 256 x 256 token grid (4096 px images at /2 with the VAE's x8).
+# Every width or count is at most 2^20 and the MLP at most 1024 times the width, so that no product
+# of them overflows torch's sizes before the parameter count can be checked.
+MAX_DEPTH, MAX_STAGES, MAX_TOKENS, MAX_SIZE, MAX_MLP_RATIO = 1024, 16, 256 * 256, 2**20, 1024
+
+# The constructor's annotations are its schema: models.registry checks every option given on the
+# command line, in YAML or in a stored arch against them (utils.registry.check_arguments).
+Size = Annotated[int, Between(1, MAX_SIZE)]
+Depth = Annotated[int, Between(1, MAX_DEPTH)]
+Blocks = Annotated[int, Between(0, MAX_DEPTH)]  # a part of the depth (REPA's / ELIT's head, ELIT's tail)
+Probability = Annotated[float, Between(0, 1)]
 
 
 class SiT(nn.Module):
@@ -37,14 +51,16 @@ class SiT(nn.Module):
     takes a ``positions`` argument gets the (row, column) grid coordinates of its tokens.
     """
 
-    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
-                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000, class_dropout_prob: float = 0.1, stages: int = 1,
-                 multistage: bool = False, qk_norm: bool = False, z_dims: Sequence[int] = (),
-                 encoder_depth: int = 8, projector_dim: int = 2048, time_flip: bool = False,
-                 stage_scales: Optional[Sequence[float]] = None, decomposition=DECOMPOSITIONS.default(),
-                 mlp=MLPS.default(), norm=NORMS.default(), attention=ATTENTIONS.default(),
-                 path_type=PATHS.default(), prediction=PREDICTIONS.default(), position_embedding: str = "sincos"):
+    def __init__(self, input_size: Size = 32, patch_size: Size = 2, in_channels: Size = 4,
+                 hidden_size: Size = 1152, depth: Depth = 28, num_heads: Size = 16,
+                 mlp_ratio: Annotated[float, Range(0, MAX_MLP_RATIO, low_open=True)] = 4.0, num_classes: Size = 1000,
+                 class_dropout_prob: Probability = 0.1, stages: Annotated[int, Between(1, MAX_STAGES)] = 1,
+                 multistage: bool = False, qk_norm: bool = False, z_dims: Sequence[Size] = (),
+                 encoder_depth: Blocks = 8, projector_dim: Size = 2048, time_flip: bool = False,
+                 stage_scales: Optional[Sequence[Annotated[float, Above(0)]]] = None,
+                 decomposition=DECOMPOSITIONS.default(), mlp=MLPS.default(), norm=NORMS.default(),
+                 attention=ATTENTIONS.default(), path_type=PATHS.default(), prediction=PREDICTIONS.default(),
+                 position_embedding: str = "sincos"):
         super().__init__()
         if not multistage and stages != 1:
             raise ValueError(f"a plain SiT has exactly 1 stage, got stages={stages}; use a DFM-SiT model")
@@ -52,10 +68,21 @@ class SiT(nn.Module):
             raise ValueError(f"stages must be >= 1, got {stages}")
         if input_size % patch_size != 0:
             raise ValueError(f"input_size {input_size} is not divisible by the patch size {patch_size}")
+        tokens, side = (input_size // patch_size) ** 2, int(MAX_TOKENS ** 0.5)
+        if tokens > MAX_TOKENS:
+            raise ValueError(f"input_size {input_size} with patch {patch_size} makes {tokens:,} tokens, more than "
+                             f"the {MAX_TOKENS:,} (a {side}x{side} grid) a model may have; lower input_size or use a "
+                             "larger patch")
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide hidden_size ({hidden_size})")
+        if int(hidden_size * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio {mlp_ratio} gives the MLP int(hidden_size * mlp_ratio) = "
+                             f"{int(hidden_size * mlp_ratio)} units; it needs at least 1")
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
         if position_embedding not in POSITION_EMBEDDINGS:
-            raise ValueError(f"position_embedding must be one of {list(POSITION_EMBEDDINGS)}, got {position_embedding!r}")
+            raise ValueError(f"position_embedding must be one of {list(POSITION_EMBEDDINGS)}, "
+                             f"got {position_embedding!r}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -98,7 +125,7 @@ class SiT(nn.Module):
             self.pos_embed = None
         # (T, 2) float (row, column) of every token (row-major): what block parts see as `positions`.
         # Not a buffer (no state, nothing for DDP to broadcast every step); `_apply` moves it with the model.
-        self.token_positions = grid_positions(self.grid)
+        self.token_positions = cpu_constant(grid_positions, self.grid)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, mlp=mlp, norm=norm,
                                               attention=attention) for _ in range(depth)])
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in z_dims])

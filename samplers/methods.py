@@ -23,12 +23,12 @@ step 0; a DFM stage at its hand-over): the model's velocity of the other stages 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from dfm.paths import Path
-from samplers.schedules import multistage_schedule, sde_schedule
+from samplers.schedules import multistage_schedule, sde_schedule, validate_schedule
 from utils.registry import Registry
 
 SAMPLER_METHODS = Registry("sampler method", default="euler")
@@ -177,10 +177,37 @@ def build_method(spec) -> SamplerMethod:
     return spec if isinstance(spec, SamplerMethod) else SAMPLER_METHODS.build(spec)
 
 
+def check_sampler_settings(method, num_steps_per_scale: Sequence[int], thresholds: Sequence[float],
+                           num_stages: Optional[int] = None):
+    """The sampler settings of every entry point, checked before any work: generate.py and the budget
+    sweep (``generation.config.resolve_config``), the previews and the evaluation during training
+    (``training.previews.check_sampler_keys``). Returns the method's compact spec; ValueError (one
+    line naming the key) for a bad method, a schedule of the wrong length (``num_stages``: the
+    model's) or one the method cannot run: the method builds its own schedule here, as
+    :func:`samplers.sample` will, so every method's constraints (the SDE's last noisy time below the
+    last hand-over threshold) are checked by the code that imposes them."""
+    try:
+        spec = SAMPLER_METHODS.compact(method)
+    except ValueError as error:
+        raise ValueError(f"method: {error}") from None
+    steps, taus = list(num_steps_per_scale), list(thresholds)
+    if num_stages is not None and len(steps) != num_stages:
+        raise ValueError(f"num_steps_per_scale needs {num_stages} positive entries (one per stage), got {steps}")
+    if num_stages is not None and len(taus) != num_stages - 1:
+        raise ValueError(f"thresholds needs {num_stages - 1} entries for {num_stages} stage(s), got {taus}")
+    validate_schedule(steps, taus)  # messages name the key
+    try:
+        build_method(spec).schedule(steps, taus)
+    except ValueError as error:
+        raise ValueError(f"method {describe(spec)} cannot sample num_steps_per_scale={steps} with thresholds={taus}: "
+                         f"{error}") from None
+    return spec
+
+
 def describe(spec) -> str:
     """``euler`` or ``sde(last_noisy_time=0.02)`` for logs."""
     name, given = SAMPLER_METHODS.split(spec)
     return name + (f"({', '.join(f'{k}={v}' for k, v in given.items())})" if given else "")
 
 
-__all__ = ["SAMPLER_METHODS", "SamplerMethod", "StepContext", "build_method", "describe"]
+__all__ = ["SAMPLER_METHODS", "SamplerMethod", "StepContext", "build_method", "check_sampler_settings", "describe"]

@@ -49,6 +49,23 @@ def randomize_(model, std=0.05, seed=0):
     return model
 
 
+def crafted_checkpoint(folder, fmt, edit=None, **arch_changes) -> str:
+    """A tiny DFM-SiT-S/2 (depth 2, EMA weights) saved as `crafted.{fmt}` (`pt` or `safetensors`) with
+    an edited stored `arch`: `arch_changes` set, then `edit(arch)` applied; returns the path."""
+    from models.weights_io import export_weights
+
+    model = randomize_(tiny_model("DFM-SiT-S/2"))
+    arch = {**model.arch, **arch_changes}
+    if edit is not None:
+        edit(arch)
+    path = os.path.join(str(folder), f"crafted.{fmt}")
+    if fmt == "safetensors":
+        export_weights(path, {"ema": model.state_dict()}, arch=arch)
+    else:
+        torch.save({"ema": model.state_dict(), "arch": arch}, path)
+    return path
+
+
 def tiny_vae(seed=0):
     """A randomly initialised AutoencoderKL that downsamples 8x (4 latent channels, ~1M params)."""
     from diffusers.models import AutoencoderKL

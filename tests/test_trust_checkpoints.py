@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Payload, randomize_, tiny_model
+from conftest import Payload, crafted_checkpoint, randomize_, tiny_model
 from models import load_pretrained, read_checkpoint
 from models.weights_io import UntrustedCheckpointError, export_checkpoint, export_weights
 from training.checkpoint import (atomic_torch_save, checkpoint_path, find_resume_checkpoint, load_checkpoint,
@@ -96,17 +96,6 @@ def test_generate_loader_reads_safetensors_and_refuses_payloads(tmp_path):
     assert not marker.exists()
 
 
-def _crafted(tmp_path, fmt, **arch_changes):
-    """A tiny DFM-SiT-S/2 (depth 2) saved with an edited `arch`."""
-    model = randomize_(tiny_model("DFM-SiT-S/2"))
-    arch = {**model.arch, **arch_changes}
-    path = str(tmp_path / f"crafted.{fmt}")
-    if fmt == "safetensors":
-        export_weights(path, {"ema": model.state_dict()}, arch=arch)
-    else:
-        torch.save({"ema": model.state_dict(), "arch": arch}, path)
-    return path
-
 
 def _record_builds(monkeypatch):
     """The device of every model that loading builds: "cpu" (create_model) or "meta" (skeleton_model)."""
@@ -124,7 +113,7 @@ def _record_builds(monkeypatch):
 def test_crafted_arch_depth_is_one_error_before_anything_is_built(tmp_path, monkeypatch, capsys, fmt):
     import generate
 
-    path = _crafted(tmp_path, fmt, depth=100000)
+    path = crafted_checkpoint(tmp_path, fmt, depth=1000)  # inside depth's range (1..1024): stopped by the tensor count
     built = _record_builds(monkeypatch)
     message = ("the architecture stored in the checkpoint (DFM-SiT-S/2) does not match the checkpoint's tensors: "
                "it builds more tensors than twice the 42 the checkpoint holds; its arch metadata is damaged or was "
@@ -135,24 +124,24 @@ def test_crafted_arch_depth_is_one_error_before_anything_is_built(tmp_path, monk
     assert generate.main(["--ckpt", path, f"sample_dir={tmp_path / 'samples'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"generate.py: error: cannot load checkpoint {path} as the architecture its weights describe: {message}"
-    # stopped on the meta device after a few blocks (of 100000), nothing allocated
+    # stopped on the meta device after a few blocks (of 1000), nothing allocated
     assert built == ["meta", "meta"] and not (tmp_path / "samples").exists()
 
 
 def test_other_arch_mismatches_are_found_on_the_meta_device(tmp_path, monkeypatch):
-    """A size that costs nothing to build on the meta device (a 10^9-row label table) is caught
+    """A size that costs nothing to build on the meta device (a 10^6-row label table) is caught
     there, and a small mismatch by comparing keys and shapes: no real allocation happens."""
     built = _record_builds(monkeypatch)
     with pytest.raises(ValueError, match=r"stored in the checkpoint \(DFM-SiT-S/2\) does not match the checkpoint's "
-                                         r"tensors: it builds a Embedding.weight of 64,000,000,064 values"):
-        load_pretrained(_crafted(tmp_path, "safetensors", num_classes=10 ** 9))
+                                         r"tensors: it builds a Embedding.weight of 64,000,064 values"):
+        load_pretrained(crafted_checkpoint(tmp_path, "safetensors", num_classes=10 ** 6))
     assert built == ["meta"]
     with pytest.raises(ValueError, match=r"checkpoint does not match DFM-SiT-S/2; shape mismatches: "
                                          r"y_embedder.embedding_table.weight \(11, 64\) vs \(13, 64\)"):
-        load_pretrained(_crafted(tmp_path, "safetensors", num_classes=12))
+        load_pretrained(crafted_checkpoint(tmp_path, "safetensors", num_classes=12))
     assert built == ["meta", "meta"]
     built.clear()
-    load_pretrained(_crafted(tmp_path, "pt"))  # the genuine arch: checked on meta, then built for real
+    load_pretrained(crafted_checkpoint(tmp_path, "pt"))  # the genuine arch: checked on meta, then built for real
     assert built == ["meta", "cpu"]
 
 

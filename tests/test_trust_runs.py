@@ -192,11 +192,12 @@ def _edited(tiny_data, tmp_path, name, edit, **keys):
      "its optimizer state does not fit this model (parameter 0 has no exp_avg_sq); the file is damaged or was edited"),
     ("opt_groups", lambda c: c["opt"].__setitem__("param_groups", []),
      "its optimizer state does not fit this model (loaded state dict has a different number of parameter groups)"),
-    ("scales", lambda c: c["arch"].__setitem__("stage_scales", ["a", 1]),
-     "the checkpoint's arch holds stage_scales=['a', 1], which this run cannot use (stage_scales must be numbers"),
+    ("scales", lambda c: c["arch"].__setitem__("stage_scales", ["a", 1]),  # resume=auto would skip it (resume_check)
+     "cannot be resumed from: its arch cannot be built: model option 'stage_scales' must be a finite number, got 'a'"),
 ])
 def test_edited_checkpoint_fields_are_one_line(tiny_data, tmp_path, capsys, name, edit, line):
-    argv = _edited(tiny_data, tmp_path, name, edit, **({"stage_scales": "auto"} if name == "scales" else {}))
+    explicit = {"stage_scales": "auto", "resume": checkpoint_path(str(tmp_path / name), 2)} if name == "scales" else {}
+    argv = _edited(tiny_data, tmp_path, name, edit, **explicit)
     capsys.readouterr()
     assert train_cli.main(argv) == 2
     [error] = _error_lines(capsys)

@@ -240,13 +240,17 @@ class ResumeChoice:
         return lines
 
 
-def select_resume_checkpoint(exp_dir: str) -> ResumeChoice:
-    """Newest checkpoint of `exp_dir` that loads completely and matches its checksum; older
-    ones are tried in turn. Nothing is deleted."""
+def select_resume_checkpoint(exp_dir: str, check=None) -> ResumeChoice:
+    """Newest checkpoint of `exp_dir` that loads completely, matches its checksum and passes
+    `check(state)` (the caller's test of its contents, e.g. `training.resume_check`: a ValueError
+    rejects the file like a bad checksum); older ones are tried in turn. Nothing is deleted."""
     choice = ResumeChoice()
     for step, path in reversed(list_checkpoints(exp_dir)):
         try:
-            choice.path, choice.state = path, load_checkpoint(path, expected_step=step)
+            state = load_checkpoint(path, expected_step=step)
+            if check is not None:
+                check(state)
+            choice.path, choice.state = path, state
             return choice
         except ValueError as e:
             choice.rejected.append((path, str(e)))

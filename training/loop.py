@@ -205,20 +205,22 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
             bad_log.write(os.path.join(exp_dir, "bad_samples.json"))
             bad_written = bad_log.count
 
-    def check_finite():
-        bad = metrics.first_nonfinite_step(accelerator) if guard is None else guard.too_many()
-        if bad is not None:
+    def check_finite(at_end: bool = False):
+        if guard is None:
+            bad = metrics.first_nonfinite_step(accelerator)
+            what = None if bad is None else f"became non-finite (NaN/inf) at step {bad}"
+        else:
+            what = guard.failure(at_end)
+        if what is not None:
             tracker.close()
             good = list_checkpoints(exp_dir)
             where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was written"
-            what = "became non-finite (NaN/inf)" if guard is None else \
-                f"stayed non-finite (NaN/inf) for {cfg.max_skipped_steps} steps in a row (skipped)"
-            raise NonFiniteLossError(f"the training loss {what} at step {bad}; training stopped ({where}). "
+            raise NonFiniteLossError(f"the training loss {what}; training stopped ({where}). "
                                      f"{nonfinite_suspects(cfg)}")
 
     def save(step_now: int):
         nonlocal last_ckpt, last_saved_step
-        check_finite()
+        check_finite(at_end=step_now >= cfg.max_train_steps)
         sync_bad_samples()
         _check_ranks_agree(accelerator, raw_model, step_now)
         states = gather_objects(accelerator, rng_state(generator))

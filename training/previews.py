@@ -65,7 +65,7 @@ class PreviewConfig(SamplerSettings):
 def check_sampler_keys(node, steps, thresholds, S: int, prefix: str, method=None) -> None:
     """Fill a sampler group's null `num_steps_per_scale` / `thresholds` (and `method`) with the given
     defaults; check them (ConfigError naming `prefix` + key). `method` is stored in its compact form."""
-    from samplers.methods import SAMPLER_METHODS
+    from samplers.methods import check_sampler_settings
 
     if node.num_steps_per_scale is None:
         node.num_steps_per_scale = list(steps)
@@ -75,21 +75,12 @@ def check_sampler_keys(node, steps, thresholds, S: int, prefix: str, method=None
         node.thresholds = list(thresholds)
     node.num_steps_per_scale = [int(n) for n in node.num_steps_per_scale]
     node.thresholds = [float(x) for x in node.thresholds]
-    if len(node.num_steps_per_scale) != S or any(n < 1 for n in node.num_steps_per_scale):
-        raise ConfigError(f"{prefix}num_steps_per_scale needs {S} positive entries (one per stage), "
-                          f"got {list(node.num_steps_per_scale)}")
-    if len(node.thresholds) != S - 1:
-        raise ConfigError(f"{prefix}thresholds needs {S - 1} entries for {S} stages, got {list(node.thresholds)}")
-    if any(not 0 < x < 1 for x in node.thresholds) or any(
-            a <= b for a, b in zip(node.thresholds, node.thresholds[1:])):
-        raise ConfigError(f"{prefix}thresholds must be strictly decreasing inside (0, 1), got {list(node.thresholds)}")
     if node.method is None:
         node.method = method
     try:
-        node.method = SAMPLER_METHODS.compact(node.method)
-        SAMPLER_METHODS.build(node.method).schedule(node.num_steps_per_scale, node.thresholds)
+        node.method = check_sampler_settings(node.method, node.num_steps_per_scale, node.thresholds, S)
     except ValueError as e:
-        raise ConfigError(f"{prefix}method: {e}") from None
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def check_preview_keys(cfg, steps, thresholds) -> None:

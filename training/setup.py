@@ -15,6 +15,7 @@ from training.checkpoint import list_checkpoints, load_checkpoint, select_resume
 from training.config import is_pixel_space, model_kwargs
 from training.ema import EMA, create_ema
 from training.errors import ConfigError
+from training.resume_check import check_resume_state
 
 
 def world_size_from_env() -> int:
@@ -132,20 +133,28 @@ def open_training_dataset(cfg):
 def resume_target(cfg, exp_dir: str, log):
     """(path, checkpoint dict) to continue from, or (None, None) for a fresh run.
 
-    `resume=auto` takes the newest usable checkpoint of the experiment; unreadable ones and
-    ones that fail their checksum are skipped with a warning each, and when some existed but
-    none is usable the log says loudly that the run starts from step 0.
+    `resume=auto` takes the newest usable checkpoint of the experiment; unreadable ones, ones
+    that fail their checksum and ones whose contents cannot be resumed from
+    (`training.resume_check`: damaged fields, non-finite weights) are skipped with a warning each,
+    and when some existed but none is usable the log says loudly that the run starts from step 0.
+    An explicit checkpoint that fails is one ConfigError.
     """
     if cfg.resume == "auto":
-        choice = select_resume_checkpoint(exp_dir)
+        choice = select_resume_checkpoint(exp_dir, check=check_resume_state)
         for line in choice.messages():
             log.warning(line)
         return choice.path, choice.state
     if cfg.resume != "none":
         try:
-            return cfg.resume, load_checkpoint(cfg.resume)
+            state = load_checkpoint(cfg.resume)
         except ValueError as e:
             raise ConfigError(f"resume: {e}") from None
+        try:
+            check_resume_state(state)
+        except ValueError as e:
+            raise ConfigError(f"resume: checkpoint {cfg.resume} cannot be resumed from: {e} (the file is damaged "
+                              "or was edited; resume from another checkpoint)") from None
+        return cfg.resume, state
     if list_checkpoints(exp_dir):
         raise ConfigError(f"resume=none but {exp_dir} already holds checkpoints; use resume=auto to continue "
                           "that run, or choose another exp_name / output_dir")
@@ -199,11 +208,16 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
             if changed:
                 raise ConfigError(f"resume: checkpoint {resume_path} was trained with another architecture than the "
                                   f"config builds ({'; '.join(changed)}); resume with the checkpoint's settings")
-        model.load_state_dict(ckpt["model"])
+        from models.checkpoints import load_state_dict_strict
+
+        try:  # a checkpoint without an arch (older runs) meets the config's model only here
+            load_state_dict_strict(model, ckpt["model"])
+        except ValueError as e:
+            raise ConfigError(f"resume: checkpoint {resume_path}: {e}; resume with the checkpoint's settings") from None
     model.to(device).train()
     ema_model = create_ema(model)
     if ckpt is not None:
-        ema_model.load_state_dict(ckpt["ema"])
+        ema_model.load_state_dict(ckpt["ema"])  # the same keys and shapes as the model (training.resume_check)
     if cfg.compile:  # after the EMA copy: a deep copy of a compiled module would call the original
         from models.compile import compile_model
 
@@ -228,6 +242,7 @@ def build_train_state(cfg, in_channels: int, input_size: int, device, ckpt: Opti
 
 
 ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq")
+OPTIMIZER_KERNEL_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state, path: str) -> None:
@@ -242,6 +257,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state, path: str) -> 
 
     if not isinstance(state, dict) or not isinstance(state.get("state"), dict):
         fail(f"expected AdamW's state dict, found {type(state).__name__}")
+    # Which kernel runs the update is this run's choice, not state: a run resumed with on_nonfinite=skip
+    # needs the fused kernel (found_inf) even when the checkpoint's run used the for-each one. Set before
+    # loading, so that torch places the step counts where the chosen kernel wants them.
+    groups = state.get("param_groups")
+    if isinstance(groups, list) and all(isinstance(g, dict) for g in groups):
+        kernels = [{k: group[k] for k in OPTIMIZER_KERNEL_OPTIONS if k in group} for group in optimizer.param_groups]
+        state = {**state, "param_groups": [{**saved, **chosen} for saved, chosen in zip(groups, kernels)]
+                 + groups[len(kernels):]}
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:

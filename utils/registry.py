@@ -13,6 +13,12 @@ number of stages, the hidden size, ...) are what a spec may set, with their anno
 defaults. So registering an entry is all it takes for config validation, ``--help`` and storage
 in checkpoints; nothing else lists the names.
 
+A parameter's range is part of its annotation: ``depth: Annotated[int, AtLeast(1)]``,
+``mlp_ratio: Annotated[float, Above(0)]``, ``p: Annotated[float, Between(0, 1)]``. The same
+annotations make a model class's constructor its schema: :func:`check_arguments` coerces and
+checks any callable's keyword arguments by them (``models.registry`` checks every model option
+from the command line, YAML and a stored arch there).
+
 Specs are stored *compactly*: the bare name when no parameter is set, else ``{name, **params}``
 (only the parameters given, coerced to their annotated types). :meth:`Registry.canonical` fills
 in every default, so two specs that build the same thing compare equal whichever way they were
@@ -21,13 +27,15 @@ leaves older specs equal to their canonical form.
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import inspect
 import math
 import typing
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-__all__ = ["Registry", "RegistryError", "SpecDefault"]
+__all__ = ["Registry", "RegistryError", "SpecDefault", "Range", "AtLeast", "Above", "Between", "check_arguments"]
 
 
 class RegistryError(ValueError):
@@ -47,51 +55,151 @@ class SpecDefault(str):
         return obj
 
 
+@dataclass(frozen=True)
+class Range:
+    """``typing.Annotated`` metadata: the value lies in ``[low, high]`` (None: unbounded on that
+    side; ``low_open`` / ``high_open``: the end itself is excluded). Write it with
+    :func:`AtLeast`, :func:`Above` or :func:`Between`."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def text(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``."""
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"{'<' if self.high_open else '<='} {high}" if self.high is not None else ""
+
+
+def _number(x) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if isinstance(x, int) or (isinstance(x, float) and x.is_integer()) else f"{x:g}"
+
+
+def AtLeast(low: float) -> Range:  # noqa: N802 - reads as a type annotation
+    """``value >= low``."""
+    return Range(low=low)
+
+
+def Above(low: float) -> Range:  # noqa: N802
+    """``value > low``."""
+    return Range(low=low, low_open=True)
+
+
+def Between(low: float, high: float, high_open: bool = False) -> Range:  # noqa: N802
+    """``low <= value <= high`` (``< high`` with ``high_open``)."""
+    return Range(low=low, high=high, high_open=high_open)
+
+
 _TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
 
 
 def _annotation(entry, name: str):
-    """The evaluated type annotation of parameter ``name`` of ``entry`` (Any when there is none)."""
+    """The evaluated type annotation of parameter ``name`` of ``entry`` (Any when there is none),
+    ``Annotated`` ranges kept."""
     target = entry.__init__ if inspect.isclass(entry) else entry
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # noqa: BLE001 - an annotation that does not evaluate: no type check
         hints = {}
     return hints.get(name, Any)
 
 
+def _plain(value):
+    """omegaconf containers as a dict / list (values read from YAML and the command line)."""
+    if hasattr(value, "items") and not isinstance(value, Mapping):
+        return dict(value.items())
+    if hasattr(value, "__iter__") and type(value).__name__ == "ListConfig":
+        return list(value)
+    return value
+
+
+def check_arguments(target: Callable, values: Mapping[str, Any], what: str) -> Dict[str, Any]:
+    """``values`` (keyword arguments of ``target``, a function or class) coerced to the annotated
+    types of ``target``'s parameters and checked against their ranges: RegistryError naming
+    ``what`` and the parameter otherwise (``model option 'depth' must be an integer >= 1, got 0``).
+    Names that are not parameters of ``target`` pass unchecked (the caller decides about them)."""
+    return {key: _coerce(_plain(value), _annotation(target, key), f"{what} {key!r}") for key, value in values.items()}
+
+
+def _type_text(annotation) -> str:
+    """``int``, ``int >= 1``, ``float in [0, 1]`` for ``--help`` ('' when unannotated)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        ranges = " ".join(r.text() for r in extras if isinstance(r, Range))
+        return " ".join(part for part in (_type_text(base), ranges) if part)
+    return getattr(annotation, "__name__", "") if annotation is not Any else ""
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range (a 400-digit number)
+        return False
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to 80 characters (a 10**6-digit number stays one short line)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _coerce(value, annotation, where: str):
-    """``value`` as the annotated type (int -> float where a float is wanted); RegistryError otherwise."""
+    """``value`` as the annotated type (int -> float where a float is wanted), inside the annotated
+    range; RegistryError otherwise."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        value = _coerce(value, base, where)
+        for bound in extras:
+            if isinstance(bound, Range) and value is not None and not bound.holds(value):
+                kind = _TYPE_NAMES.get(base, "a value")
+                kind = "a finite number" if base is float else kind
+                raise RegistryError(f"{where} must be {kind} {bound.text()}, got {_short(value)}")
+        return value
     origin = typing.get_origin(annotation)
     if origin is typing.Union:
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None and len(options) < len(typing.get_args(annotation)):
             return None
         annotation = options[0] if len(options) == 1 else Any
+        if typing.get_origin(annotation) is typing.Annotated:
+            return _coerce(value, annotation, where)
         origin = typing.get_origin(annotation)
     if annotation is Any or annotation is inspect.Parameter.empty:
         return value
-    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+    if origin in (list, tuple, typing.Sequence, collections.abc.Sequence) or annotation in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-            raise RegistryError(f"{where} must be a list, got {value!r}")
+            raise RegistryError(f"{where} must be a list, got {_short(value)}")
         args = typing.get_args(annotation)
         inner = args[0] if args else Any
         return [_coerce(v, inner, where) for v in value]
     if annotation is bool:
         if not isinstance(value, bool):
-            raise RegistryError(f"{where} must be true or false, got {value!r}")
+            raise RegistryError(f"{where} must be true or false, got {_short(value)}")
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise RegistryError(f"{where} must be a finite number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise RegistryError(f"{where} must be a finite number, got {_short(value)}")
         return float(value)
     if annotation is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise RegistryError(f"{where} must be an integer, got {value!r}")
+            raise RegistryError(f"{where} must be an integer, got {_short(value)}")
         return int(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise RegistryError(f"{where} must be a string, got {value!r}")
+            raise RegistryError(f"{where} must be a string, got {_short(value)}")
         return value
     return value
 
@@ -190,13 +298,7 @@ class Registry:
         if unknown:
             raise RegistryError(f"{self.kind} {name!r} takes no parameter {unknown[0]!r}; "
                                 f"its parameters: {self.signature_text(name) or 'none'}")
-        out = {}
-        for key, value in given.items():
-            if hasattr(value, "items") and not isinstance(value, Mapping):  # omegaconf containers
-                value = dict(value.items())
-            elif hasattr(value, "__iter__") and type(value).__name__ == "ListConfig":
-                value = list(value)
-            out[key] = _coerce(value, _annotation(entry, key), f"{self.kind} {name!r}: parameter {key!r}")
+        out = check_arguments(entry, given, f"{self.kind} {name!r}: parameter")
         missing = [k for k, p in allowed.items() if p.default is inspect.Parameter.empty and k not in out]
         if missing:
             raise RegistryError(f"{self.kind} {name!r} needs the parameter(s) {', '.join(missing)}; "
@@ -230,8 +332,7 @@ class Registry:
     def signature_text(self, name: str) -> str:
         items = []
         for key, default in self.params(name).items():
-            ann = _annotation(self[name], key)
-            kind = getattr(ann, "__name__", None) if ann is not Any else None
+            kind = _type_text(_annotation(self[name], key))
             text = key + (f": {kind}" if kind else "")
             items.append(text if default is inspect.Parameter.empty else f"{text} = {default!r}")
         return ", ".join(items)
