@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from models.finite import first_nonfinite
 from training.ema import EMA, create_ema
 from training.errors import ConfigError
 from training.posthoc_ema.kernels import MAX_STD, MIN_STD, std_problem, std_to_exponent
@@ -127,8 +128,9 @@ class PowerEMA:
             raise damaged(f"do not fit this model ({str(e).splitlines()[0][:160]})") from None
         for i, (std, model) in enumerate(zip(self.stds, self.models)):
             state_i = model.state_dict()
-            if not all(bool(torch.isfinite(v).all()) for v in state_i.values() if v.is_floating_point()):
-                raise damaged(f"hold non-finite weights (std {std})")
+            bad = first_nonfinite(state_i)
+            if bad is not None:
+                raise damaged(f"hold non-finite weights (std {std}) in {bad!r}")
             if norms is not None and not math.isclose(_squared_norm(state_i), norms[i], rel_tol=1e-6):
                 raise damaged(f"are out of order or altered: profile {i} is not the std {std} profile stored "
                               "with it (its norm differs)")

@@ -15,6 +15,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from models.finite import first_nonfinite
 from training.posthoc_ema.kernels import (MAX_KERNEL_ERROR, MAX_STD, MIN_STD, reachable_stds, solve_coefficients, std_problem,
                                           std_to_exponent)
 from training.posthoc_ema.snapshot_file import Snapshot, SnapshotError, SnapshotFile
@@ -80,7 +81,7 @@ def _combine(used: List[Snapshot], plans: list) -> List[dict]:
                         out[key].add_(value, alpha=float(x[column + i]))
         column += len(snap.stds)
     for out, (std, _, _) in zip(outs, plans):
-        bad = next((k for k, v in out.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        bad = first_nonfinite(out)
         if bad is not None:
             _find_nonfinite(used, keys)
             raise PosthocError(f"the reconstruction of std {std} is not finite ({bad}): its coefficients overflow "
