@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -74,21 +73,20 @@ def step_of(path: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def open_regular(path: str) -> int:
+def open_snapshot(path: str) -> int:
     """A read-only descriptor of `path`, which must be a regular file reached without a symbolic link
-    (SnapshotError otherwise). O_NONBLOCK: opening a fifo returns at once instead of waiting for a writer."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    (`utils.regular_files.open_regular`: a FIFO never blocks); SnapshotError (one line) otherwise."""
+    from utils.regular_files import NotRegularFile, open_regular
+
     try:
-        fd = os.open(path, flags)
+        f = open_regular(path, "rb")
+    except NotRegularFile as e:
+        raise SnapshotError(f"post-hoc EMA snapshot {e.path} is {e.what}, not a snapshot file; remove it "
+                            "(snapshots are read from regular files only, never through links)") from None
     except OSError as e:
-        if os.path.islink(path):
-            raise SnapshotError(f"post-hoc EMA snapshot {path} is a symbolic link, not a snapshot file; "
-                                "remove it (snapshots are never read through links)") from None
         raise SnapshotError(f"cannot open post-hoc EMA snapshot {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SnapshotError(f"post-hoc EMA snapshot {path} is not a regular file (a folder, fifo or device under a "
-                            "snapshot's name); remove it")
+    fd = os.dup(f.fileno())
+    f.close()
     return fd
 
 
@@ -194,7 +192,7 @@ def _snapshot(path: str, fields: dict, tensors: dict) -> Snapshot:
 
 def read_header(path: str) -> Snapshot:
     """The checked header of the snapshot at `path` (SnapshotError when it is none)."""
-    fd = open_regular(path)
+    fd = open_snapshot(path)
     try:
         return _parse(fd, path)
     finally:
@@ -207,7 +205,7 @@ class SnapshotFile:
 
     def __init__(self, expected: Snapshot):
         self.snapshot = expected
-        self._fd = open_regular(expected.path)
+        self._fd = open_snapshot(expected.path)
         try:
             if _parse(self._fd, expected.path) != expected:
                 raise SnapshotError(f"post-hoc EMA snapshot {expected.path} changed while the reconstruction ran; "
