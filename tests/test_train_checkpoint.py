@@ -137,7 +137,12 @@ def test_logger_never_stops_training(tmp_path, monkeypatch, caplog):
             raise RuntimeError("wandb servers unreachable")
         return FakeRun()
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=fake_init))
+    import importlib.machinery
+
+    fake_wandb = types.ModuleType("wandb")  # a module with a spec: accelerate looks wandb up before importing it
+    fake_wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake_wandb.init = fake_init
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     log = tlog.setup_file_logger(str(tmp_path), True, name="t")
     with caplog.at_level("WARNING", logger="dfm.t"):
         log.propagate = True
@@ -213,3 +218,26 @@ def test_a_resumed_run_never_writes_a_checkpoint_at_or_before_its_start(tmp_path
     with run_folder(exp) as folder:
         folder.save_checkpoint(_fake_ckpt(51), path, resumed_step=50)  # later: written
     assert torch.load(checkpoint_path(exp, 51), weights_only=True)["steps"] == 51
+
+
+def test_wandb_offline_through_accelerates_tracker_resumes_its_run(tmp_path, monkeypatch):
+    """The real wandb, offline, through accelerate's WandBTracker: metrics, an image and the run config
+    land in <run>/wandb, and a second start in the same folder continues the same wandb run."""
+    import numpy as np
+
+    from training.logger import RunLogger, setup_file_logger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = setup_file_logger(str(tmp_path), True, name="wandb_test")
+    ids = []
+    for step in (1, 2):
+        tracker = RunLogger(str(tmp_path), log, "wandb", config={"lr": 1e-3, "preview": {"num_samples": 4}},
+                            run_name="run", wandb_mode="offline")
+        assert tracker.kind == "wandb"
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+        tracker.log_image("previews/samples", np.zeros((8, 8, 3), np.uint8), step, caption=f"step {step}")
+        tracker.close()
+        ids.append((tmp_path / "wandb_run_id.txt").read_text())
+    assert ids[0] == ids[1] and len(ids[0]) >= 6  # resumed: one wandb run
+    runs = sorted(p.name for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run-"))
+    assert runs and all(name.endswith(ids[0]) for name in runs)

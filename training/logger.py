@@ -1,4 +1,8 @@
-"""Run logging: a log file + console (rank 0), and optionally wandb or tensorboard.
+"""Run logging: a log file + console (rank 0), and optionally wandb or tensorboard through
+accelerate's trackers (`accelerate.tracking.WandBTracker`, `TensorBoardTracker`: their `start`,
+`store_init_configuration`, `log`, `log_images`, `finish`), started here after the run folder is
+locked rather than by `Accelerator(log_with=...)` at process start, so that the choices below are
+made once and a tracker's failure is always caught.
 
 A tracker that cannot start (wandb without an API key or network, tensorboard not installed)
 never stops training: it prints a warning and the run continues with the log file only
@@ -114,64 +118,89 @@ class RunLogger:
         self.log = log
         self.is_main = is_main
         self.kind = "none"
-        self._wandb = None
-        self._tb = None
+        self._tracker = None  # an accelerate tracker (accelerate.tracking), started
         self._metrics_file = None
         if not is_main:
             return
         self._metrics_file = open_records(os.path.join(exp_dir, "metrics.jsonl"))
         if report_to == "wandb":
-            self._start_wandb(config, project, run_name, wandb_mode)
+            self._start(self._wandb_tracker(project, run_name, wandb_mode), config)
         elif report_to == "tensorboard":
-            self._start_tensorboard()
+            self._start(self._tensorboard_tracker(), None)  # its hparams take no nested config
 
-    def _start_wandb(self, config, project, run_name, mode):
+    def _wandb_tracker(self, project, run_name, mode):
+        """accelerate's WandBTracker, offline without an API key, resuming this folder's wandb run."""
         try:
-            import wandb
+            import wandb  # noqa: F401 - installed?
         except ImportError:
             _warn(self.log, "report_to=wandb but wandb is not installed (pip install wandb); "
                             "logging to the log file only")
-            return
+            return None
         mode = mode or os.environ.get("WANDB_MODE") or "online"
         if mode == "disabled":
             self.log.info("wandb disabled (wandb_mode=disabled)")
-            return
+            return None
         if mode == "online" and not wandb_api_key_available():
             _warn(self.log, "wandb: no API key found (run `wandb login` or set WANDB_API_KEY); logging "
                             "offline instead: upload later with `wandb sync " + os.path.join(self.exp_dir, "wandb") + "`")
             mode = "offline"
-        id_file = os.path.join(self.exp_dir, "wandb_run_id.txt")
         try:
-            run_id = read_regular(id_file, 1024, "wandb run id file").decode("utf-8", "replace").strip() or None
+            run_id = read_regular(self._id_file, 1024, "wandb run id file").decode("utf-8", "replace").strip() or None
         except FileNotFoundError:
             run_id = None
         except (OSError, ValueError) as e:  # a link or FIFO under the name, or not an id: a new wandb run
             _warn(self.log, f"WARNING: {e}; starting a new wandb run")
             run_id = None
-        try:
-            run = wandb.init(project=project, name=run_name, dir=self.exp_dir, config=config, mode=mode,
-                             id=run_id, resume="allow")
-        except Exception as e:  # network, auth, anything: never stop training for the tracker
-            _warn(self.log, f"wandb failed to start ({type(e).__name__}: {e}); logging to the log file only")
-            return
-        try:
-            with atomic_write(id_file, "w") as f:
-                f.write(run.id)
-        except Exception:
-            pass
-        self._wandb = run
-        self.kind = "wandb"
-        self.log.info(f"wandb run {run.id} ({mode})")
+        from accelerate.tracking import WandBTracker
 
-    def _start_tensorboard(self):
+        self._wandb_mode = mode
+        return WandBTracker(project, name=run_name, dir=self.exp_dir, mode=mode, id=run_id, resume="allow")
+
+    def _tensorboard_tracker(self):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except (ImportError, ModuleNotFoundError):
             _warn(self.log, "report_to=tensorboard but the tensorboard package is not installed "
                             "(pip install tensorboard); logging to the log file only")
+            return None
+        from accelerate.tracking import TensorBoardTracker
+
+        return TensorBoardTracker("tensorboard", self.exp_dir)  # events in <run>/tensorboard
+
+    @property
+    def _id_file(self) -> str:
+        return os.path.join(self.exp_dir, "wandb_run_id.txt")
+
+    def _start(self, tracker, config) -> None:
+        """Start an accelerate tracker (and store the run config in it); any failure: a warning, no tracker."""
+        if tracker is None:
             return
-        self._tb = SummaryWriter(os.path.join(self.exp_dir, "tensorboard"))
-        self.kind = "tensorboard"
+        from accelerate import PartialState
+
+        PartialState()  # accelerate's trackers log through its state (the run's Accelerator made it already)
+        try:
+            tracker.start()
+            if config is not None:
+                tracker.store_init_configuration(config)
+        except Exception as e:  # network, auth, anything: never stop training for the tracker
+            _warn(self.log, f"{tracker.name} failed to start ({type(e).__name__}: {e}); logging to the log file only")
+            return
+        self._tracker, self.kind = tracker, tracker.name
+        if tracker.name == "wandb":
+            run = tracker.tracker
+            try:
+                with atomic_write(self._id_file, "w") as f:
+                    f.write(run.id)
+            except Exception:
+                pass
+            self.log.info(f"wandb run {run.id} ({self._wandb_mode})")
+
+    def _safely(self, what: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:
+            _warn(self.log, f"{self.kind} {what} failed ({type(e).__name__}: {e}); continuing without it")
+            self._tracker = None
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         if not self.is_main:
@@ -179,42 +208,28 @@ class RunLogger:
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
             self._metrics_file.flush()
-        try:
-            if self._wandb is not None:
-                self._wandb.log(metrics, step=step)
-            elif self._tb is not None:
-                for k, v in metrics.items():
-                    self._tb.add_scalar(k, v, step)
-        except Exception as e:
-            _warn(self.log, f"{self.kind} logging failed ({type(e).__name__}: {e}); continuing without it")
-            self._wandb = self._tb = None
+        if self._tracker is not None:
+            self._safely("logging", lambda: self._tracker.log(metrics, step=step))
 
     def log_image(self, name: str, image: np.ndarray, step: int, caption: str = "") -> None:
-        """`image`: (H, W, 3) uint8."""
-        if not self.is_main:
+        """`image`: (H, W, 3) uint8 (the caption goes to wandb; tensorboard shows the step)."""
+        if not self.is_main or self._tracker is None:
             return
-        try:
-            if self._wandb is not None:
-                import wandb
+        if self.kind == "wandb":
+            import wandb
 
-                self._wandb.log({name: wandb.Image(image, caption=caption)}, step=step)
-            elif self._tb is not None:
-                self._tb.add_image(name, image, step, dataformats="HWC")
-        except Exception as e:
-            _warn(self.log, f"{self.kind} image logging failed ({type(e).__name__}: {e}); continuing without it")
+            self._safely("image logging", lambda: self._tracker.log({name: wandb.Image(image, caption=caption)}, step=step))
+        else:
+            self._safely("image logging", lambda: self._tracker.log_images({name: image[None]}, step=step,
+                                                                           dataformats="NHWC"))
 
     def close(self) -> None:
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
-        try:
-            if self._wandb is not None:
-                self._wandb.finish()
-            if self._tb is not None:
-                self._tb.close()
-        except Exception as e:
-            _warn(self.log, f"closing {self.kind} failed: {e}")
-        self._wandb = self._tb = None
+        if self._tracker is not None:
+            self._safely("closing", self._tracker.finish)
+        self._tracker = None
 
 
 def log_error_to_file(message: str, exc_info=None, name: str = "train") -> None:
