@@ -237,7 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("runs", nargs="+", help="run folders (or their metrics.jsonl files)")
     parser.add_argument("--metric", required=True, help="metric key, e.g. fdd, fid, swd")
     parser.add_argument("--x", default="step", choices=X_AXES, help="x axis of the plot and the table (default step)")
-    parser.add_argument("--out", default=None, metavar="PNG", help="write the plot here")
+    parser.add_argument("--out", default=None, metavar="PLOT.png", help="the file to write: the plot")
     parser.add_argument("--table", default=None, metavar="PATH", help="also write the table (.md, or .json)")
     parser.add_argument("--interpolate", action="store_true",
                         help="interpolate crossings linearly between evaluations (default: first evaluated step)")

@@ -88,21 +88,46 @@ def _num(x) -> str:
     return "" if x is None else f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
+def _md(text) -> str:
+    """Text for a Markdown table cell or list item: a `|` would end the cell, a newline the row, a
+    backtick open a code span; they come from records anyone can edit."""
+    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+            .replace("\r", " ").replace("\n", " "))
+
+
+def _in_code(text) -> str:
+    """Text inside a Markdown code span (where backslashes are literal): no backtick, no line break."""
+    return str(text).replace("`", "'").replace("\r", " ").replace("\n", " ")
+
+
+def _csv_cell(value):
+    """A CSV value; text that a spreadsheet would run as a formula (=, +, -, @, tab, CR first) is
+    defused with a leading apostrophe (numbers stay numbers)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def _dict(value) -> dict:
+    """A record field that should hold a mapping; anything else (a string where a mapping belongs) is empty."""
+    return value if isinstance(value, dict) else {}
+
+
 def _short(digest) -> str:
     return digest[:12] if isinstance(digest, str) else "?"
 
 
 def _nfe(sampler: dict) -> str:
     nfe, with_cfg = sampler.get("nfe"), sampler.get("nfe_with_cfg")
-    if nfe is None:
-        return ""
+    if not isinstance(nfe, int) or isinstance(nfe, bool):
+        return _num(nfe)
     return f"{nfe}×2" if with_cfg == 2 * nfe and with_cfg != nfe else str(nfe)
 
 
 def _cfg(sampler: dict) -> str:
     scale = sampler.get("cfg_scale")
-    if scale is None:
-        return ""
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        return _num(scale)
     text = _num(scale)
     low, high = sampler.get("guidance_low", 0.0), sampler.get("guidance_high", 1.0)
     if scale != 1.0 and (low, high) != (0.0, 1.0):
@@ -115,7 +140,7 @@ def _cfg(sampler: dict) -> str:
 
 def _weights(checkpoint: dict) -> str:
     """EMA / raw / post-hoc EMA std s: weights_info describes a file's ``ema`` group (training.posthoc_ema)."""
-    group, info = checkpoint.get("weights"), checkpoint.get("weights_info") or {}
+    group, info = checkpoint.get("weights"), _dict(checkpoint.get("weights_info"))
     if group == "ema" and info.get("kind") == "posthoc_ema" and "std" in info:
         return f"post-hoc EMA std {_num(info['std'])}"
     label = _WEIGHTS.get(group, str(group))
@@ -141,13 +166,14 @@ def _code(version) -> str:
 
 def table_row(path: str, result: dict) -> Dict[str, object]:
     """The :func:`csv_columns` of one result (metrics as numbers, None where not computed; the rest text)."""
-    record = result.get("sample_record") or {}
-    sampler, checkpoint = record.get("sampler") or {}, record.get("checkpoint") or {}
+    record = _dict(result.get("sample_record"))
+    sampler, checkpoint = _dict(record.get("sampler")), _dict(record.get("checkpoint"))
     model = _get(checkpoint, "arch", "name") or _get(record, "config", "model")
+    steps = sampler.get("num_steps_per_scale")
     row: Dict[str, object] = {
         "result": path,
         "model": model or (f"{os.path.basename(str(result['samples']))} (no record)" if not record else ""),
-        "steps": "+".join(str(n) for n in sampler.get("num_steps_per_scale") or []),
+        "steps": "+".join(str(n) for n in steps) if isinstance(steps, list) else _num(steps),
         "nfe": _nfe(sampler), "cfg": _cfg(sampler),
         **{key: result.get(key) for key in metric_keys()},
         "checkpoint": checkpoint.get("path", ""), "checkpoint_sha256": checkpoint.get("sha256", ""),
@@ -165,16 +191,17 @@ def table_row(path: str, result: dict) -> Dict[str, object]:
 def _provenance(number: int, row: Dict[str, object], has_record: bool) -> str:
     def file(key):
         sha = row[f"{key}_sha256"]
-        return f"`{os.path.basename(str(row[key]))}`" + (f" (sha256 `{_short(sha)}`)" if sha else "")
+        return f"`{_in_code(os.path.basename(str(row[key])))}`" + (f" (sha256 `{_in_code(_short(sha))}`)" if sha else "")
 
     where = f"reference {file('ref')}, samples {file('samples')}"
+    result = _in_code(row["result"])
     if not has_record:
-        return f"{number}. `{row['result']}`: no generate.py record (a foreign .npz or one from before records); {where}"
-    step = "step ?" if row["step"] is None else f"step {row['step']}"
-    return (f"{number}. `{row['result']}`: checkpoint `{row['checkpoint']}` (sha256 `{_short(row['checkpoint_sha256'])}`), "
-            f"{step}, {row['weights']}; sampler {row['sampler']}; seed {row['seed']}, labels {row['labels']}, "
-            f"{row['num_samples']} samples, {row['num_processes']} process(es); code {_code(row['code_version'])}; "
-            f"{where}")
+        return f"{number}. `{result}`: no generate.py record (a foreign .npz or one from before records); {where}"
+    step = "step ?" if row["step"] is None else f"step {_md(row['step'])}"
+    return (f"{number}. `{result}`: checkpoint `{_in_code(row['checkpoint'])}` (sha256 "
+            f"`{_in_code(_short(row['checkpoint_sha256']))}`), {step}, {_md(row['weights'])}; sampler "
+            f"{_md(row['sampler'])}; seed {_md(row['seed'])}, labels {_md(row['labels'])}, {_md(row['num_samples'])} "
+            f"samples, {_md(row['num_processes'])} process(es); code {_in_code(_code(row['code_version']))}; {where}")
 
 
 def markdown(rows: Sequence[Dict[str, object]], records: Sequence[bool],
@@ -187,9 +214,9 @@ def markdown(rows: Sequence[Dict[str, object]], records: Sequence[bool],
     titles = ROW_COLUMNS + tuple(c.title for c in columns)
     lines = ["| # | " + " | ".join(titles) + " |", "|---" * (len(titles) + 1) + "|"]
     for i, (row, result) in enumerate(zip(rows, results), 1):
-        cells = [str(i), str(row["model"]), str(row["steps"]), str(row["nfe"]), str(row["cfg"]),
-                 str(row["labels"] or ""), _num(row["num_samples"])]
-        cells += [c.cell(result) for c in columns]
+        cells = [str(i), row["model"], row["steps"], row["nfe"], row["cfg"], row["labels"] or "",
+                 _num(row["num_samples"])] + [c.cell(result) for c in columns]
+        cells = [_md(cell) for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Provenance:", ""]
     lines += [_provenance(i, row, has) for i, (row, has) in enumerate(zip(rows, records), 1)]
@@ -202,7 +229,7 @@ def csv_text(rows: Sequence[Dict[str, object]]) -> str:
     columns = csv_columns()
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+        writer.writerow(["" if row[c] is None else _csv_cell(row[c]) for c in columns])
     return out.getvalue()
 
 
@@ -225,8 +252,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                  "and the metrics computed) of evaluation.evaluate results, with "
                                                  "each row's provenance.")
     parser.add_argument("results", nargs="+", metavar="RESULT.json", help="--out files of python -m evaluation.evaluate")
-    parser.add_argument("--out", default=None, metavar="TABLE",
-                        help="write TABLE.md and TABLE.csv (default: print the Markdown)")
+    parser.add_argument("--out", default=None, metavar="TABLE.md",
+                        help="the file to write: the Markdown table, and the CSV beside it (TABLE.csv); both or "
+                             "neither (default: print the Markdown)")
     args = parser.parse_args(argv)
     try:
         md, table = report(args.results)

@@ -354,3 +354,25 @@ def test_report_bad_input_is_one_line(tmp_path, capsys):
         assert report_module.main([str(path), "--out", str(table)]) == 2
         assert capsys.readouterr().err == line + "\n"
     assert not list(tmp_path.glob("table*"))
+
+
+def test_the_report_escapes_what_records_hold_and_trusts_no_field_type(tmp_path):
+    """Records anyone can edit: a `|`, a newline or a backtick cannot break the Markdown table, a cell
+    starting with = + - @ is no spreadsheet formula, and fields of the wrong type are shown, not computed."""
+    import csv
+    import io
+    import json
+
+    result = {"fid": 3.5, "num_samples": 8, "ref": "ref|x.npz", "samples": "s.npz",
+              "sample_record": {"sampler": "euler", "checkpoint": {"arch": {"name": "SiT-XL/2 | `rm`\nX"},
+                                                                  "path": "=HYPERLINK(\"x\")", "weights_info": "odd"},
+                                "labels": "@bad", "seed": "=1+1", "config": {}}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(result))
+    md, table = report_module.report([str(path)])
+    row = md.splitlines()[2]
+    assert row.count(" | ") == md.splitlines()[0].count(" | ")  # every cell where the header says
+    assert "SiT-XL/2 \\| \\`rm\\` X" in row and "\n" not in row
+    cells = next(csv.DictReader(io.StringIO(table)))
+    assert cells["checkpoint"] == "'=HYPERLINK(\"x\")" and cells["labels"] == "'@bad" and cells["seed"] == "'=1+1"
+    assert cells["fid"] == "3.5"  # numbers stay numbers
