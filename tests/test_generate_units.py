@@ -175,3 +175,30 @@ def test_checkpoint_tags_name_the_run_of_every_weights_file(path, tag):
     from generation.config import checkpoint_tag
 
     assert checkpoint_tag(path) == tag  # two runs' reconstructions (or exports) never share a sample folder
+
+
+def test_evaluation_script_names_runs_after_the_checkpoint_first(tmp_path):
+    """eval_*.sh name a run EXPERIMENT-STEP-CONFIG (the checkpoint's own name first, as generate.py
+    names it), so one sampler config evaluated on two models gives two names."""
+    import os
+    import subprocess
+    import sys
+
+    shim = tmp_path / "python"  # the real interpreter, except that the sampling itself only prints its command
+    shim.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\necho "RAN $*"; exit 0\n')
+    shim.chmod(0o755)
+    ref, weights = tmp_path / "ref.npz", tmp_path / "w.pth"
+    ref.write_bytes(b"x")
+    weights.write_bytes(b"x")
+    names = []
+    for run in ("run-a", "run-b"):
+        ckpt = tmp_path / "exps" / run / "checkpoints" / "0400000.pt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": str(shim), "CKPT": str(ckpt),
+               "REF_BATCH": str(ref), "INCEPTION_WEIGHTS": str(weights), "SAMPLE_DIR": str(tmp_path / "results")}
+        proc = subprocess.run(["bash", str(ROOT / "experiments" / "evaluation" / "eval_dfm_sit_b_256.sh")], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "finished without writing" in proc.stderr  # the shim wrote no .npz
+        names.append(next(a.split("=", 1)[1] for a in proc.stdout.split() if a.startswith("run_name=")))
+    assert names == ["run-a-0400000-dfm_sit_b_256", "run-b-0400000-dfm_sit_b_256"]

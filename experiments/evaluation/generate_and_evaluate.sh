@@ -10,7 +10,8 @@
 #                      evaluation.evaluate use its torch.hub cache / download       (required)
 #   NPROC              processes for torchrun (default: number of GPUs, else 1)
 #   SAMPLE_DIR         output folder (default results/)
-#   RUN_NAME           run folder / .npz name (default: CONFIG-EXPERIMENT-STEP[-hash of overrides])
+#   RUN_NAME           run folder / .npz name (default: EXPERIMENT-STEP-CONFIG[-hash of overrides], the
+#                      checkpoint's run first, as generate.py names it, then the generation config)
 #   RESULTS            metrics JSON (default SAMPLE_DIR/RUN_NAME.json)
 #   EVAL_ARGS          extra evaluation.evaluate arguments, e.g. "--fdd --dinov2-weights PATH"
 #   PYTHON             python interpreter (default python)
@@ -45,9 +46,11 @@ fi
 SAMPLE_DIR=$(abspath "${SAMPLE_DIR:-results}")
 
 if [[ -z ${RUN_NAME:-} ]]; then
-    step=$(basename "$CKPT" .pt)
-    exp=$(basename "$(dirname "$(dirname "$CKPT")")")
-    RUN_NAME="$(basename "$CONFIG" .yaml)-$exp-$step"
+    # the checkpoint's own name first (its run and step, as generate.py names it: exported weights and
+    # post-hoc reconstructions too), then the sampler config it is evaluated with
+    tag=$(cd "$REPO" && "$PYTHON" -c "import sys; from generation.config import checkpoint_tag; print(checkpoint_tag(sys.argv[1]))" "$CKPT") \
+        || die "cannot name the run of CKPT=$CKPT (is $PYTHON this project's environment?)"
+    RUN_NAME="$tag-$(basename "$CONFIG" .yaml)"
     if [[ $# -gt 0 ]]; then RUN_NAME="$RUN_NAME-$(printf '%s\n' "$@" | sha1sum | cut -c1-8)"; fi
 fi
 NPZ=$SAMPLE_DIR/$RUN_NAME.npz
