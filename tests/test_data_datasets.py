@@ -81,10 +81,68 @@ def test_packed(tmp_path, moments):
         assert ds[i][1] == labels[i]
     with pytest.raises(IndexError):
         ds[5]
-    assert len(pickle.dumps(ds)) < 10_000  # memory maps are reopened per process, never pickled
+    assert len(pickle.dumps(ds)) < 10_000  # shard files are reopened per process, never pickled
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
     x = torch.cat([b[0] for b in loader])
     np.testing.assert_array_equal(x.numpy(), moments)
+
+
+def _save_shard(path, array, version=(1, 0)):
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, array, version=version)
+
+
+def test_packed_rows_come_from_positioned_reads_not_a_map(tmp_path):
+    """Every row equals the array np.load reads, in this process and in forked workers that inherit
+    the opened files; no shard is mapped into the process (mapped pages would grow its RSS)."""
+    moments = np.random.default_rng(1).standard_normal((7, 8, 4, 4)).astype(np.float32)
+    root = str(tmp_path / "packed")
+    _write_packed(root, moments, [1] * 7, shard_size=3)
+    _save_shard(os.path.join(root, "shard-00001.npy"), moments[3:6], version=(2, 0))  # the larger header
+    ds = data.open_dataset(root)
+    first = ds[0][0]
+    first += 1  # the item is the caller's own copy
+    for i in range(7):
+        np.testing.assert_array_equal(ds[i][0].numpy(), np.load(os.path.join(root, ds._shards[i // 3]["file"]))[i % 3])
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True, num_workers=2,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for x, _ in loader:
+        for row in x.numpy():
+            seen[np.flatnonzero((moments == row).all(axis=(1, 2, 3)))[0]] = row
+    assert sorted(seen) == list(range(7))
+    if os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as f:
+            assert "shard-0000" not in f.read()
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.asfortranarray(np.zeros((3, 8, 2, 2), np.float32)), "Fortran order"),
+    (np.zeros((3, 8, 2, 2), ">f4"), ">f4"),
+    (np.zeros((3, 8, 2, 2), np.float64), "float64"),
+    (np.zeros((2, 8, 2, 2), np.float32), "(2, 8, 2, 2), index.json says float32 (3, 8, 2, 2)"),
+])
+def test_a_shard_unlike_its_index_is_named(tmp_path, moments, array, words):
+    root = str(tmp_path / "packed")
+    _write_packed(root, moments, [0] * 5, shard_size=3)
+    _save_shard(os.path.join(root, "shard-00000.npy"), array)
+    ds = data.open_dataset(root)
+    with pytest.raises(data.robust.CorruptSampleError, match=r"shard-00000\.npy\[row 1\]") as info:
+        ds[1]
+    assert words in str(info.value)
+    np.testing.assert_array_equal(ds[4][0].numpy(), moments[4])  # the other shard still reads
+
+
+def test_a_shard_truncated_after_it_was_opened(tmp_path, moments):
+    root = str(tmp_path / "packed")
+    _write_packed(root, moments, [0] * 5, shard_size=3)
+    ds = data.open_dataset(root)
+    np.testing.assert_array_equal(ds[0][0].numpy(), moments[0])
+    path = os.path.join(root, "shard-00000.npy")
+    os.truncate(path, os.path.getsize(path) - moments[0].nbytes // 2)
+    np.testing.assert_array_equal(ds[1][0].numpy(), moments[1])
+    with pytest.raises(data.robust.CorruptSampleError, match=r"\[row 2\].*ended before this row"):
+        ds[2]
 
 
 def test_parent_folder_prefers_latents(tmp_path, moments):
