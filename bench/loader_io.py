@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.benchmark import write_synthetic_packed  # noqa: E402
+from bench.scale import drop_from_page_cache  # noqa: E402
 from bench.table import Table  # noqa: E402
 
 COLUMNS = [("items", "dataset items"), ("reader", "reader"), ("items_per_sec", "items/s"),
@@ -81,14 +82,7 @@ def _shard_paths(folder: str) -> list[str]:
 
 
 def make_cold(folder: str) -> None:
-    """Drop the shards' pages from the page cache (clean pages go; fsync first makes them clean)."""
-    for path in _shard_paths(folder):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    drop_from_page_cache(_shard_paths(folder))
 
 
 def resident_fraction(folder: str) -> float:

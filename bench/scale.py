@@ -1,0 +1,217 @@
+"""Cost as work grows: time and memory of the pieces whose cost could grow with the data or the samples.
+
+    python -m bench.scale resume-check --images 1000 5000 20000        # generate.py's resume check
+    python -m bench.scale per-image --items 50000 200000 1281167       # open a per-image dataset, workers
+
+`resume-check`: `generation.runner.find_missing` (what generate.py runs before sampling) over a
+folder of finished PNGs written by `generation.images.write_png_atomic`, on a warm page cache
+(the files just written) and on a cold one (`posix_fadvise(POSIX_FADV_DONTNEED)` on every file
+after `fsync`, no root needed).
+
+`per-image`: a per-image latents dataset.json of N entries in the layout of `encode` (SPEC §7),
+opened in a fresh process: its RSS after the imports, after `data.open_dataset` (peak and
+retained) and the time; then 2 DataLoader workers draw `--batches` shuffled batches and their
+private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup: pages copied on write
+from the parent) is read after the first batch and after the last. The files themselves are not
+needed to measure this: the reader's file access (`_read`) returns one fixed latent (the item
+bookkeeping, label check and decode run as usual).
+
+Numbers: docs/PERFORMANCE.md "Cost as work grows". Linux only (/proc). No timing is asserted by a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.table import Table  # noqa: E402
+
+
+def _status_mib(pid: int | str = "self") -> dict[str, float]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _private_mib(pid: int) -> float:
+    total = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def _header() -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} {platform.machine()} {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}, Python {platform.python_version()}", flush=True)
+
+
+# ------------------------------------------------------------------ generate.py resume
+
+def drop_from_page_cache(paths) -> None:
+    """Make the files cold: fsync (their pages become clean), then POSIX_FADV_DONTNEED drops them
+    from the page cache (no root needed)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_resume_check(args) -> list[dict]:
+    import torch
+
+    from generation.images import png_path, write_png_atomic
+    from generation.runner import find_missing
+    from utils.distributed import DistContext
+
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), False)
+    table = Table(f"generate.py resume check, {args.size}x{args.size} PNGs", [
+        ("images", "images"), ("cache", "cache"), ("seconds", "seconds"), ("cpu_s", "CPU s"),
+        ("ms_per_image", "ms/image"), ("peak_rss_mib", "peak RSS MiB")])
+    work = tempfile.mkdtemp(prefix="bench-resume-", dir=args.dir)
+    try:
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:args.size, 0:args.size]
+        for i in range(max(args.images)):  # smooth colour fields with noise: compress like samples
+            freq = rng.uniform(0.01, 0.1, (2, 3))
+            image = 128 + 100 * np.sin(xx[..., None] * freq[0] + yy[..., None] * freq[1])
+            image = (image + rng.normal(0, 4, image.shape)).clip(0, 255).astype(np.uint8)
+            write_png_atomic(png_path(work, i), image)
+        for n in args.images:
+            for cache in ("warm", "cold"):
+                if cache == "cold":
+                    drop_from_page_cache([png_path(work, i) for i in range(n)])
+                t, cpu = time.perf_counter(), time.process_time()
+                missing = find_missing(work, n, args.size, ctx)
+                wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+                assert missing == [], missing[:5]
+                table.add({"images": n, "cache": cache, "seconds": wall, "cpu_s": cpu, "ms_per_image": wall / n * 1e3,
+                           "peak_rss_mib": _status_mib()["VmHWM"]})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return table.rows
+
+
+# ------------------------------------------------------------------ per-image datasets
+
+def write_dataset_json(folder: str, n: int) -> None:
+    """dataset.json of `n` per-image latents in encode's layout, 1000 classes (no latent files)."""
+    os.makedirs(folder, exist_ok=True)
+    labels = [[f"{i // 1000:05d}/img-mean-std-{i:08d}.npy", i % 1000] for i in range(n)]
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump({"labels": labels, "classes": [f"n{k:08d}" for k in range(1000)]}, f)
+
+
+def per_image_child(folder: str, batches: int, batch_size: int, workers: int) -> dict:
+    """In a fresh process: RSS around `open_dataset`, then the workers' private memory."""
+    import io
+
+    import torch
+
+    import data
+
+    imported = _status_mib()["VmRSS"]
+    t = time.perf_counter()
+    dataset = data.open_dataset(folder)
+    opened = time.perf_counter() - t
+    after = _status_mib()
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((8, 4, 4), np.float32))
+    payload = buf.getvalue()
+    type(dataset)._read = lambda self, relpath: payload  # the bookkeeping runs, the disk is not needed
+    dataset._item_shape = (8, 4, 4)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    next(it)
+    kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == os.getpid()]
+    first = [_private_mib(p) for p in kids]
+    for _ in range(min(batches, len(loader)) - 1):
+        next(it)
+    last = [_private_mib(p) for p in kids]
+    del it
+    return {"items": len(dataset), "open_s": opened, "rss_imported_mib": imported, "rss_open_mib": after["VmRSS"],
+            "peak_open_mib": after["VmHWM"], "worker_private_first_mib": max(first),
+            "worker_private_last_mib": max(last)}
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def bench_per_image(args) -> list[dict]:
+    table = Table(f"per-image latents dataset: open, then {args.workers} workers x {args.batches} batches of "
+                  f"{args.batch_size}", [
+                      ("items", "items"), ("open_s", "open s"), ("rss_imported_mib", "RSS imports MiB"),
+                      ("retained_mib", "+ after open MiB"), ("peak_extra_mib", "+ peak MiB"),
+                      ("worker_private_first_mib", "worker private first MiB"),
+                      ("worker_private_last_mib", "last MiB")])
+    work = tempfile.mkdtemp(prefix="bench-per-image-", dir=args.dir)
+    try:
+        for n in args.items:
+            folder = os.path.join(work, str(n))
+            write_dataset_json(folder, n)
+            cmd = [sys.executable, "-m", "bench.scale", "per-image-child", folder, "--batches", str(args.batches),
+                   "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            row["retained_mib"] = row["rss_open_mib"] - row["rss_imported_mib"]
+            row["peak_extra_mib"] = row["peak_open_mib"] - row["rss_imported_mib"]
+            table.add(row)
+            shutil.rmtree(folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return table.rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("resume-check")
+    r.add_argument("--images", type=int, nargs="+", default=[1000, 5000, 20000])
+    r.add_argument("--size", type=int, default=32)
+    r.add_argument("--dir", default=None, help="scratch folder (default: the system's temporary folder)")
+    p = sub.add_parser("per-image")
+    p.add_argument("--items", type=int, nargs="+", default=[50000, 200000, 1281167])
+    p.add_argument("--batches", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--dir", default=None)
+    c = sub.add_parser("per-image-child")
+    c.add_argument("folder")
+    c.add_argument("--batches", type=int, default=150)
+    c.add_argument("--batch-size", type=int, default=256)
+    c.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.what == "per-image-child":
+        print(json.dumps(per_image_child(args.folder, args.batches, args.batch_size, args.workers)))
+        return []
+    _header()
+    return {"resume-check": bench_resume_check, "per-image": bench_per_image}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
