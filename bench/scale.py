@@ -120,8 +120,9 @@ def write_dataset_json(folder: str, n: int) -> None:
         json.dump({"labels": labels, "classes": [f"n{k:08d}" for k in range(1000)]}, f)
 
 
-def per_image_child(folder: str, batches: int, batch_size: int, workers: int) -> dict:
+def per_image_child(folder: str, batches: int, batch_size: int, workers: int, gc_freeze: bool = False) -> dict:
     """In a fresh process: RSS around `open_dataset`, then the workers' private memory."""
+    import gc
     import io
 
     import torch
@@ -140,6 +141,8 @@ def per_image_child(folder: str, batches: int, batch_size: int, workers: int) ->
     dataset._item_shape = (8, 4, 4)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
+    if gc_freeze:  # the workers' collector then leaves the parent's objects (and their pages) alone
+        gc.freeze()
     it = iter(loader)
     next(it)
     kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == os.getpid()]
@@ -163,7 +166,7 @@ def _parent(pid: int) -> int:
 
 def bench_per_image(args) -> list[dict]:
     table = Table(f"per-image latents dataset: open, then {args.workers} workers x {args.batches} batches of "
-                  f"{args.batch_size}", [
+                  f"{args.batch_size}{', gc.freeze() before the workers start' if args.gc_freeze else ''}", [
                       ("items", "items"), ("open_s", "open s"), ("rss_imported_mib", "RSS imports MiB"),
                       ("retained_mib", "+ after open MiB"), ("peak_extra_mib", "+ peak MiB"),
                       ("worker_private_first_mib", "worker private first MiB"),
@@ -174,7 +177,8 @@ def bench_per_image(args) -> list[dict]:
             folder = os.path.join(work, str(n))
             write_dataset_json(folder, n)
             cmd = [sys.executable, "-m", "bench.scale", "per-image-child", folder, "--batches", str(args.batches),
-                   "--batch-size", str(args.batch_size), "--workers", str(args.workers)]
+                   "--batch-size", str(args.batch_size), "--workers", str(args.workers)] + (
+                       ["--gc-freeze"] if args.gc_freeze else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
             row = json.loads(out.strip().splitlines()[-1])
@@ -200,14 +204,16 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--dir", default=None)
+    p.add_argument("--gc-freeze", action="store_true", help="gc.freeze() in the parent before the workers start")
     c = sub.add_parser("per-image-child")
     c.add_argument("folder")
     c.add_argument("--batches", type=int, default=150)
     c.add_argument("--batch-size", type=int, default=256)
     c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--gc-freeze", action="store_true")
     args = parser.parse_args(argv)
     if args.what == "per-image-child":
-        print(json.dumps(per_image_child(args.folder, args.batches, args.batch_size, args.workers)))
+        print(json.dumps(per_image_child(args.folder, args.batches, args.batch_size, args.workers, args.gc_freeze)))
         return []
     _header()
     return {"resume-check": bench_resume_check, "per-image": bench_per_image}[args.what](args)

@@ -145,6 +145,79 @@ def test_a_shard_truncated_after_it_was_opened(tmp_path, moments):
         ds[2]
 
 
+NUMBERED = [
+    ["00000/img00000000.png", "00000/img00000007.png", "00001/img00001000.png", "01281/img01281166.png"],
+    ["00000/img-mean-std-00000003.npy", "00002/img-mean-std-00002999.npy"],
+    ["00000/img000000001.png"],  # nine digits: the prefix is "img0"
+]
+NOT_NUMBERED = [
+    ["00000/img00000000.png", "00000/img00000001.jpg"],  # another suffix
+    ["00000/img00000000.png", "00001/img00000001.png"],  # the folder is not idx // 1000
+    ["00000/img00000000.png", "00000/img0000001.png"],  # shorter
+    ["00000/img00000000.png", "00000/img00000001.png.bak"],  # longer
+    ["00000/img00000000.png", "00000/imgx0000001.png"],  # a letter among the digits
+    ["cat/photo.png", "dog/é.png", "dog/\u732b.png"],  # free names, not ASCII
+    ["00000/img00000000.png", "00000/img0000000é.png"],
+]
+
+
+@pytest.mark.parametrize("names", NUMBERED + NOT_NUMBERED)
+def test_file_names_keep_every_name_without_a_python_object_each(names, monkeypatch):
+    from data import per_image
+    from data.per_image import FileNames
+
+    monkeypatch.setattr(per_image, "_CHUNK", 2)  # names are converted in chunks
+
+    held = FileNames(names)
+    assert len(held) == len(names) and list(held) == names and [held[i] for i in range(-len(names), 0)] == names
+    assert (held.numbers is not None) == (names in NUMBERED)
+    if held.numbers is not None:
+        assert held.numbers.tolist() == [int(n.split("/")[1][len(held.prefix):8 + len(held.prefix)]) for n in names]
+    assert held.first_difference(list(names)) is None and held.first_difference(FileNames(names)) is None
+    changed = names[:-1] + [names[-1][:-1] + "x"]
+    assert held.first_difference(FileNames(changed)) == held.first_difference(changed) == len(names) - 1
+    with pytest.raises(IndexError):
+        held[len(names)]
+
+
+def test_latent_names_follow_the_image_numbers_or_the_positions():
+    import re
+
+    from data.encode import latent_names
+    from data.per_image import FileNames
+
+    def by_hand(files):  # the rule as the docs state it: idx of img{idx}.png, else the position
+        found = [re.search(r"img(\d+)\.[A-Za-z]+$", f) for f in files]
+        idx = [int(m.group(1)) for m in found] if all(found) else []
+        idx = idx if idx and len(set(idx)) == len(idx) else range(len(files))
+        return [f"{i // 1000:05d}/img-mean-std-{i:08d}.npy" for i in idx]
+
+    for files in NUMBERED + NOT_NUMBERED + [["a/img5.png", "b/img5.png"], ["x/img12.png", "y/img3.jpg"]]:
+        assert list(latent_names(FileNames(files))) == list(latent_names(files)) == by_hand(files), files
+
+
+def test_a_large_per_image_dataset_keeps_about_16_bytes_per_item(tmp_path):
+    """numbers + labels (int64 each); a list of names held ~100 bytes per item."""
+    import gc
+    import tracemalloc
+
+    n = 20000
+    root = tmp_path / "lat"
+    root.mkdir()
+    with open(root / "dataset.json", "w") as f:
+        json.dump({"labels": [[f"{i // 1000:05d}/img-mean-std-{i:08d}.npy", i % 7] for i in range(n)]}, f)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        ds = data.open_dataset(str(root))
+        gc.collect()
+        retained, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ds.files[12345] == "00012/img-mean-std-00012345.npy" and int(ds.labels[12345]) == 12345 % 7
+    assert retained < 24 * n, retained
+
+
 def test_parent_folder_prefers_latents(tmp_path, moments):
     from PIL import Image
 
