@@ -7,11 +7,13 @@ float32 moments (8, 32, 32), 32 KiB per item, shards of 10,000 items; the smalle
 first shards of the largest one, hard-linked, so the disk holds the largest size once), then for
 each size and reader draws the same `--items` random indices through a DataLoader.
 
-Before every run the shards are made cold: `fsync`, then `posix_fadvise(POSIX_FADV_DONTNEED)`
+Before every run the shards are made cold (`--cache cold`, the default): `fsync`, then `posix_fadvise(POSIX_FADV_DONTNEED)`
 over each file (no root needed; the page cache drops the clean pages), and the fraction of
 their pages still resident is printed (`mincore`). Bytes read from disk are the `read_bytes`
 of `/proc/PID/io` of the main process and of every DataLoader worker, read before the workers
-exit: what the kernel fetched from the block device for them, readahead included.
+exit: what the kernel fetched from the block device for them, readahead included. `--cache warm`
+reads every shard once before the run instead (a dataset that fits in the page cache, after its
+first epoch).
 
 Readers:
   dataset      `data.open_dataset` (what training uses)
@@ -42,7 +44,7 @@ from bench.benchmark import write_synthetic_packed  # noqa: E402
 from bench.scale import drop_from_page_cache  # noqa: E402
 from bench.table import Table  # noqa: E402
 
-COLUMNS = [("items", "dataset items"), ("reader", "reader"), ("items_per_sec", "items/s"),
+COLUMNS = [("items", "dataset items"), ("cache", "cache"), ("reader", "reader"), ("items_per_sec", "items/s"),
            ("disk_mb", "MB read"), ("read_per_item", "read / item bytes"), ("worker_rss_mb", "worker RSS MB"),
            ("shard_rss_mb", "of it shard pages MB"), ("cpu_s", "CPU s"), ("resident_before", "cached before")]
 
@@ -190,9 +192,17 @@ def _mapped_rss(pid: int, folder: str) -> int:
     return total
 
 
-def run_one(reader: str, folder: str, indices: np.ndarray, workers: int, batch: int) -> dict:
+def make_warm(folder: str) -> None:
+    """Read every shard once, so that the run finds all of it in the page cache."""
+    for path in _shard_paths(folder):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(1 << 24):
+                pass
+
+
+def run_one(reader: str, folder: str, indices: np.ndarray, workers: int, batch: int, cache: str = "cold") -> dict:
     dataset = open_reader(reader, folder)
-    make_cold(folder)
+    (make_cold if cache == "cold" else make_warm)(folder)
     resident = resident_fraction(folder)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=indices.tolist(), num_workers=workers)
     me = os.getpid()
@@ -220,7 +230,7 @@ def run_one(reader: str, folder: str, indices: np.ndarray, workers: int, batch: 
         rss, shard_pages = [_proc_fields(me, "status")["VmRSS"]], [_mapped_rss(me, os.path.realpath(folder))]
     del it
     item_bytes = int(np.prod(dataset[0][0].shape)) * 4
-    return {"items": len(dataset), "reader": reader, "delivered": delivered, "items_per_sec": delivered / wall,
+    return {"items": len(dataset), "reader": reader, "cache": cache, "delivered": delivered, "items_per_sec": delivered / wall,
             "seconds": wall, "disk_mb": disk / 1e6, "read_per_item": disk / (delivered * item_bytes),
             "worker_rss_mb": max(rss) / 1024, "shard_rss_mb": max(shard_pages) / 1024, "cpu_s": cpu,
             "resident_before": f"{resident:.1%}"}
@@ -234,6 +244,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--items", type=int, default=20000, help="random items delivered per run")
     parser.add_argument("--readers", nargs="+", default=["mmap", "mmap-random", "dataset"])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache", nargs="+", choices=["cold", "warm"], default=["cold"],
+                        help="cold: the shards dropped from the page cache before each run; warm: read once before")
     parser.add_argument("--latent-size", type=int, default=32, help="h = w of the (8, h, w) moments (32: 256 px)")
     parser.add_argument("--shard-size", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -247,7 +259,7 @@ def main(argv=None) -> list[dict]:
         parser.error("--keep needs --dir")
     root = (os.path.join(args.dir, "bench-loader-io") if args.keep
             else tempfile.mkdtemp(prefix="bench-loader-io-", dir=args.dir))
-    table = Table(f"packed loader, cold cache, {args.items} random items, {args.workers} workers, "
+    table = Table(f"packed loader, {args.items} random items, {args.workers} workers, "
                   f"batch {args.batch_size}", COLUMNS)
     try:
         existing = {n: os.path.join(root, f"packed-{n}") for n in args.sizes}
@@ -257,8 +269,9 @@ def main(argv=None) -> list[dict]:
             folders = make_datasets(root, args.sizes, args.latent_size, args.shard_size)
         for n in sorted(args.sizes):
             indices = np.random.default_rng(0).permutation(n)[:args.items]
-            for reader in args.readers:
-                table.add(run_one(reader, folders[n], indices, args.workers, args.batch_size))
+            for cache in args.cache:
+                for reader in args.readers:
+                    table.add(run_one(reader, folders[n], indices, args.workers, args.batch_size, cache))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cores": os.cpu_count(),

@@ -74,9 +74,10 @@ def missing_pngs(run_dir: Path, indices, size: int, threads: int = 8) -> list[in
     `threads` threads: mostly waiting for the disk (or a network file system), and CRCs of large
     buffers release the GIL, so more threads than cores pay off, as in `write_npz_from_pngs`."""
     indices = list(indices)
+    blocks = [indices[k:k + 256] for k in range(0, len(indices), 256)]  # one future per block: memory stays flat
     with ThreadPoolExecutor(threads) as pool:
-        done = pool.map(lambda i: is_complete_png(png_path(run_dir, i), size), indices, chunksize=64)
-        return [i for i, ok in zip(indices, done) if not ok]
+        found = pool.map(lambda block: [i for i in block if not is_complete_png(png_path(run_dir, i), size)], blocks)
+        return [i for part in found for i in part]
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:

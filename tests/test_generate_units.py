@@ -167,6 +167,8 @@ def test_resume_check_finds_every_damaged_png(tmp_path):
     expected = [i for i in indices if not is_complete_png(png_path(tmp_path, i), size)]
     assert expected == [i for i in indices if i >= 3]  # the gaps 3..9 and the damaged ones
     assert missing_pngs(tmp_path, indices, size, threads=3) == expected == missing_pngs(tmp_path, indices, size)
+    write_png_atomic(png_path(tmp_path, 700), images[2])  # past the first blocks of 256
+    assert missing_pngs(tmp_path, range(1000), size) == [i for i in range(1000) if i not in (0, 1, 2, 700)]
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
