@@ -13,9 +13,9 @@ index.json is written last: a folder without it is an unfinished encode, not a d
 
 Training reads rows with positioned reads (`os.preadv` into the item's buffer) on files advised
 POSIX_FADV_RANDOM, not through a memory map: a page fault on a map makes the kernel read ahead
-(up to `read_ahead_kb`, 8 MiB on some hosts), so shuffled access to a dataset larger than the
-page cache read 16x the bytes it delivered (bench/loader_io.py, docs/PERFORMANCE.md), and the
-mapped pages stayed in every worker's RSS. A positioned read fetches exactly the row.
+(up to `read_ahead_kb`, 8 MiB on some hosts), so shuffled access on a cold cache read 16x the
+bytes it delivered from 320k items (bench/loader_io.py, docs/PERFORMANCE.md), and the mapped
+pages stayed in every worker's RSS. A positioned read fetches the pages of the row only.
 
 A missing or truncated shard, one of another shape or dtype than index.json says, a row with
 NaN/inf or a label out of range raises CorruptSampleError for the items concerned.
