@@ -4,7 +4,7 @@
         --resolution 256x256 --transform center-crop-dhariwal
     python dataset_tools.py encode --source data/images --dest data/vae-sd
     torchrun --nproc_per_node 8 dataset_tools.py encode --source data/images --dest data/vae-sd
-    python dataset_tools.py verify data/vae-sd      # every item readable? exit 1 when not
+    python dataset_tools.py verify data/vae-sd      # every item readable? exit 1 when not (writes nothing)
 
 Both steps resume when rerun. Exit status: 0 done; 2 bad input (nothing written) or a destination
 that cannot be written (read-only, no permission); 1 a full disk or quota (the complete files are
@@ -55,8 +55,9 @@ def _parse(argv=None) -> argparse.Namespace:
     ver = sub.add_parser("verify", help="check every item of a dataset (images or latents); exit 1 on problems")
     ver.add_argument("path", help="dataset folder or .zip (output of convert or encode)")
     ver.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
-    ver.add_argument("--report", default=None,
-                     help="report path (default: DIR/verify_report.json, or DIR.zip.verify_report.json)")
+    ver.add_argument("--report", default=None, metavar="FILE",
+                     help="write the full report (JSON) to FILE; '-' prints it instead of the summary. Default: "
+                          "none; nothing is ever written into the dataset")
     ver.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -79,9 +80,15 @@ def main(argv=None) -> int:
         elif args.command == "verify":
             from data.verify import format_summary, verify_dataset
 
-            summary = verify_dataset(args.path, workers=args.workers, report=args.report,
+            to_stdout = args.report == "-"
+            summary = verify_dataset(args.path, workers=args.workers, report=None if to_stdout else args.report,
                                      progress=not args.no_progress)
-            print(format_summary(summary))
+            if to_stdout:
+                import json
+
+                print(json.dumps(summary["report_data"], indent=1))
+            else:
+                print(format_summary(summary))
             return 1 if summary["num_problems"] else 0
         else:
             from data.encode import encode_dataset, format_summary

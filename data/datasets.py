@@ -22,7 +22,8 @@ EXPECTED = (
 )
 
 
-def _first_file(path: str, is_zip: bool) -> str:
+def _open_per_image(path: str, is_zip: bool):
+    """The per-image dataset at `path`, its dataset.json parsed once: latents if its files are .npy."""
     if is_zip:
         zf = ZipReader(path)
         try:
@@ -32,7 +33,9 @@ def _first_file(path: str, is_zip: bool) -> str:
     else:
         with open(os.path.join(path, "dataset.json"), "rb") as f:
             raw = f.read()
-    return parse_dataset_json(raw, repr(os.path.join(path, "dataset.json")))[0][0]
+    parsed = parse_dataset_json(raw, repr(os.path.join(path, "dataset.json")))
+    cls = LatentFolderDataset if parsed[0][0].lower().endswith(".npy") else ImageFolderDataset
+    return cls(path, parsed)
 
 
 def _has_dataset_json(path: str, is_zip: bool) -> bool:
@@ -61,9 +64,7 @@ def open_dataset(path, kind: str | None = None):
     if not is_zip and is_packed(path):
         dataset = PackedLatentDataset(path)
     elif _has_dataset_json(path, is_zip):
-        first = _first_file(path, is_zip)
-        cls = LatentFolderDataset if first.lower().endswith(".npy") else ImageFolderDataset
-        dataset = cls(path)
+        dataset = _open_per_image(path, is_zip)
     elif not is_zip:
         for wanted in ("latents", "images") if kind is None else (kind,):
             for sub in SUBFOLDERS[wanted]:

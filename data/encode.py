@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import packed as packed_fmt
 from .datasets import open_dataset
-from .per_image import latent_relpath
+from .per_image import LATENT_NAME, FileNames
 from .storage import atomic_save_npy, atomic_write_json, destination_writes, remove_temp_files
 from .vae import SHORT_NAMES, encode_moments, load_vae
 from utils.distributed import setup_distributed
@@ -58,15 +58,19 @@ class _ByPosition(Dataset):
         return pos, self.dataset[pos][0]
 
 
-def latent_names(image_files: list[str]) -> list[str]:
-    """Per-image latent file for each image: same idx as `img{idx}.png`, or the position."""
-    indices = []
-    for f in image_files:
-        m = _IMAGE_INDEX.search(f)
-        indices.append(int(m.group(1)) if m else None)
-    if None in indices or len(set(indices)) != len(indices):
-        indices = list(range(len(image_files)))
-    return [latent_relpath(i) for i in indices]
+def latent_names(image_files) -> FileNames:
+    """Per-image latent file for each image: same idx as `img{idx}.png`, or the position (when an
+    image name has no number or two share one)."""
+    numbers = getattr(image_files, "numbers", None)
+    if numbers is None or not image_files.prefix.endswith("img") or not image_files.suffix[1:].isalpha():
+        numbers = []
+        for f in image_files:
+            m = _IMAGE_INDEX.search(f)
+            numbers.append(int(m.group(1)) if m else -1)
+        numbers = np.asarray(numbers, dtype=np.int64)
+    if (numbers < 0).any() or np.unique(numbers).size != numbers.size:
+        numbers = np.arange(len(image_files))
+    return FileNames.numbered(numbers, *LATENT_NAME)
 
 
 def _check_settings(dest: str, settings: dict) -> None:

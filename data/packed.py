@@ -11,6 +11,12 @@
 Shards are ordinary .npy files (np.load(..., mmap_mode="r") reads them without copying).
 index.json is written last: a folder without it is an unfinished encode, not a dataset.
 
+Training reads rows with positioned reads (`os.preadv` into the item's buffer) on files advised
+POSIX_FADV_RANDOM, not through a memory map: a page fault on a map makes the kernel read ahead
+(up to `read_ahead_kb`, 8 MiB on some hosts), so shuffled access on a cold cache read 16x the
+bytes it delivered from 320k items (bench/loader_io.py, docs/PERFORMANCE.md), and the mapped
+pages stayed in every worker's RSS. A positioned read fetches the pages of the row only.
+
 A missing or truncated shard, one of another shape or dtype than index.json says, a row with
 NaN/inf or a label out of range raises CorruptSampleError for the items concerned.
 """
@@ -118,9 +124,26 @@ def shard_is_complete(folder: str, shard: int, count: int, item_shape=None) -> b
     return arr.ndim == 4 and arr.shape[0] == count
 
 
+def _read_at(file, buffer: memoryview, offset: int) -> int:
+    """Fill `buffer` from byte `offset` of `file` (no shared file position: safe across fork);
+    returns the bytes read (fewer only at the end of the file)."""
+    done = 0
+    while done < len(buffer):
+        if hasattr(os, "preadv"):
+            n = os.preadv(file.fileno(), [buffer[done:]], offset + done)
+        else:  # no positioned reads (Windows): each process opens its own files, see PackedLatentDataset._file
+            file.seek(offset + done)
+            n = file.readinto(buffer[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
 class PackedLatentDataset(Dataset):
-    """Packed moments; item = (float32 (8, h, w) = mean || std, label). Shards are memory-mapped
-    lazily in each process (DataLoader workers included) and never pickled."""
+    """Packed moments; item = (float32 (8, h, w) = mean || std, label). Shards are opened lazily in
+    each process (DataLoader workers included) and read row by row with positioned reads; open
+    files are never pickled or shared with a forked child."""
 
     kind = "latents"
 
@@ -142,28 +165,57 @@ class PackedLatentDataset(Dataset):
         self.item_shape = tuple(index["item_shape"])
         self._shards = index["shards"]
         self._starts = [s["start"] for s in self._shards]
-        self._arrays: dict[int, np.ndarray] = {}
+        self._row_bytes = 4 * int(np.prod(self.item_shape))
+        self._files: dict[int, tuple] = {}  # shard -> (open file, byte offset of row 0)
+        self._pid = os.getpid()
         if len(self.labels) != index["num_items"] or index["num_items"] == 0:
             raise ValueError(f"{self.path!r}: labels.npy has {len(self.labels)} entries, "
                              f"index.json says {index['num_items']}")
 
-    def _array(self, shard: int) -> np.ndarray:
-        """The memory-mapped shard; ValueError(reason) when it is missing or does not match index.json."""
-        arr = self._arrays.get(shard)
-        if arr is None:
+    def _file(self, shard: int) -> tuple:
+        """(open shard file, offset of its first row); ValueError(reason) when the file is missing or
+        does not match index.json. Opened once per process: a forked worker opens its own."""
+        if self._pid != os.getpid():
+            self._files, self._pid = {}, os.getpid()
+        entry = self._files.get(shard)
+        if entry is None:
             info = self._shards[shard]
             try:
-                arr = np.load(os.path.join(self.path, info["file"]), mmap_mode="r", allow_pickle=False)
+                f = open(os.path.join(self.path, info["file"]), "rb", buffering=0)
             except FileNotFoundError:
                 raise ValueError("the shard file is missing") from None
-            except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"the shard is not a readable .npy array ({type(e).__name__}: {e}); "
-                                 "truncated or damaged?") from None
-            expected = (info["count"], *self.item_shape)
-            if arr.shape != expected or arr.dtype != np.float32:
-                raise ValueError(f"the shard holds {arr.dtype} {arr.shape}, index.json says float32 {expected}")
-            self._arrays[shard] = arr
-        return arr
+            try:
+                entry = (f, self._check_header(f, info["count"]))
+            except BaseException:
+                f.close()
+                raise
+            if hasattr(os, "posix_fadvise"):  # no readahead: rows are read in random order
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            self._files[shard] = entry
+        return entry
+
+    def _check_header(self, f, count: int) -> int:
+        """Offset of row 0 after checking the .npy header and the file size against index.json."""
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, dtype = read_header(f)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"the shard is not a readable .npy array ({type(e).__name__}: {e}); "
+                             "truncated or damaged?") from None
+        expected = (count, *self.item_shape)
+        if tuple(shape) != expected or dtype != np.float32 or fortran:
+            order = ", Fortran order" if fortran else ""
+            raise ValueError(f"the shard holds {dtype} {tuple(shape)}{order}, index.json says float32 {expected}")
+        start = f.tell()
+        size = os.fstat(f.fileno()).st_size
+        if size < start + count * self._row_bytes:
+            raise ValueError(f"the shard is not a readable .npy array (it holds {size} bytes, its header needs "
+                             f"{start + count * self._row_bytes}); truncated or damaged?")
+        return start
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -184,16 +236,22 @@ class PackedLatentDataset(Dataset):
     def __getitem__(self, i: int):
         shard, row = self._locate(i)
         try:
-            x = check_latent(np.array(self._array(shard)[row], dtype=np.float32))
+            f, start = self._file(shard)
+            x = np.empty(self.item_shape, dtype=np.float32)
+            if _read_at(f, memoryview(x).cast("B"), start + row * self._row_bytes) < self._row_bytes:
+                raise ValueError("the shard ended before this row (truncated since it was opened?)")
+            x = check_latent(x)
         except ValueError as e:
             raise CorruptSampleError(i, self.sample_path(i), str(e)) from None
+        except OSError as e:
+            raise CorruptSampleError(i, self.sample_path(i), f"cannot read the shard: {e}") from None
         return torch.from_numpy(x), checked_label(self, i, f"labels.npy; index.json says {self.num_classes} classes")
 
     load_item = __getitem__  # the shape is checked per shard
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_arrays"] = {}
+        state["_files"] = {}
         return state
 
     def __repr__(self) -> str:

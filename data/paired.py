@@ -27,16 +27,18 @@ from torch.utils.data import Dataset
 from .datasets import SUBFOLDERS, open_dataset
 from .encode import latent_names
 from .packed import PackedLatentDataset
-from .per_image import ImageFolderDataset
+from .per_image import FileNames, ImageFolderDataset
 
 VAE_FACTOR = 8  # SD-VAE: an H x W image has an H/8 x W/8 latent
 
 
-def _norm(name: str) -> str:
-    return str(name).replace("\\", "/")
+def _names(names) -> FileNames:
+    """`names` as FileNames with Windows separators written as '/' (a numbered FileNames has none)."""
+    names = names if isinstance(names, FileNames) else FileNames(names)
+    return names if names.numbers is not None else FileNames([str(n).replace("\\", "/") for n in names])
 
 
-def _source_names(images: ImageFolderDataset, latents) -> Optional[tuple[list[str], list[str], str]]:
+def _source_names(images: ImageFolderDataset, latents) -> Optional[tuple[FileNames, FileNames, str]]:
     """(expected latent-side names, recorded latent-side names, what they are), or None if unrecorded."""
     if isinstance(latents, PackedLatentDataset):
         files_name = latents.index.get("files")
@@ -44,10 +46,10 @@ def _source_names(images: ImageFolderDataset, latents) -> Optional[tuple[list[st
         if path is None or not os.path.isfile(path):
             return None
         with open(path) as f:
-            recorded = [_norm(n) for n in json.load(f)]
-        return [_norm(n) for n in images.files], recorded, "source image (files.json)"
+            recorded = _names(json.load(f))
+        return _names(images.files), recorded, "source image (files.json)"
     if hasattr(latents, "files"):
-        return latent_names(images.files), [_norm(n) for n in latents.files], "latent file name"
+        return latent_names(images.files), _names(latents.files), "latent file name"
     return None
 
 
@@ -97,11 +99,11 @@ class PairedDataset(Dataset):
         names = _source_names(self.images, self.latents)
         if names is not None:
             expected, recorded, what = names
-            for i, (want, got) in enumerate(zip(expected, recorded)):
-                if want != got:
-                    raise ValueError(f"{self._where()} do not match: index {i} is image {self.images.files[i]!r}, "
-                                     f"whose {what} would be {want!r}, but the latents have {got!r}; encode the "
-                                     "same images dataset again")
+            i = expected.first_difference(recorded)
+            if i is not None:
+                raise ValueError(f"{self._where()} do not match: index {i} is image {self.images.files[i]!r}, "
+                                 f"whose {what} would be {expected[i]!r}, but the latents have {recorded[i]!r}; "
+                                 "encode the same images dataset again")
 
     def _check_shapes(self, resolution: Optional[int]) -> None:
         c, h, w = self.image_shape

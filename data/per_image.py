@@ -5,7 +5,10 @@
     latents: {idx//1000:05d}/img-mean-std-{idx:08d}.npy   -> float32 (8, h, w) = mean || std
 
 Items are the `labels` entries in order; `num_classes` is `len(classes)` when dataset.json
-lists them (empty class folders count), else `max(label) + 1`.
+lists them (empty class folders count), else `max(label) + 1`. No Python object is kept per
+item (`FileNames`: numbers when the names follow the layout above, else one fixed-width byte
+array; labels in an int64 array): DataLoader workers forked from the process share these
+pages instead of copying the ones whose reference counts they touch.
 
 A file that is missing, cannot be decoded, has another shape than the dataset's (that of the
 first readable item, or the run's configured shape: `expect_item_shape`), non-finite values, or a
@@ -20,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -31,8 +35,7 @@ from .storage import ZipReader
 from .transforms import to_rgb
 
 
-def latent_relpath(idx: int) -> str:
-    return f"{idx // 1000:05d}/img-mean-std-{idx:08d}.npy"
+LATENT_NAME = ("img-mean-std-", ".npy")  # (prefix, suffix) of encode's per-image files
 
 
 def _leaves(relpath: str) -> bool:
@@ -43,9 +46,90 @@ def _leaves(relpath: str) -> bool:
     return ".." in relpath and ".." in relpath.replace("\\", "/").split("/")
 
 
-def parse_dataset_json(raw: bytes, where: str) -> tuple[list[str], list[int], list | None]:
-    """(files, labels, classes) of a dataset.json's bytes; ValueError naming `where` (the file)
-    when it is not what convert / encode write."""
+_CHUNK = 65536  # names converted at a time: the temporary arrays stay small
+_NUMBERED = re.compile(r"\d{5}/([^/]*?)\d{8}(\.[A-Za-z0-9]+)")
+
+
+class FileNames:
+    """The relative paths of a dataset's items, `names[i] -> str`, held without a Python object per
+    name: `numbers` (int64, one per item) with `prefix` and `suffix` when every name is
+    `{n//1000:05d}/{prefix}{n:08d}{suffix}` (convert's and encode's layout, gaps allowed), else
+    the UTF-8 names in one fixed-width numpy byte array (`numbers` is None)."""
+
+    def __init__(self, names):
+        self.numbers, self.prefix, self.suffix, self._bytes = None, "", "", None
+        first = _NUMBERED.fullmatch(names[0]) if len(names) else None
+        if first is not None:
+            self.numbers = _layout_numbers(names, first.group(1), first.group(2))
+            self.prefix, self.suffix = first.group(1), first.group(2)
+        if self.numbers is None:
+            width = max((len(n.encode("utf-8")) for n in names), default=1)
+            self._bytes = np.empty(len(names), dtype=f"S{width}")
+            for start in range(0, len(names), _CHUNK):  # the str array of a chunk holds 4 bytes per character
+                self._bytes[start:start + _CHUNK] = np.char.encode(np.asarray(names[start:start + _CHUNK], dtype=str),
+                                                                   "utf-8")
+
+    @classmethod
+    def numbered(cls, numbers, prefix: str, suffix: str) -> "FileNames":
+        names = cls([])
+        names.numbers, names.prefix, names.suffix = np.asarray(numbers, dtype=np.int64), prefix, suffix
+        return names
+
+    def __len__(self) -> int:
+        return len(self.numbers) if self.numbers is not None else len(self._bytes)
+
+    def __getitem__(self, i) -> str:
+        if self.numbers is None:
+            return self._bytes[i].decode("utf-8")
+        n = int(self.numbers[i])
+        return f"{n // 1000:05d}/{self.prefix}{n:08d}{self.suffix}"
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def first_difference(self, other) -> int | None:
+        """The first index where `other` (a FileNames or a sequence of str) names another file, or
+        None when all agree over their common length; vectorised when both are numbered alike."""
+        if (isinstance(other, FileNames) and self.numbers is not None and other.numbers is not None
+                and (self.prefix, self.suffix) == (other.prefix, other.suffix)):
+            n = min(len(self), len(other))
+            diff = np.flatnonzero(self.numbers[:n] != other.numbers[:n])
+            return int(diff[0]) if diff.size else None
+        return next((i for i, (a, b) in enumerate(zip(self, other)) if a != b), None)
+
+
+def _layout_numbers(names, prefix: str, suffix: str):
+    """int64 n of each `{n//1000:05d}/{prefix}{n:08d}{suffix}` name, or None if one does not fit;
+    checked one byte column at a time over all names (no per-name Python work, little memory)."""
+    template = f"00000/{prefix}00000000{suffix}".encode()
+    width = len(template)
+    digits = set(range(5)) | set(range(6 + len(prefix), 14 + len(prefix)))
+    numbers = np.zeros(len(names), np.int64)
+    for start in range(0, len(names), _CHUNK):
+        try:  # one byte more than the template: a longer name leaves a non-zero byte there
+            raw = np.asarray(names[start:start + _CHUNK], dtype=f"S{width + 1}").view(np.uint8).reshape(-1, width + 1)
+        except UnicodeEncodeError:
+            return None
+        folder, part = np.zeros(len(raw), np.int64), numbers[start:start + len(raw)]
+        for c in range(width + 1):
+            column = raw[:, c]
+            if c in digits:
+                digit = column - np.uint8(ord("0"))  # wraps around below "0"
+                if (digit > 9).any():
+                    return None
+                acc = folder if c < 5 else part
+                acc *= 10
+                acc += digit
+            elif (column != (template[c] if c < width else 0)).any():
+                return None
+        if (folder != part // 1000).any():
+            return None
+    return numbers
+
+
+def parse_dataset_json(raw: bytes, where: str) -> tuple[FileNames, np.ndarray, list | None]:
+    """(files, labels int64, classes) of a dataset.json's bytes; ValueError naming `where` (the
+    file) when it is not what convert / encode write."""
     try:
         meta = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
@@ -73,24 +157,26 @@ def parse_dataset_json(raw: bytes, where: str) -> tuple[list[str], list[int], li
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise ValueError(f"{where}: \"classes\" must be a list of class names, got "
                          f"{type(classes).__name__} {json.dumps(classes)[:40]}")
-    return files, values, classes
+    return FileNames(files), np.asarray(values, dtype=np.int64), classes
 
 
 class _PerImageDataset(Dataset):
     kind = ""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, parsed: tuple | None = None):
+        """`parsed`: `parse_dataset_json` of this dataset's dataset.json, when the caller has it already."""
         self.path = os.fspath(path)
         self._zip = ZipReader(self.path) if os.path.isfile(self.path) else None
-        try:
-            raw = self._read("dataset.json")
-        except (FileNotFoundError, KeyError):
-            raise ValueError(
-                f"{self.path!r} has no dataset.json; expected the output of `dataset_tools.py convert` "
-                "(images) or `dataset_tools.py encode` (latents)"
-            ) from None
-        self.files, labels, self.classes = parse_dataset_json(raw, repr(os.path.join(self.path, "dataset.json")))
-        self.labels = np.asarray(labels, dtype=np.int64)
+        if parsed is None:
+            try:
+                raw = self._read("dataset.json")
+            except (FileNotFoundError, KeyError):
+                raise ValueError(
+                    f"{self.path!r} has no dataset.json; expected the output of `dataset_tools.py convert` "
+                    "(images) or `dataset_tools.py encode` (latents)"
+                ) from None
+            parsed = parse_dataset_json(raw, repr(os.path.join(self.path, "dataset.json")))
+        self.files, self.labels, self.classes = parsed
         self.num_classes = len(self.classes) if self.classes else int(self.labels.max()) + 1
         self._item_shape = None
         self._shape_source = "that of its first readable item"

@@ -5,8 +5,9 @@ item goes through the reader's own checks (decodable, dtype, finite, label in ra
 data/robust.py), and its shape is compared with the most common shape. Packed datasets also
 get their `files.json` checked against `index.json`.
 
-The report has the layout of convert's `conversion_report.json` (a list of {"file", "reason"}),
-written to `DIR/verify_report.json` (a ZIP: `DIR.zip.verify_report.json`)::
+Nothing is written into the dataset (it may be read-only or shared): the summary and the first
+problems are printed, and the full report goes where `report` says (`--report FILE`; `-` prints
+it as JSON). It has the layout of convert's `conversion_report.json` (a list of {"file", "reason"})::
 
     {"status": "complete", "source": ..., "kind": "images", "format": "per-image",
      "num_items": N, "item_shape": [3, 256, 256], "num_classes": K, "classes": [...],
@@ -20,12 +21,11 @@ import multiprocessing
 import os
 import time
 
+from .convert import shown
 from .datasets import open_dataset
 from .packed import PackedLatentDataset
 from .robust import CorruptSampleError
 from .storage import atomic_write_json, destination_writes
-
-REPORT_NAME = "verify_report.json"
 
 _DATASET = None  # opened once in each worker process
 
@@ -49,11 +49,6 @@ def _check_range(bounds: tuple[int, int]):
     return bounds, dict(shapes), problems
 
 
-def default_report_path(path: str) -> str:
-    path = os.path.abspath(path)
-    return path + "." + REPORT_NAME if os.path.isfile(path) else os.path.join(path, REPORT_NAME)
-
-
 def _relative(dataset_path: str, path: str) -> str:
     prefix = dataset_path.rstrip("/\\") + os.sep
     return path[len(prefix):] if path.startswith(prefix) else path
@@ -74,8 +69,10 @@ def _packed_extras(dataset: PackedLatentDataset) -> list[dict]:
 
 
 def verify_dataset(path: str, workers: int | None = None, report: str | None = None, progress: bool = True) -> dict:
-    """Check every item of the dataset at `path`; write the report; return a summary dict with
-    `num_items`, `num_problems`, `problems`, `item_shape`, `seconds`, `report`."""
+    """Check every item of the dataset at `path`; write the report to the file `report` when given
+    (never into the dataset otherwise); return a summary dict with `num_items`, `num_problems`,
+    `problems`, `item_shape`, `seconds`, `report` (the path written, or None) and `report_data`
+    (what the report file holds)."""
     start = time.time()
     dataset = open_dataset(path)  # layout errors (no dataset.json, ...) raise ValueError here
     n = len(dataset)
@@ -121,31 +118,38 @@ def verify_dataset(path: str, workers: int | None = None, report: str | None = N
     classes = list(dataset.classes) if dataset.classes else None
     present = collections.Counter(int(v) for v in dataset.labels)
     empty = [c for k, c in enumerate(classes) if not present[k]] if classes else []
-    report_path = report or default_report_path(path)
-    with destination_writes(report_path, "--report"):
-        atomic_write_json(report_path, {
-            "status": "complete",
-            "source": os.path.abspath(path),
-            "kind": dataset.kind,
-            "format": "packed" if isinstance(dataset, PackedLatentDataset) else "per-image",
-            "num_items": n,
-            "item_shape": list(common) if common else None,
-            "num_classes": int(dataset.num_classes),
-            "classes": classes,
-            "empty_classes": empty,
-            "num_problems": len(problems),
-            "problems": problems,
-        })
+    report_data = {
+        "status": "complete",
+        "source": os.path.abspath(path),
+        "kind": dataset.kind,
+        "format": "packed" if isinstance(dataset, PackedLatentDataset) else "per-image",
+        "num_items": n,
+        "item_shape": list(common) if common else None,
+        "num_classes": int(dataset.num_classes),
+        "classes": classes,
+        "empty_classes": empty,
+        "num_problems": len(problems),
+        "problems": problems,
+    }
+    if report:
+        with destination_writes(report, "--report"):
+            atomic_write_json(report, report_data)
     return {"num_items": n, "num_problems": len(problems), "problems": problems, "item_shape": common,
-            "kind": dataset.kind, "seconds": time.time() - start, "workers": workers, "report": report_path}
+            "kind": dataset.kind, "seconds": time.time() - start, "workers": workers, "report": report or None,
+            "report_data": report_data}
 
 
-def format_summary(summary: dict) -> str:
-    """One line: counts, time, report path, and the first problem."""
+def format_summary(summary: dict, listed: int = 10) -> str:
+    """The counts and time, then one line per problem (the first `listed`; names that hold a newline
+    are escaped, so each problem stays one line), and where the full report is."""
     shape = "x".join(map(str, summary["item_shape"])) if summary["item_shape"] else "none readable"
-    line = (f"verify: {summary['num_items']} {summary['kind']} items ({shape}) checked in {summary['seconds']:.1f} s "
-            f"with {summary['workers']} worker(s): {summary['num_problems']} problem(s) -> {summary['report']}")
-    if summary["problems"]:
-        first = summary["problems"][0]
-        line += f"; first: {first['file']}: {first['reason']}"
-    return line
+    lines = [f"verify: {summary['num_items']} {summary['kind']} items ({shape}) checked in {summary['seconds']:.1f} s "
+             f"with {summary['workers']} worker(s): {summary['num_problems']} problem(s)"]
+    for problem in summary["problems"][:listed]:
+        lines.append(f"  {shown(problem['file'])}: {shown(problem['reason'])}")
+    more = summary["num_problems"] - listed
+    if summary["report"]:
+        lines.append(f"  full report: {shown(summary['report'])}")
+    elif more > 0:
+        lines.append(f"  ... {more} more (--report FILE writes them all as JSON)")
+    return "\n".join(lines)

@@ -4,8 +4,9 @@ PNGs atomically, then assemble the .npz in index order on rank 0.
 Guarantees
 - Sample i's label, starting noise and SDE noise depend only on (seed, i) (and N for balanced
   labels), never on the number of processes or the batch size.
-- Resumable: an existing, fully decodable `{i:06d}.png` is kept; only missing or broken ones
-  are generated again. Partial writes never carry a final name.
+- Resumable: an existing `{i:06d}.png` with intact chunks (images.is_complete_png: structure and
+  CRCs, not a decode) is kept; only missing or damaged ones are generated again. Partial writes
+  never carry a final name.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from utils.atomic import reported_write_errors
 from utils.regular_files import NotRegularFile, check_regular
 from utils.distributed import DistContext, setup_distributed
 from utils.threads import using_cpu_threads
-from .images import (is_complete_png, npz_is_complete, png_path, remove_stale_temporaries,
-                     write_npz_from_pngs, write_png_atomic)
+from .images import (missing_pngs, npz_is_complete, png_path, remove_stale_temporaries, write_npz_from_pngs,
+                     write_png_atomic)
 from .labels import class_labels
 from .model_loading import load_sampling_model
 from .provenance import RunRecord
@@ -81,8 +82,7 @@ class Decoder:
 
 def find_missing(run_dir: Path, num_samples: int, size: int, ctx: DistContext) -> list[int]:
     """Indices without a complete PNG; the check is split over the ranks and the result shared."""
-    mine = [i for i in range(ctx.rank, num_samples, ctx.world_size)
-            if not is_complete_png(png_path(run_dir, i), size)]
+    mine = missing_pngs(run_dir, range(ctx.rank, num_samples, ctx.world_size), size)
     return sorted(i for part in ctx.all_gather_object(mine) for i in part)
 
 

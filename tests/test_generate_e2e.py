@@ -114,11 +114,16 @@ def test_resume_keeps_finished_images_and_makes_missing_ones(ckpt, reference, tm
     (run_dir / "000007.png").unlink()
     truncated = run_dir / "000005.png"
     truncated.write_bytes(truncated.read_bytes()[:40])  # a run killed mid-write (without rename)
+    (run_dir / "000000.png").write_bytes(b"")  # a file the disk lost
+    flipped = bytearray((run_dir / "000003.png").read_bytes())
+    flipped[len(flipped) // 2] ^= 0x10  # damaged inside the image data
+    (run_dir / "000003.png").write_bytes(bytes(flipped))
     (run_dir / ".tmp-123-000006.png").write_bytes(b"partial")
     (tmp_path / "run.npz").unlink()
-    kept = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("0*.png") if p.name != "000005.png"}
+    damaged = {"000000.png", "000003.png", "000005.png"}
+    kept = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("0*.png") if p.name not in damaged}
     second = _run(ckpt, tmp_path, method="sde", per_proc_batch_size=3)
-    assert second["generated"] == 3
+    assert second["generated"] == 5
     assert _pngs(run_dir) == _pngs(ref_out / "run")
     assert {n: (run_dir / n).stat().st_mtime_ns for n in kept} == kept  # untouched
     assert not list(run_dir.glob(".tmp-*"))

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from generation.config import GenerateConfig, GenerationError, default_run_name, resolve_config, validate_config
-from generation.images import (is_complete_png, npz_is_complete, png_path, write_npz_from_pngs,
+from generation.images import (is_complete_png, missing_pngs, npz_is_complete, png_path, write_npz_from_pngs,
                                write_png_atomic)
 from generation.labels import class_labels
 from generation.noise import derive_seed, initial_noise, sde_generators
@@ -121,6 +121,57 @@ def test_png_check_and_npz_stream(tmp_path):
         assert np.array_equal(f["arr_1"], np.arange(5))
     assert npz_is_complete(npz, (5, 6, 6, 3)) and not npz_is_complete(npz, (4, 6, 6, 3))
     assert not npz_is_complete(tmp_path / "none.npz", (5, 6, 6, 3))
+
+
+def _damaged_pngs(good: bytes, size: int) -> dict:
+    """name -> bytes of a file that must not count as a finished size x size sample."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    def encoded(mode, width, height, fmt="PNG"):
+        buf = BytesIO()
+        Image.new(mode, (width, height)).save(buf, fmt)
+        return buf.getvalue()
+
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    return {
+        "zero bytes": b"",
+        "garbage": bytes(range(256)) * 4,
+        "truncated": good[:-13],
+        "truncated header": good[:30],
+        "no IEND": good[:-12],
+        "bytes after IEND": good + b"\0",
+        "one bit flipped in IDAT": bytes(flipped),
+        "wrong size": encoded("RGB", size + 1, size),
+        "RGBA": encoded("RGBA", size, size),
+        "grey": encoded("L", size, size),
+        "16-bit": encoded("I;16", size, size),
+        "JPEG": encoded("RGB", size, size, "JPEG"),
+    }
+
+
+def test_resume_check_finds_every_damaged_png(tmp_path):
+    """A file under its final name counts as finished only if it is intact (the decoder, which the
+    check replaced, reads some of these without complaint: a cut CRC, a flipped bit in IDAT)."""
+    size = 6
+    images = np.random.default_rng(1).integers(0, 256, size=(3, size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        write_png_atomic(png_path(tmp_path, i), image)
+    good = png_path(tmp_path, 0).read_bytes()
+    damaged = _damaged_pngs(good, size)
+    for k, (what, payload) in enumerate(damaged.items()):
+        path = png_path(tmp_path, 10 + k)
+        path.write_bytes(payload)
+        assert not is_complete_png(path, size), what
+    assert all(is_complete_png(png_path(tmp_path, i), size) for i in range(3))
+    indices = range(10 + len(damaged) + 2)
+    expected = [i for i in indices if not is_complete_png(png_path(tmp_path, i), size)]
+    assert expected == [i for i in indices if i >= 3]  # the gaps 3..9 and the damaged ones
+    assert missing_pngs(tmp_path, indices, size, threads=3) == expected == missing_pngs(tmp_path, indices, size)
+    write_png_atomic(png_path(tmp_path, 700), images[2])  # past the first blocks of 256
+    assert missing_pngs(tmp_path, range(1000), size) == [i for i in range(1000) if i not in (0, 1, 2, 700)]
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

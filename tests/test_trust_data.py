@@ -185,16 +185,18 @@ def test_corrupt_sample_error_survives_the_dataloader_reraise():
     assert (copy.index, copy.path, copy.reason) == (3, "a/b.png", "broken")
 
 
-def test_verify_finds_every_problem_and_writes_the_report(tmp_path, capsys):
+def test_verify_finds_every_problem_and_writes_the_report_only_where_asked(tmp_path, capsys):
     import dataset_tools
 
     images = str(tmp_path / "images")
     _image_dataset(images)
+    before = sorted(os.listdir(images))
     summary = verify_dataset(images, workers=2, progress=False)
     found = {p["file"]: p["reason"] for p in summary["problems"]}
     assert set(found) == {f"00000/img{i:08d}.png" for i in BAD_IMAGES}
     assert "not a decodable image" in found["00000/img00000001.png"] and "(3, 6, 8)" in found["00000/img00000004.png"]
-    report = json.load(open(os.path.join(images, "verify_report.json")))
+    assert summary["report"] is None and sorted(os.listdir(images)) == before  # nothing written into the dataset
+    report = summary["report_data"]
     assert report["num_problems"] == 3 and report["num_items"] == 8 and report["item_shape"] == [3, 8, 8]
     assert [p["file"] for p in report["problems"]] == sorted(found)
 
@@ -205,15 +207,29 @@ def test_verify_finds_every_problem_and_writes_the_report(tmp_path, capsys):
     meta["labels"][7][1] = 5  # only 3 classes
     with open(os.path.join(latents, "dataset.json"), "w") as f:
         json.dump(meta, f)
+    before = sorted(os.listdir(latents))
     assert dataset_tools.main(["verify", latents, "--workers", "1", "--no-progress"]) == 1
-    line = capsys.readouterr().out.strip()
-    assert "\n" not in line and "5 problem(s)" in line and "verify_report.json" in line
-    report = json.load(open(os.path.join(latents, "verify_report.json")))
+    lines = capsys.readouterr().out.splitlines()
+    assert "5 problem(s)" in lines[0] and len(lines) == 6 and sorted(os.listdir(latents)) == before
+    assert lines[1].startswith("  00000/img00000001.npy: not a readable .npy")
+    assert dataset_tools.main(["verify", latents, "--workers", "1", "--no-progress", "--report", "-"]) == 1
+    report = json.loads(capsys.readouterr().out)
     assert {p["index"] for p in report["problems"]} == set(_bad_latent_payloads()) | {7}
     assert "label 5 is outside 0..2" in report["problems"][-1]["reason"]
+    out = str(tmp_path / "elsewhere.json")
+    assert dataset_tools.main(["verify", latents, "--no-progress", "--report", out]) == 1
+    assert json.load(open(out)) == report and capsys.readouterr().out.splitlines()[-1] == f"  full report: {out}"
 
     clean = str(tmp_path / "clean")
     _latent_dataset(clean, bad={})
-    out = str(tmp_path / "elsewhere.json")
-    assert dataset_tools.main(["verify", clean, "--no-progress", "--report", out]) == 0
-    assert json.load(open(out))["num_problems"] == 0
+    assert dataset_tools.main(["verify", clean, "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1
+
+
+def test_verify_lists_the_first_ten_problems(tmp_path):
+    from data.verify import format_summary
+
+    bad = {i: (b"garbage", "not a readable .npy") for i in range(12)}
+    _latent_dataset(str(tmp_path), n=14, bad=bad)
+    lines = format_summary(verify_dataset(str(tmp_path), workers=1, progress=False)).splitlines()
+    assert len(lines) == 12 and lines[-1] == "  ... 2 more (--report FILE writes them all as JSON)"

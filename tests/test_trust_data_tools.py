@@ -119,6 +119,29 @@ def test_convert_to_a_read_only_disk(tmp_path, small_tmpfs, capsys, name, made):
     assert os.listdir(disk) == []
 
 
+def test_verify_a_dataset_on_a_read_only_disk(tmp_path, small_tmpfs, capsys):
+    """verify writes nothing into the dataset (it may be read-only or shared); the report goes where asked."""
+    src = _noise_tree(tmp_path / "src", per_class=2, size=8)
+    disk = small_tmpfs(1 << 20)
+    convert_dataset(src, str(disk / "images"), resolution=(8, 8), workers=1, progress=False)
+    convert_dataset(src, str(disk / "images.zip"), resolution=(8, 8), workers=1, progress=False)
+    with open(disk / "images" / "00000" / "img00000002.png", "r+b") as f:
+        f.truncate(40)
+    _remount(disk, "ro")
+    before = read_tree(disk)
+    code, out, err = _main(capsys, "verify", disk / "images", "--workers", "1", "--no-progress")
+    assert code == 1 and err == "" and "1 problem(s)" in out and "00000/img00000002.png: " in out
+    code, out, err = _main(capsys, "verify", disk / "images.zip", "--workers", "1", "--no-progress")
+    assert code == 0 and err == "" and "0 problem(s)" in out
+    report = tmp_path / "report.json"
+    assert _main(capsys, "verify", disk / "images", "--no-progress", "--report", report)[0] == 1
+    assert json.loads(report.read_text())["problems"][0]["file"] == "00000/img00000002.png"
+    code, out, err = _main(capsys, "verify", disk / "images", "--no-progress", "--report", disk / "r.json")
+    assert code == 2 and _one_line(err) == (f"dataset_tools.py verify: error: cannot write {disk / 'r.json'}: "
+                                            "[Errno 30] Read-only file system; choose a --report you can write to")
+    assert read_tree(disk) == before
+
+
 # ---------------------------------------------------------------- 4, 11, 20: encode
 
 @pytest.fixture(scope="module")
