@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from utils.atomic import TMP_PREFIX, atomic_write
+from utils.regular_files import open_regular
 
 
 def png_path(run_dir: Path, index: int) -> Path:
@@ -43,10 +44,13 @@ def is_complete_png(path: Path, size: int) -> bool:
     later (truncated, zeroed, overwritten, bit flips): any such change breaks a chunk's CRC or the
     chunk structure. Checking the CRCs reads the file once and costs about 2 % of decoding it
     (docs/PERFORMANCE.md, "Cost as work grows")."""
-    try:
-        with open(path, "rb") as f:
-            data = memoryview(f.read())
-    except OSError:
+    limit = 2 * 3 * size * size + (1 << 16)  # far more than any PNG of these pixels; a huge file is not one
+    try:  # never through a link, never blocking on a FIFO planted under a sample's name
+        with open_regular(path, "rb") as f:
+            data = memoryview(f.read(limit + 1))
+    except OSError:  # missing, or not a regular file of its own: made again (the write replaces the name)
+        return False
+    if len(data) > limit:
         return False
     if data[:8] != PNG_SIGNATURE:
         return False
@@ -88,7 +92,7 @@ def remove_stale_temporaries(run_dir: Path) -> None:
 def npz_is_complete(path: Path, shape: Sequence[int]) -> bool:
     """True if `path` is a readable .npz whose arr_0 is uint8 with exactly `shape`."""
     try:
-        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+        with open_regular(path, "rb") as raw, zipfile.ZipFile(raw) as zf, zf.open("arr_0.npy") as f:
             version = np.lib.format.read_magic(f)
             header = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
                       else np.lib.format.read_array_header_2_0(f))

@@ -453,3 +453,27 @@ def test_resume_by_step_never_follows_a_link_in_the_run_folder(tmp_path, tiny_da
                                           "checkpoint file of this run"):
         tiny_config(tiny_data, str(tmp_path / "out"), exp_name="linked", resume="2")
     assert target.read_bytes() == b"not a checkpoint"
+
+
+def test_planted_names_among_the_samples_are_made_again_and_never_followed(tmp_path):
+    """A FIFO, a link or a huge file under a sample's name: the resume check neither blocks nor reads
+    through it, and calls the sample missing (its write then replaces the name, not the target)."""
+    import numpy as np
+
+    from generation.images import is_complete_png, missing_pngs, npz_is_complete, png_path, write_png_atomic
+
+    run = tmp_path / "run"
+    run.mkdir()
+    image = np.zeros((8, 8, 3), np.uint8)
+    write_png_atomic(png_path(run, 0), image)
+    os.mkfifo(png_path(run, 1))
+    target = tmp_path / "elsewhere.png"
+    write_png_atomic(target, image)
+    os.symlink(target, png_path(run, 2))
+    with open(png_path(run, 3), "wb") as f:
+        f.truncate(10 << 20)  # 10 MB of zeros: no 8x8 PNG is that large
+    assert missing_pngs(run, range(4), 8) == [1, 2, 3]
+    write_png_atomic(png_path(run, 2), image)
+    assert is_complete_png(target, 8) and not os.path.islink(png_path(run, 2))  # the link replaced, target kept
+    os.mkfifo(tmp_path / "run.npz")
+    assert not npz_is_complete(tmp_path / "run.npz", (4, 8, 8, 3))  # returns at once
