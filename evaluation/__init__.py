@@ -9,8 +9,20 @@ behind them), ``npz`` (reading/validating batches), ``metrics`` (the formulas), 
 sha256 and the samples' generate.py provenance record), ``report`` (``python -m evaluation.report
 RESULT.json ...``: results as the papers' table, each row's provenance under it).
 """
-from .metrics import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
-from .npz import EvaluationError, InputError, NpzImageBatch, read_reference_statistics
+import importlib
+
+# names of the package, imported when first used: `import evaluation.X` (training imports the metric
+# registry to check its keys) then costs no scipy and no formulas it does not use
+_LAZY = {"feature_statistics": "metrics", "frechet_distance": "metrics", "inception_score": "metrics",
+         "manifold_radii": "metrics", "precision_recall": "metrics", "EvaluationError": "npz",
+         "InputError": "npz", "NpzImageBatch": "npz", "read_reference_statistics": "npz"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EvaluationError",

@@ -18,6 +18,7 @@ checkpoint is written after a non-finite loss, so the newest checkpoint is the l
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -255,6 +256,8 @@ def _run(cfg, stop_after_step, preemption, accelerator, folder, micro_batch: int
     if cfg.preview.num_samples > 0 and step < cfg.max_train_steps:
         preview(step)
 
+    if cfg.num_workers > 0:  # workers fork now: objects frozen out of the collector are shared, not copied
+        gc.freeze()  # (its pass would touch every object's header, copying the pages into each worker)
     data_iter = iter(loader)
     model.train()
     train_step = TrainStep(accelerator, model, objective, optimizer, state.lr_schedule, state.ema, metrics,
