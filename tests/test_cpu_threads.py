@@ -18,16 +18,46 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_default_rule(monkeypatch):
+    import utils.threads as threads
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    busy = [0.0]
+    monkeypatch.setattr(threads, "busy_cpus", lambda window=0.1: busy[0])
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_cpu_threads() == 3  # the user's / launcher's choice
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert default_cpu_threads() == 6  # every CPU this process may use
+    assert default_cpu_threads() == 6  # every CPU this process may use, on an idle machine
+    busy[0] = 2.3
+    assert default_cpu_threads() == 4  # less the CPUs other jobs keep busy (6 - 2.3, rounded)
+    busy[0] = 6.0
+    assert default_cpu_threads() == 1  # at least one
+    busy[0] = 0.0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_cpu_threads() == 3  # shared by the processes of this machine (6 // 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_cpu_threads() == 1  # shared by the processes of this machine (6 // 4)
+    assert default_cpu_threads() == 1  # (6 // 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert default_cpu_threads() == 1  # at least one
+
+
+def test_busy_cpus_sees_a_busy_loop_beside_it():
+    """/proc/stat counts other processes' CPU time: one busy loop keeps about one CPU busy."""
+    import utils.threads as threads
+
+    if threads._cpu_times() is None:
+        pytest.skip("no /proc/stat here")
+    idle_before = threads.busy_cpus(0.2)
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        busy = threads.busy_cpus(0.5)
+    finally:
+        loop.kill()
+        loop.wait()
+    assert busy >= idle_before - 0.2 and busy > 0.6  # the loop's CPU (plus whatever else runs)
 
 
 def test_using_cpu_threads_sets_and_restores():

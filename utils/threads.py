@@ -10,16 +10,18 @@ train.py, generate.py (`cpu_threads` keys), `python -m generation.budget_sweep`,
   accelerate starts);
 * null: OMP_NUM_THREADS when it is set (the user's or the launcher's choice; torchrun sets 1
   for several processes per machine), otherwise the CPUs this process may run on divided by the
-  processes on this machine (LOCAL_WORLD_SIZE), at least 1.
+  processes on this machine (LOCAL_WORLD_SIZE), less the CPUs other jobs keep busy right now
+  (measured over 0.1 s from /proc/stat when the process starts), at least 1.
 
-On a machine shared with other jobs, 1 is often much faster than the default: OpenMP threads
-spin waiting for each other (generate.py on the CPU demo's checkpoint, 2 busy cores: 21.9 s
-with 2 threads, 2.2 s with 1, identical images).
+Why the load counts: OpenMP threads spin waiting for each other, and a thread that shares its
+core with another job stalls all of them, so on a machine shared with other jobs more threads
+are much slower, not faster (docs/PERFORMANCE.md "CPU threads": `python -m bench.threads`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Optional
 
 import torch
@@ -38,6 +40,30 @@ CPU_THREADS_HELP = ("torch CPU threads (default: OMP_NUM_THREADS if set, else th
                     "per machine; 1 is often fastest on a busy machine)")
 
 
+def _cpu_times() -> Optional[tuple]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])  # steal (the hypervisor's other guests) counts as busy
+
+
+def busy_cpus(window: float = 0.1) -> float:
+    """How many CPUs of the machine other processes keep busy, averaged over `window` seconds while
+    this process sleeps (0.0 where /proc/stat cannot be read)."""
+    first = _cpu_times()
+    if first is None:
+        return 0.0
+    time.sleep(window)
+    second = _cpu_times()
+    if second is None or second[1] <= first[1]:
+        return 0.0
+    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+
+
 def default_cpu_threads() -> int:
     """The threads of `cpu_threads: null` (see the module docstring)."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
@@ -46,7 +72,10 @@ def default_cpu_threads() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
     processes = int(local) if local.isdigit() and int(local) > 0 else 1
-    return max(1, cpus // processes)
+    share = cpus // processes
+    if share <= 1:
+        return 1
+    return max(1, min(share, int(cpus - busy_cpus() + 0.5) // processes))
 
 
 def apply_cpu_threads(setting: Optional[int]) -> int:
