@@ -316,3 +316,21 @@ def test_a_checkpoint_folder_and_a_finished_run_say_what_they_are(tiny_data, tmp
     train(tiny_config(tiny_data, str(tmp_path), exp_name="r", max_train_steps=1))
     assert ("WARNING: the checkpoint is at step 2, max_train_steps=1: nothing was trained (raise max_train_steps "
             "to continue the run)") in open(os.path.join(result.exp_dir, "log.txt")).read()
+
+
+def test_resume_compares_registry_specs_in_their_canonical_form(tmp_path):
+    """A spec spelled another way is the same setting (no spurious `decomposition: null -> laplacian`),
+    and a key that changes is still named."""
+    from training.config import TrainConfig
+    from training.run_folder import config_changes
+    from utils.config import config_to_dict
+    from omegaconf import OmegaConf
+
+    defaults = config_to_dict(OmegaConf.structured(TrainConfig))
+    old = {**defaults, "decomposition": None, "time_distribution": "lognormal", "prediction": "v"}
+    same = {**defaults, "decomposition": "laplacian", "time_distribution": {"name": "lognormal"},
+            "prediction": "velocity"}
+    assert config_changes(old, same, defaults) == []
+    changed = {**same, "time_distribution": "uniform", "preview": {**defaults["preview"], "method": "heun"}}
+    assert config_changes(old, changed, defaults) == ["preview.method: euler -> heun",
+                                                      "time_distribution: lognormal -> uniform"]
