@@ -49,9 +49,9 @@ def main(argv=None) -> int:
             # Euler on the default schedule up to `start`, the output turned into a velocity as the samplers do
             xs = [n.double() for n in noise]
             for i in range(start):
-                out = model([x.float() for x in xs], times[i][None].expand(len(y), -1).float(), y, active[i])
+                outputs = model([x.float() for x in xs], times[i][None].expand(len(y), -1).float(), y, active[i])
                 v = [model.prediction.velocity(o.double(), x, times[i, s], model.path) for s, (o, x) in
-                     enumerate(zip(out, xs))]
+                     enumerate(zip(outputs, xs))]
                 xs = [x + (times[i + 1, s] - times[i, s]) * vs if active[i, s] else x
                       for s, (x, vs) in enumerate(zip(xs, v))]
             t = times[start][None].expand(len(y), -1).float()
