@@ -159,3 +159,28 @@ def small_tmpfs(tmp_path):
     yield mount
     for folder in reversed(mounts):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def one_stage_loss_and_draw(prediction="velocity", seed=3):
+    """The flow-matching loss of a tiny one-stage SiT (with `prediction`) on a fixed batch, and what
+    the objective drew for it: (loss, x, eps, t (B, 1, 1, 1), x_t, the model's output at (x_t, t)).
+    The draws are read back from the model's inputs (x_t = (1 - t) x + t eps on the linear path), so
+    a test can compute the loss again by hand."""
+    from dfm import FlowMatchingObjective
+
+    torch.manual_seed(0)
+    model = randomize_(tiny_model("SiT-S/2", class_dropout_prob=0.0, prediction=prediction))
+    x, y = torch.randn(5, 4, 8, 8), torch.randint(0, 10, (5,))
+    recorded = {}
+
+    def hook(module, args, kwargs):
+        recorded["xs"], recorded["t"] = args[0], args[1]
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    out = FlowMatchingObjective(1, time_distribution="uniform")(model, x, y, generator=torch.Generator().manual_seed(seed))
+    handle.remove()
+    t, x_t = recorded["t"][:, 0], recorded["xs"][0]
+    with torch.no_grad():
+        output = model(x_t, t, y)
+    t = t.view(-1, 1, 1, 1)
+    return out["loss"].item(), x, (x_t - (1 - t) * x) / t, t, x_t, output

@@ -66,24 +66,10 @@ def test_stage_one_never_trained_with_weights_one_zero():
 
 
 def test_one_stage_objective_is_plain_sit_loss():
-    torch.manual_seed(0)
-    model = randomize_(tiny_model("SiT-S/2", class_dropout_prob=0.0))
-    x, y = torch.randn(5, 4, 8, 8), torch.randint(0, 10, (5,))
-    recorded = {}
+    from conftest import one_stage_loss_and_draw
 
-    def hook(module, args, kwargs):
-        recorded["xs"], recorded["t"] = args[0], args[1]
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    out = FlowMatchingObjective(1, time_distribution="uniform")(model, x, y, generator=torch.Generator().manual_seed(3))
-    handle.remove()
-    t = recorded["t"][:, 0]
-    x_t = recorded["xs"][0]
-    eps = (x_t - (1 - t.view(-1, 1, 1, 1)) * x) / t.view(-1, 1, 1, 1)
-    with torch.no_grad():
-        v = model(x_t, t, y)
-    expected = ((v - (eps - x)) ** 2).mean()
-    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    loss, x, eps, t, x_t, v = one_stage_loss_and_draw()
+    assert loss == pytest.approx(((v - (eps - x)) ** 2).mean().item(), rel=1e-5)
 
 
 def test_cosine_path_velocity_is_time_derivative():

@@ -3,8 +3,8 @@ formulas, sampling with it, and a model trained, resumed and sampled with it."""
 import pytest
 import torch
 
-from conftest import randomize_, tiny_model
-from dfm import PATHS, PREDICTIONS, FlowMatchingObjective
+from conftest import one_stage_loss_and_draw, tiny_model
+from dfm import PATHS, PREDICTIONS
 from samplers import sample
 
 from train_helpers import check_whole_pipeline
@@ -29,24 +29,9 @@ def test_noise_velocity_at_pure_noise_is_taken_at_the_clamped_time():
 
 
 def test_the_loss_of_a_noise_model_is_the_noise_error():
-    torch.manual_seed(0)
-    model = randomize_(tiny_model("SiT-S/2", class_dropout_prob=0.0, prediction="noise"))
-    assert type(model.prediction).registered_name == "noise"
-    x, y = torch.randn(5, 4, 8, 8), torch.randint(0, 10, (5,))
-    recorded = {}
-
-    def hook(module, args, kwargs):
-        recorded["xs"], recorded["t"] = args[0], args[1]
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    out = FlowMatchingObjective(1, time_distribution="uniform")(model, x, y, generator=torch.Generator().manual_seed(3))
-    handle.remove()
-    t = recorded["t"][:, 0].view(-1, 1, 1, 1)
-    x_t = recorded["xs"][0]
-    eps = (x_t - (1 - t) * x) / t  # the noise the objective drew
-    with torch.no_grad():
-        eps_hat = model(x_t, recorded["t"][:, 0], y)
-    assert out["loss"].item() == pytest.approx(((eps_hat - eps) ** 2).mean().item(), rel=1e-5)
+    assert type(tiny_model("SiT-S/2", prediction="noise").prediction).registered_name == "noise"
+    loss, x, eps, t, x_t, eps_hat = one_stage_loss_and_draw("noise")
+    assert loss == pytest.approx(((eps_hat - eps) ** 2).mean().item(), rel=1e-5)
 
 
 class GaussianNoisePredictor(torch.nn.Module):

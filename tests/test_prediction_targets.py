@@ -3,42 +3,22 @@ against hand formulas on the linear path, and an x-prediction model with a veloc
 import pytest
 import torch
 
-from conftest import randomize_, tiny_model
-from dfm import PATHS, PREDICTIONS, FlowMatchingObjective
+from conftest import one_stage_loss_and_draw
+from dfm import PATHS, PREDICTIONS
 
 from train_helpers import check_whole_pipeline
 
 
-def _loss_and_draw(prediction, seed=3):
-    """The objective's loss for a tiny one-stage model with `prediction`, and what it drew (x, eps, t, output)."""
-    torch.manual_seed(0)
-    model = randomize_(tiny_model("SiT-S/2", class_dropout_prob=0.0, prediction=prediction))
-    x, y = torch.randn(5, 4, 8, 8), torch.randint(0, 10, (5,))
-    recorded = {}
-
-    def hook(module, args, kwargs):
-        recorded["xs"], recorded["t"] = args[0], args[1]
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    loss = FlowMatchingObjective(1, time_distribution="uniform")(model, x, y, generator=torch.Generator().manual_seed(seed))
-    handle.remove()
-    t = recorded["t"][:, 0].view(-1, 1, 1, 1)
-    x_t = recorded["xs"][0]
-    with torch.no_grad():
-        out = model(x_t, recorded["t"][:, 0], y)
-    return loss["loss"].item(), x, (x_t - (1 - t) * x) / t, t, x_t, out
-
-
 def test_score_loss_is_sits_noise_space_loss():
     """SiT (weight none): |sigma s_hat + eps|^2, sigma = t on the linear path."""
-    loss, x, eps, t, x_t, out = _loss_and_draw("score")
+    loss, x, eps, t, x_t, out = one_stage_loss_and_draw("score")
     assert loss == pytest.approx(((t * out + eps) ** 2).mean().item(), rel=1e-5)
 
 
 def test_data_losses_in_data_and_velocity_space():
-    loss, x, eps, t, x_t, out = _loss_and_draw("data")
+    loss, x, eps, t, x_t, out = one_stage_loss_and_draw("data")
     assert loss == pytest.approx(((out - x) ** 2).mean().item(), rel=1e-5)
-    loss, x, eps, t, x_t, out = _loss_and_draw({"name": "data", "loss": "velocity"})
+    loss, x, eps, t, x_t, out = one_stage_loss_and_draw({"name": "data", "loss": "velocity"})
     v_hat = (x_t - out) / t  # x-prediction's velocity on the linear path (t is never clamped here)
     assert loss == pytest.approx(((v_hat - (eps - x)) ** 2).mean().item(), rel=1e-4)
 
