@@ -40,12 +40,15 @@ class PredictionTarget:
 
     def __init__(self, loss: str = "target", time_eps: float = 1e-3):
         if loss not in LOSS_SPACES:
-            raise ValueError(f"prediction target {type(self).registered_name!r}: loss must be one of "
+            raise ValueError(f"prediction target {self._name()!r}: loss must be one of "
                              f"{list(LOSS_SPACES)}, got {loss!r}")
         if not 0 <= time_eps < 0.5:
-            raise ValueError(f"prediction target {type(self).registered_name!r}: time_eps must be in [0, 0.5), "
+            raise ValueError(f"prediction target {self._name()!r}: time_eps must be in [0, 0.5), "
                              f"got {time_eps}")
         self.loss, self.time_eps = loss, float(time_eps)
+
+    def _name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
 
     # ------------------------------------------------------------------ to implement
     def target(self, x: torch.Tensor, eps: torch.Tensor, v: torch.Tensor, coefficients) -> torch.Tensor:
