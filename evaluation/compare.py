@@ -40,7 +40,7 @@ from utils.atomic import atomic_write, describe_write_error, reported_write_erro
 from utils.records import parse_json
 from utils.regular_files import open_regular
 
-from .metric_base import lower_is_better, owner_of
+from .scores import lower_is_better, owner_of
 
 METRICS_FILE = "metrics.jsonl"
 X_AXES = ("step", "images_seen")

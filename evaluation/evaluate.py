@@ -36,10 +36,9 @@ from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 from .fdd import DEFAULT_DINOV2_MODEL
 from .features import FeatureNetworks, NetworkOptions
 from .inception import INCEPTION_WEIGHTS_FILENAME, strict_fp32
-from .metric_base import (Batches, Metric, build_metrics, check_inputs, needed_kinds, require_images, score_all,
-                          stream)
+from .metric_base import Batches, Metric, check_inputs, needed_kinds, require_images, score_all, stream
 from .npz import EvaluationError, InputError, NpzImageBatch, check_same_resolution, read_reference_statistics
-from .scores import METRICS
+from .scores import METRICS, build_metrics
 from .stats_file import ReferenceStatistics, check_compatible, is_statistics_file, load_statistics, weights_identity
 
 DEFAULT_METRICS = ("fid", "sfid", "is", "pr")

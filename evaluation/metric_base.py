@@ -27,9 +27,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 
 from utils.progress import progress_bar
-from utils.registry import Registry, RegistryError
+from utils.registry import Registry
 
-from .features import check_kinds, networks_of
+from .features import networks_of
 from .npz import InputError
 
 METRICS = Registry("metric")
@@ -262,57 +262,6 @@ class Metric:
     def owns(cls, key: str) -> bool:
         """Whether a result / metrics.jsonl key is one of its values."""
         return key in cls.result_keys()
-
-
-def metric_classes() -> List[type]:
-    """The registered metric classes, in registration order."""
-    import evaluation.scores  # noqa: F401  (registers the metrics)
-
-    return [METRICS[name] for name in METRICS.names()]
-
-
-def owner_of(key: str) -> Optional[type]:
-    """The metric class a result key belongs to (None for a key of no metric, e.g. a loss)."""
-    return next((cls for cls in metric_classes() if cls.owns(key)), None)
-
-
-def lower_is_better(key: str) -> bool:
-    owner = owner_of(key)
-    return not (owner is not None and owner.higher_is_better)
-
-
-def build_metrics(specs, shared: Optional[Dict[str, object]] = None, where: str = "--metrics") -> List[Metric]:
-    """Metric objects of ``specs``: a comma-separated string or a list of names / ``{name, **params}``.
-
-    ``shared`` options set the parameter of that name on every chosen metric that takes it (e.g.
-    ``method`` of the Fréchet distances), unless its spec sets it. ValueError (one line naming
-    ``where``) for an unknown name, a bad parameter, a repeated metric or an empty list.
-    """
-    metric_classes()
-    if isinstance(specs, str):
-        specs = [s.strip() for s in specs.split(",") if s.strip()]
-    specs = list(specs or [])
-    if not specs:
-        raise ValueError(f"{where}: no metric given; registered: {', '.join(METRICS.names())}")
-    out: List[Metric] = []
-    for spec in specs:
-        try:
-            name, params = METRICS.split(spec)
-        except RegistryError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-        allowed = METRICS.params(name)
-        params = {**{k: v for k, v in (shared or {}).items() if k in allowed and v is not None}, **params}
-        try:
-            out.append(METRICS.build({"name": name, **params}))
-        except RegistryError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    names = [m.name for m in out]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"{where}: {', '.join(repeated)} given more than once")
-    for m in out:
-        check_kinds(m.needs, f"metric {m.name}")
-    return out
 
 
 def require_images(where: str, count: int, metrics: Iterable[Metric]) -> None:

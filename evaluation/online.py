@@ -25,7 +25,8 @@ import torch
 from .fdd import DEFAULT_DINOV2_MODEL
 from .features import FeatureNetworks, NetworkOptions
 from .inception import strict_fp32
-from .metric_base import array_batches, build_metrics, needed_kinds, score_all, stream
+from .metric_base import array_batches, needed_kinds, score_all, stream
+from .scores import build_metrics
 from .npz import InputError
 from .stats_file import check_compatible, load_statistics
 

@@ -38,7 +38,8 @@ from utils.threads import CPU_THREADS_HELP, cpu_threads_arg, using_cpu_threads
 from .fdd import DEFAULT_DINOV2_MODEL
 from .features import NETWORKS, FeatureNetworks, NetworkOptions, network_meta
 from .inception import strict_fp32
-from .metric_base import Metric, build_metrics, needed_kinds, check_inputs, stream
+from .metric_base import Metric, needed_kinds, check_inputs, stream
+from .scores import build_metrics
 from .npz import EvaluationError, InputError, NpzImageBatch
 from .scores import METRICS
 from .stats_file import ReferenceStatistics, save_statistics, weights_identity

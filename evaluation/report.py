@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from utils.atomic import atomic_write, reported_write_errors
 
-from .metric_base import Column, metric_classes
+from .metric_base import Column
+from .scores import metric_classes
 
 RESULT_KEYS = ("num_samples", "ref", "samples")
 ROW_COLUMNS = ("model", "steps", "NFE", "CFG", "labels", "N")

@@ -6,11 +6,14 @@ is one more class here (docs/EXTENDING.md, "A metric"). Definitions and formulas
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 from scipy.special import logsumexp, xlogy
 
+from utils.registry import RegistryError
+
+from .features import check_kinds
 from .metric_base import METRICS, Accumulator, Column, FeatureRows, MeanCovariance, Metric
 from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURHOOD, frechet_distance, precision_recall
 from .npz import InputError, require_finite, require_statistics
@@ -318,3 +321,52 @@ class KID(Metric):
         f = arrays.get("kid_features")
         if f is not None and (f.dtype != np.float32 or f.ndim != 2 or len(f) < 2 or not np.isfinite(f).all()):
             raise InputError(f"{where}: kid_features {f.dtype} {f.shape} are not finite float32 features (N >= 2, D)")
+
+
+# --------------------------------------------------------------------------- the registry, filled
+def metric_classes() -> List[type]:
+    """The registered metric classes, in registration order (this module registers the codebase's)."""
+    return [METRICS[name] for name in METRICS.names()]
+
+
+def owner_of(key: str) -> Optional[type]:
+    """The metric class a result key belongs to (None for a key of no metric, e.g. a loss)."""
+    return next((cls for cls in metric_classes() if cls.owns(key)), None)
+
+
+def lower_is_better(key: str) -> bool:
+    owner = owner_of(key)
+    return not (owner is not None and owner.higher_is_better)
+
+
+def build_metrics(specs, shared: Optional[Dict[str, object]] = None, where: str = "--metrics") -> List[Metric]:
+    """Metric objects of ``specs``: a comma-separated string or a list of names / ``{name, **params}``.
+
+    ``shared`` options set the parameter of that name on every chosen metric that takes it (e.g.
+    ``method`` of the Fréchet distances), unless its spec sets it. ValueError (one line naming
+    ``where``) for an unknown name, a bad parameter, a repeated metric or an empty list.
+    """
+    if isinstance(specs, str):
+        specs = [s.strip() for s in specs.split(",") if s.strip()]
+    specs = list(specs or [])
+    if not specs:
+        raise ValueError(f"{where}: no metric given; registered: {', '.join(METRICS.names())}")
+    out: List[Metric] = []
+    for spec in specs:
+        try:
+            name, params = METRICS.split(spec)
+        except RegistryError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        allowed = METRICS.params(name)
+        params = {**{k: v for k, v in (shared or {}).items() if k in allowed and v is not None}, **params}
+        try:
+            out.append(METRICS.build({"name": name, **params}))
+        except RegistryError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    names = [m.name for m in out]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{where}: {', '.join(repeated)} given more than once")
+    for m in out:
+        check_kinds(m.needs, f"metric {m.name}")
+    return out

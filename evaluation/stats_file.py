@@ -46,7 +46,7 @@ from utils.atomic import atomic_write
 from utils.checksum import file_sha256
 
 from .features import networks_of
-from .metric_base import metric_classes
+from .scores import metric_classes
 from .npz import InputError, read_arrays
 
 STATS_FORMAT = "dfm-reference-statistics"

@@ -9,8 +9,8 @@ import torch
 
 from evaluation import evaluate as evaluate_cli
 from evaluation import features, ref_stats, report
-from evaluation.metric_base import (METRICS, Accumulator, Column, FeatureRows, MeanCovariance, Metric,
-                                    array_batches, build_metrics, lower_is_better, metric_classes, stream)
+from evaluation.metric_base import METRICS, Accumulator, Column, FeatureRows, MeanCovariance, Metric, array_batches, stream
+from evaluation.scores import build_metrics, lower_is_better, metric_classes
 from evaluation.inception import save_random_inception_weights
 from evaluation.metrics import feature_statistics, inception_score
 from evaluation.npz import InputError

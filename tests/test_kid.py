@@ -5,7 +5,7 @@ import torch
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from evaluation import evaluate, features, ref_stats
-from evaluation.metric_base import build_metrics
+from evaluation.scores import build_metrics
 from evaluation.stats_file import load_statistics
 
 TF_KID = dict(kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,

@@ -144,7 +144,7 @@ def test_evaluation_inherits_the_preview_method_and_specs_replace_whole():
 
 
 def test_default_experiment_names_tell_different_runs_apart(tmp_path):
-    from training.run_name import default_exp_name
+    from training.config import NAMING
 
     base = BASE + [f"output_dir={tmp_path}"]
     plain = parse_config(base)
@@ -162,4 +162,4 @@ def test_default_experiment_names_tell_different_runs_apart(tmp_path):
     save_config({**dict(seeded), "exp_name": old.name}, old / "config.yaml")
     assert parse_config(base + ["seed=1"]).exp_name == old.name
     assert parse_config(base + ["seed=2"]).exp_name != old.name
-    assert default_exp_name(seeded, None) == old.name
+    assert NAMING.default_exp_name(seeded, None, pixel=False) == old.name

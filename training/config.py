@@ -31,6 +31,7 @@ from dfm.paths import PATHS
 from dfm.predictions import PREDICTIONS
 from dfm.timesteps import TIME_DISTRIBUTIONS
 from training.aliases import TRAIN_ALIASES
+from training.run_name import RunNaming
 from utils.config import config_to_dict, literal, load_config, to_config
 from utils.config import option_help as _help
 from utils.registry import SpecDefault
@@ -185,6 +186,9 @@ class TrainConfig:
     eval_sampler: EvalSamplerConfig = field(default_factory=EvalSamplerConfig)
 
 
+NAMING = RunNaming(TrainConfig)  # default experiment names (training/run_name.py)
+
+
 def config_docs() -> str:
     from utils.config import config_help
 
@@ -226,10 +230,8 @@ def resolve_config(cfg) -> "OmegaConf":
     training.previews / training.evaluator); the architecture and the objective are checked by
     building them (on the meta device), so a registry entry's signature is its validation.
     """
-    from training.run_name import default_exp_name, identity_hash
-
     cfg = to_config(cfg)  # plain (untyped) copy we may edit freely
-    identity = identity_hash(cfg)
+    identity = NAMING.identity_hash(cfg)
     try:
         is_dfm, _size, patch = parse_name(cfg.model)
     except ValueError:
@@ -317,7 +319,7 @@ def resolve_config(cfg) -> "OmegaConf":
 
     # --- output ---
     if cfg.exp_name is None or cfg.exp_name == "":
-        cfg.exp_name = default_exp_name(cfg, identity)
+        cfg.exp_name = NAMING.default_exp_name(cfg, identity, pixel)
     if os.sep in cfg.exp_name or cfg.exp_name in (".", ".."):
         raise ConfigError(f"exp_name must be a plain folder name, got {cfg.exp_name!r}")
     _resolve_resume(cfg)

@@ -56,7 +56,7 @@ class EvalSamplerConfig(SamplerSettings):
 
 def check_eval_keys(cfg) -> None:
     """The evaluation keys (files and weights are checked when the evaluator is built, before training)."""
-    from evaluation.metric_base import build_metrics
+    from evaluation.scores import build_metrics
 
     if cfg.eval_every < 0:
         raise ConfigError(f"eval_every must be >= 0 (0 = no evaluation), got {cfg.eval_every}")
