@@ -118,6 +118,24 @@ def test_demo_config_few_steps_with_previews(tmp_path):
     assert os.path.isfile(os.path.join(result.exp_dir, "config.yaml"))
 
 
+def test_demo_continued_to_more_steps_ends_where_the_longer_run_ends(tmp_path):
+    """README: rerunning the demo with a larger max_train_steps continues it from its last checkpoint
+    and ends with the weights a run of that length from scratch ends with (the demo's lr is constant,
+    so nothing in a step depends on the run's length)."""
+    base = ["--config", os.path.join(REPO, "experiments", "train", "demo_cpu.yaml"),
+            f"data_dir={tmp_path / 'demo_data'}", f"output_dir={tmp_path}", "demo_images_per_class=8",
+            "preview.num_samples=0", "checkpointing_steps=2", "log_every=1"]
+    short = train(parse_config(base + ["exp_name=demo", "max_train_steps=2"]))
+    continued = train(parse_config(base + ["exp_name=demo", "max_train_steps=4"]))
+    longer = train(parse_config(base + ["exp_name=longer", "max_train_steps=4"]))
+    assert short.steps == 2 and continued.steps == longer.steps == 4
+    log = open(os.path.join(continued.exp_dir, "log.txt")).read()
+    assert "resuming from" in log and "0000002.pt" in log
+    assert_same_weights(load_ckpt(continued.last_checkpoint), load_ckpt(longer.last_checkpoint))
+    losses, longer_losses = read_losses(continued.exp_dir), read_losses(longer.exp_dir)
+    assert sorted(losses) == [1, 2, 3, 4] and losses == longer_losses
+
+
 def test_preview_grid_places_every_image_in_its_cell():
     from training.previews import make_grid
 
