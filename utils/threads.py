@@ -37,7 +37,7 @@ def cpu_threads_arg(text: str) -> int:
 
 
 CPU_THREADS_HELP = ("torch CPU threads (default: OMP_NUM_THREADS if set, else the usable CPUs / processes "
-                    "per machine; 1 is often fastest on a busy machine)")
+                    "per machine less the CPUs other jobs keep busy, at least 1)")
 
 
 def _cpu_times() -> Optional[tuple]:
