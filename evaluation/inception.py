@@ -32,14 +32,17 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from utils.hub import host_reachable
 
 from .npz import EvaluationError, first_line
 
-INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3
-INCEPTION_WEIGHTS_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+# torch-fidelity's URL_INCEPTION_V3 (tests/test_evaluation_inputs.py checks they agree); written out so that
+# importing this module (the metric registry does, for training's config check) does not import
+# torch-fidelity, torchvision and their ~160 MiB
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_WEIGHTS_FILENAME = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[-1]
 # pytorch-fid's port of the same graph: its state dict has exactly the layer names and shapes of
 # torch-fidelity's network (torchvision's Inception3 layout), so it would load without a word, but
 # it is another file (another sha256: statistics made with one never match the other's)
@@ -102,7 +105,7 @@ def resolve_inception_weights(path: Optional[str] = None, timeout: float = 30.0)
     return cached
 
 
-class _InceptionV3(FeatureExtractorInceptionV3):
+def _inception_network(features):
     """torch-fidelity's network without torch-fidelity's file reading.
 
     Its constructor loads the weights file with ``torch.load(weights_only=False)``, which runs
@@ -110,18 +113,19 @@ class _InceptionV3(FeatureExtractorInceptionV3):
     its ``load_state_dict`` call is skipped; :func:`build_inception` loads the tensors that
     :func:`models.checkpoints.read_weights` read safely.
     """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    def __init__(self, features):
-        empty = io.BytesIO()
-        torch.save({}, empty)
-        empty.seek(0)
-        super().__init__("inception-v3-compat", features, feature_extractor_weights_path=empty)
+    class InceptionV3(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D102 - the constructor's call
+            return None
 
-    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: D102 - the constructor's call
-        return None
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    return InceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=empty)
 
 
-def build_inception(weights_path: str, features=("2048", "logits_unbiased")) -> FeatureExtractorInceptionV3:
+def build_inception(weights_path: str, features=("2048", "logits_unbiased")) -> torch.nn.Module:
     """torch-fidelity's Inception-v3 with the weights of ``weights_path``, read without running
     code from the file (one :class:`WeightsError` for a file that is refused or does not fit)."""
     from models.checkpoints import read_weights
@@ -129,7 +133,7 @@ def build_inception(weights_path: str, features=("2048", "logits_unbiased")) -> 
 
     try:
         state = read_weights(weights_path, "the Inception weights")
-        model = _InceptionV3(list(features))
+        model = _inception_network(features)
         torch.nn.Module.load_state_dict(model, state)
     except UntrustedCheckpointError as exc:
         raise WeightsError(str(exc)) from None
@@ -174,7 +178,7 @@ def save_random_inception_weights(path: str, seed: int = 0) -> str:
     He-normal convolutions and identity batch norms keep activations O(1) through the 94
     layers, so every feature (pool, spatial, logits) varies from image to image.
     """
-    model = _InceptionV3(["2048"])  # random init, no weights read
+    model = _inception_network(["2048"])  # random init, no weights read
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, tensor in model.state_dict().items():

@@ -20,8 +20,6 @@ from typing import Tuple
 
 import numpy as np
 import torch
-from scipy import linalg
-from scipy.special import logsumexp
 
 from .npz import require_finite
 
@@ -76,6 +74,8 @@ class RunningStatistics:
 
 def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
     """``tr sqrtm(sigma1 @ sigma2)`` exactly as ADM/TTUR compute it (Schur square root)."""
+    from scipy import linalg  # here, not at the top: training imports this package and needs no scipy
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -147,6 +147,8 @@ def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> floa
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or len(logits) == 0:
         raise ValueError(f"inception_score expects (N, C) logits, got shape {logits.shape}")
+    from scipy.special import logsumexp
+
     log_p = logits - logsumexp(logits, axis=1, keepdims=True)
     scores = []
     for start in range(0, len(log_p), split_size):

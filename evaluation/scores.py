@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import numpy as np
-from scipy.special import logsumexp, xlogy
 
 from utils.registry import RegistryError
 
@@ -93,6 +92,8 @@ class _SplitSums(Accumulator):
         self.splits: Dict[int, list] = {}
 
     def update(self, features, indices):
+        from scipy.special import logsumexp  # scipy when used: training imports this registry
+
         logits = np.asarray(features[self.kinds[0]], np.float64)
         log_p = logits - logsumexp(logits, axis=1, keepdims=True)
         p = np.exp(log_p)
@@ -133,6 +134,8 @@ class InceptionScore(Metric):
         return _SplitSums(self.needs[0], self.split_size)
 
     def score(self, samples, reference, names=None):
+        from scipy.special import xlogy
+
         # E_x KL(p(y|x) || p(y)) = mean_x sum_y p log p - sum_y p(y) log p(y), split by split
         scores = [np.exp(s / n - xlogy(marginal / n, marginal / n).sum()) for n, s, marginal in samples]
         return {"inception_score": float(np.mean(scores))}

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
 
 from .metric_base import Accumulator, array_batches, stream
 
@@ -119,6 +118,8 @@ def pyramid_resolutions(height: int, width: int, min_resolution: int = MIN_RESOL
 
 def _blur(x: np.ndarray, gain: float = 1.0) -> np.ndarray:
     """Separable 5x5 binomial blur of ``(N, H, W, C)`` over H and W, mirror boundaries."""
+    from scipy import ndimage  # scipy when used: training imports the metric registry
+
     k = (BINOMIAL_5 * gain).astype(x.dtype)
     return ndimage.convolve1d(ndimage.convolve1d(x, k, axis=1, mode="mirror"), k, axis=2, mode="mirror")
 

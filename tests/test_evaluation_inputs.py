@@ -161,3 +161,10 @@ def test_statistics_file_with_non_finite_values_is_refused_when_read(tmp_path, b
     # the last guard before any square root, whichever caller forgot to check
     with pytest.raises(InputError, match="^the second statistics: non-finite values .* in mu "):
         frechet_distance(np.zeros(4), np.eye(4), mu, np.eye(4), method="sqrtm")
+
+
+def test_the_inception_address_is_torch_fidelitys():
+    """Written out in evaluation/inception.py so that importing it does not import torch-fidelity."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    assert inception.INCEPTION_WEIGHTS_URL == URL_INCEPTION_V3
