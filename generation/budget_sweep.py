@@ -36,7 +36,7 @@ import torch
 
 from utils.atomic import atomic_write, reported_write_errors
 from utils.config import Alias
-from utils.threads import using_cpu_threads
+from utils.threads import cpu_threads_problem, using_cpu_threads
 from .config import GenerateConfig, GenerationError, checkpoint_tag, resolve_config, validate_config
 
 MIN_COLUMN_PX = 256  # grid.png: tiny samples are upscaled (nearest) to at least this width per column
@@ -273,8 +273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise GenerationError(str(error)) from None
         if cfg.class_label is None:
             raise GenerationError("config key 'class_label': required, e.g. --class-label 207 (an ImageNet class)")
-        if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
-            raise GenerationError(f"config key 'cpu_threads': must be >= 1 or null, got {cfg.cpu_threads}")
+        if cpu_threads_problem(cfg.cpu_threads):
+            raise GenerationError(f"config key 'cpu_threads': {cpu_threads_problem(cfg.cpu_threads)}")
         out = os.path.join(cfg.sample_dir, cfg.run_name) if cfg.run_name else None
         with using_cpu_threads(cfg.cpu_threads):
             record = budget_sweep(cfg.ckpt, cfg.class_label, out, seed=cfg.seed, num_seeds=cfg.num_seeds,

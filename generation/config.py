@@ -20,6 +20,7 @@ from dfm.paths import PATHS
 from dfm.predictions import PREDICTIONS
 from samplers.methods import SAMPLER_METHODS
 from utils.config import Alias, config_to_dict, literal, to_config
+from utils.threads import cpu_threads_problem
 
 from .labels import LABEL_MODES
 
@@ -233,8 +234,8 @@ def validate_config(cfg: DictConfig) -> None:
         fail("run_name", f"must be a plain folder name, got {cfg.run_name!r}")
     if cfg.resolution is not None and cfg.resolution < 1:
         fail("resolution", f"must be >= 1, got {cfg.resolution}")
-    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
-        fail("cpu_threads", f"must be >= 1 or null, got {cfg.cpu_threads}")
+    if cpu_threads_problem(cfg.cpu_threads):
+        fail("cpu_threads", cpu_threads_problem(cfg.cpu_threads))
 
 
 def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_classes: int,

@@ -173,12 +173,18 @@ def test_generate_runs_with_cpu_threads(checkpoints, tmp_path, monkeypatch):
     assert seen == [other]
 
 
-def test_generate_refuses_bad_cpu_threads(checkpoints, tmp_path, capsys):
+TOO_MANY = "100000000000000000000"  # reached torch.set_num_threads as an OverflowError traceback
+BAD = [("0", "must be >= 1 or null, got 0"),
+       (TOO_MANY, f"must be at most 1024 (or null for the default rule), got {TOO_MANY}")]
+
+
+@pytest.mark.parametrize("value, message", BAD)
+def test_generate_refuses_bad_cpu_threads(checkpoints, tmp_path, capsys, value, message):
     import generate
 
-    assert generate.main(["--ckpt", checkpoints, "cpu_threads=0", f"sample_dir={tmp_path}"]) == 2
+    assert generate.main(["--ckpt", checkpoints, f"cpu_threads={value}", f"sample_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "generate.py: error: config key 'cpu_threads': must be >= 1 or null, got 0"
+    assert err == f"generate.py: error: config key 'cpu_threads': {message}"
     assert not os.listdir(tmp_path)
 
 
@@ -213,17 +219,39 @@ def test_evaluation_tools_run_with_cpu_threads(tool, function, argv, result, mon
     ("evaluation.evaluate", ["ref.npz", "samples.npz"]),
     ("evaluation.ref_stats", ["images", "--out", "stats.npz"]),
 ])
-def test_tools_refuse_bad_cpu_threads(tool, argv, capsys):
+@pytest.mark.parametrize("value, message", [("0", "must be an integer >= 1, got '0'"), BAD[1]])
+def test_tools_refuse_bad_cpu_threads(tool, argv, capsys, value, message):
     import importlib
 
     with pytest.raises(SystemExit) as exit_info:
-        importlib.import_module(tool).main(argv + ["--cpu-threads", "0"])
+        importlib.import_module(tool).main(argv + ["--cpu-threads", value])
     assert exit_info.value.code == 2
-    assert "argument --cpu-threads: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    assert f"argument --cpu-threads: {message}" in capsys.readouterr().err
 
 
-def test_budget_sweep_refuses_bad_cpu_threads_like_generate(capsys):
+@pytest.mark.parametrize("value, message", BAD)
+def test_budget_sweep_refuses_bad_cpu_threads_like_generate(capsys, value, message):
     from generation import budget_sweep
 
-    assert budget_sweep.main(["--ckpt", "x.pt", "--class-label", "1", "--cpu-threads", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "budget_sweep: error: config key 'cpu_threads': must be >= 1 or null, got 0"
+    assert budget_sweep.main(["--ckpt", "x.pt", "--class-label", "1", "--cpu-threads", value]) == 2
+    assert capsys.readouterr().err.strip() == f"budget_sweep: error: config key 'cpu_threads': {message}"
+
+
+@pytest.mark.parametrize("value, message", BAD)
+def test_training_config_refuses_bad_cpu_threads(value, message):
+    from training.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", "experiments/train/demo_cpu.yaml", f"cpu_threads={value}"])
+    assert str(error.value) == f"cpu_threads {message}"
+
+
+def test_apply_refuses_what_the_configs_refuse():
+    """The last guard, for callers that bypass the configs' checks."""
+    from utils.threads import apply_cpu_threads
+
+    before = torch.get_num_threads()
+    for value in (0, 10 ** 20, True):
+        with pytest.raises(ValueError, match="^cpu_threads must be"):
+            apply_cpu_threads(value)
+    assert torch.get_num_threads() == before

@@ -35,6 +35,7 @@ from training.run_name import RunNaming
 from utils.config import config_to_dict, literal, load_config, to_config
 from utils.config import option_help as _help
 from utils.registry import SpecDefault
+from utils.threads import cpu_threads_problem
 
 # Architecture options a config sets through their own top-level key (or that follow from the
 # data); every other option of the model constructors may go in `model_overrides`.
@@ -294,8 +295,8 @@ def resolve_config(cfg) -> "OmegaConf":
     for key in ("num_workers", "sampling_steps"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
-    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
-        raise ConfigError(f"cpu_threads must be >= 1 or null, got {cfg.cpu_threads}")
+    if cpu_threads_problem(cfg.cpu_threads):
+        raise ConfigError(f"cpu_threads {cpu_threads_problem(cfg.cpu_threads)}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"checkpoints_total_limit must be >= 1 or null, got {cfg.checkpoints_total_limit}")
     if cfg.batch_size % cfg.gradient_accumulation_steps:

@@ -27,12 +27,33 @@ from typing import Optional
 import torch
 
 
+# more threads than any machine has CPUs only costs memory and start-up (a typo of 10**20 reached
+# torch.set_num_threads as an OverflowError traceback)
+MAX_CPU_THREADS = 1024
+
+
+def cpu_threads_problem(value: Optional[int]) -> Optional[str]:
+    """What is wrong with a `cpu_threads` setting (None when nothing is): the one check of every entry
+    point's config and of `--cpu-threads`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be >= 1 or null, got {value}"
+    if value > MAX_CPU_THREADS:
+        return f"must be at most {MAX_CPU_THREADS} (or null for the default rule), got {value}"
+    return None
+
+
 def cpu_threads_arg(text: str) -> int:
-    """argparse type of `--cpu-threads`: an integer >= 1 (leave the option out for the default rule)."""
+    """argparse type of `--cpu-threads`: an integer from 1 to MAX_CPU_THREADS (leave the option out for
+    the default rule)."""
     import argparse
 
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    problem = cpu_threads_problem(int(text))
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return int(text)
 
 
@@ -80,6 +101,9 @@ def default_cpu_threads() -> int:
 
 def apply_cpu_threads(setting: Optional[int]) -> int:
     """Set torch's CPU threads by the rule; returns the number set."""
+    problem = cpu_threads_problem(setting)
+    if problem:  # the entry points say it in one line before they start; this is the last guard
+        raise ValueError(f"cpu_threads {problem}")
     threads = default_cpu_threads() if setting is None else int(setting)
     torch.set_num_threads(threads)
     return threads
