@@ -177,6 +177,10 @@ def load_generate_config(argv) -> DictConfig:
                        file_layers={"train_config": train_config_layer})
 
 
+# a typo's bound: 10**20 started a run that would never end (one sample folder, one .npz of them all)
+MAX_SAMPLES = 100_000_000
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Checks that need no checkpoint; raise GenerationError naming the key."""
     def fail(key, msg):
@@ -184,8 +188,8 @@ def validate_config(cfg: DictConfig) -> None:
 
     if not cfg.ckpt:
         fail("ckpt", "no checkpoint given; pass --ckpt PATH (or ckpt=PATH)")
-    if cfg.num_samples < 1:
-        fail("num_samples", f"must be >= 1, got {cfg.num_samples}")
+    if not 1 <= cfg.num_samples <= MAX_SAMPLES:
+        fail("num_samples", f"must be from 1 to {MAX_SAMPLES:,} (FID uses 50,000), got {cfg.num_samples}")
     if cfg.per_proc_batch_size < 1:
         fail("per_proc_batch_size", f"must be >= 1, got {cfg.per_proc_batch_size}")
     if cfg.labels not in LABEL_MODES:

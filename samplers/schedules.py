@@ -6,11 +6,17 @@ from typing import Sequence, Tuple
 import torch
 
 
+# a typo's bound (the schedule is one tensor of all the steps; 10**20 was a traceback from torch)
+MAX_SAMPLING_STEPS = 100_000
+
+
 def validate_schedule(num_steps_per_scale: Sequence[int], thresholds: Sequence[float]) -> Tuple[list, list]:
     steps = [int(n) for n in num_steps_per_scale]
     taus = [float(t) for t in thresholds]
     if not steps or any(n < 1 for n in steps):
         raise ValueError(f"num_steps_per_scale must be a non-empty list of positive integers, got {list(num_steps_per_scale)}")
+    if sum(steps) > MAX_SAMPLING_STEPS:
+        raise ValueError(f"num_steps_per_scale must add up to at most {MAX_SAMPLING_STEPS:,} steps, got {steps}")
     if len(taus) != len(steps) - 1:
         raise ValueError(f"thresholds must have len(num_steps_per_scale) - 1 = {len(steps) - 1} entries "
                          f"(one per stage transition), got {taus}")

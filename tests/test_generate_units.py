@@ -68,7 +68,8 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("key, value, match", [
     ("method", "dpm", "method"), ("labels", "even", "labels"), ("precision", "fp16", "precision"),
-    ("num_samples", 0, "num_samples"), ("per_proc_batch_size", 0, "per_proc_batch_size"),
+    ("num_samples", 0, "num_samples"), ("num_samples", 100_000_001, "num_samples': must be from 1 to 100,000,000"),
+    ("per_proc_batch_size", 0, "per_proc_batch_size"),
     ("guidance_low", 1.5, "guidance_low"), ("thresholds", [0.1, 0.3], "thresholds"),
     ("num_steps_per_scale", [40, 0], "num_steps_per_scale"), ("ckpt", None, "ckpt"),
     ("save_npz", False, "save_png/save_npz"), ("run_name", "a/b", "run_name")])

@@ -86,6 +86,11 @@ def test_bad_schedules():
         multistage_schedule([10, 10, 10], [0.1, 0.2])
     with pytest.raises(ValueError, match="positive integers"):
         multistage_schedule([10, 0], [0.1])
+    with pytest.raises(ValueError, match="at most 100,000 steps"):  # a typo's 10**20 was a torch traceback
+        multistage_schedule([10 ** 20, 10], [0.1])
+    with pytest.raises(ValueError, match="at most 100,000 steps"):
+        multistage_schedule([99_999, 2], [0.1])
+    assert multistage_schedule([99_999, 1], [0.1])[0].shape == (100_001, 2)
 
 
 @pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2)])
