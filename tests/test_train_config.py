@@ -53,6 +53,10 @@ def test_save_config_roundtrip(tmp_path):
     (["batch_size=10", "gradient_accumulation_steps=4"], ["batch_size", "gradient_accumulation_steps"]),
     (["resume=/no/such/file.pt"], ["resume", "does not exist"]),
     (["not-an-assignment"], ["Cannot parse"]),
+    (["seed=99999999999999999999"], ["seed must be between -2**40 and 2**40"]),  # was a torch traceback
+    ([f"seed={-2 ** 40 - 1}"], ["seed", str(-2 ** 40 - 1)]),
+    (["num_workers=257"], ["num_workers must be at most 256"]),  # 10**20 started workers until killed
+    (["preview.num_steps_per_scale=[99999999999999999999,10]"], ["at most 100,000 steps"]),
 ])
 def test_config_errors_name_the_key(argv, words):
     with pytest.raises(ConfigError) as err:

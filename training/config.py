@@ -223,6 +223,10 @@ def is_pixel_space(cfg) -> bool:
     return str(cfg.vae).lower() in ("none", "")
 
 
+MAX_WORKERS = 256
+MAX_SEED = 2 ** 40
+
+
 def resolve_config(cfg) -> "OmegaConf":
     """Fill model-dependent defaults and validate; returns a new DictConfig.
 
@@ -292,6 +296,13 @@ def resolve_config(cfg) -> "OmegaConf":
                 "log_every", "demo_images_per_class"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    # typo bounds: 10**20 workers started processes until killed; a seed past 2**40 overflows the
+    # loader's seed (seed * 1,000,003) and torch.manual_seed as tracebacks
+    if cfg.num_workers > MAX_WORKERS:
+        raise ConfigError(f"num_workers must be at most {MAX_WORKERS} (loader processes per training process), "
+                          f"got {cfg.num_workers}")
+    if abs(cfg.seed) > MAX_SEED:
+        raise ConfigError(f"seed must be between -2**40 and 2**40 ({MAX_SEED:,}), got {cfg.seed}")
     for key in ("num_workers", "sampling_steps"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
