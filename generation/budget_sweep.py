@@ -107,6 +107,9 @@ def sweep_budgets(model, budgets: Optional[List[float]], all_levels: bool) -> Li
     return budget_levels(model)
 
 
+MAX_SEEDS = 1024
+
+
 def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed: int = 0, num_seeds: int = 4,
                  steps: Optional[List[int]] = None, thresholds: Optional[List[float]] = None,
                  method: str = "euler", cfg_scale: float = 1.0, budgets: Optional[List[float]] = None,
@@ -123,8 +126,8 @@ def budget_sweep(ckpt: str, class_label: int, out: Optional[str] = None, *, seed
     from .noise import initial_noise, sde_generators
     from .runner import Decoder, _autocast, model_transport, set_precision
 
-    if num_seeds < 1:
-        raise GenerationError(f"config key 'num_seeds': must be >= 1, got {num_seeds}")
+    if not 1 <= num_seeds <= MAX_SEEDS:  # one grid row per seed; 10**20 was an OverflowError traceback
+        raise GenerationError(f"config key 'num_seeds': must be from 1 to {MAX_SEEDS} (one grid row each), got {num_seeds}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = OmegaConf.structured(GenerateConfig(
         ckpt=ckpt, model=model_name, seed=seed, method=method, num_steps_per_scale=steps, thresholds=thresholds,

@@ -412,3 +412,13 @@ def test_budget_sweep_speaks_generates_option_language():
         ([40, 10], False, [0.25, 1.0], "out", "sweep")
     generate = load_generate_config(["--ckpt", "c.pt", "num_steps_per_scale=40,10", "use_ema=false"])
     assert (list(generate.num_steps_per_scale), generate.use_ema) == ([40, 10], False)  # commas there too
+
+
+@pytest.mark.parametrize("count", ["0", "1025", "100000000000000000000"])
+def test_budget_sweep_refuses_a_seed_count_out_of_range(count, capsys):
+    """One line before any checkpoint is read (10**20 was an OverflowError traceback)."""
+    from generation import budget_sweep
+
+    assert budget_sweep.main(["--ckpt", "no-such.pt", "--class-label", "1", "--num-seeds", count]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"budget_sweep: error: config key 'num_seeds': must be from 1 to 1024 (one grid row each), got {count}")
