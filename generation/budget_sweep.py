@@ -276,8 +276,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise GenerationError(str(error)) from None
         if cfg.class_label is None:
             raise GenerationError("config key 'class_label': required, e.g. --class-label 207 (an ImageNet class)")
-        if cpu_threads_problem(cfg.cpu_threads):
-            raise GenerationError(f"config key 'cpu_threads': {cpu_threads_problem(cfg.cpu_threads)}")
+        if problem := cpu_threads_problem(cfg.cpu_threads):
+            raise GenerationError(f"config key 'cpu_threads': {problem}")
         out = os.path.join(cfg.sample_dir, cfg.run_name) if cfg.run_name else None
         with using_cpu_threads(cfg.cpu_threads):
             record = budget_sweep(cfg.ckpt, cfg.class_label, out, seed=cfg.seed, num_seeds=cfg.num_seeds,

@@ -238,8 +238,8 @@ def validate_config(cfg: DictConfig) -> None:
         fail("run_name", f"must be a plain folder name, got {cfg.run_name!r}")
     if cfg.resolution is not None and cfg.resolution < 1:
         fail("resolution", f"must be >= 1, got {cfg.resolution}")
-    if cpu_threads_problem(cfg.cpu_threads):
-        fail("cpu_threads", cpu_threads_problem(cfg.cpu_threads))
+    if problem := cpu_threads_problem(cfg.cpu_threads):
+        fail("cpu_threads", problem)
 
 
 def resolve_config(cfg: DictConfig, *, arch_name: str, num_stages: int, num_classes: int,

@@ -306,8 +306,8 @@ def resolve_config(cfg) -> "OmegaConf":
     for key in ("num_workers", "sampling_steps"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {cfg[key]}")
-    if cpu_threads_problem(cfg.cpu_threads):
-        raise ConfigError(f"cpu_threads {cpu_threads_problem(cfg.cpu_threads)}")
+    if problem := cpu_threads_problem(cfg.cpu_threads):
+        raise ConfigError(f"cpu_threads {problem}")
     if cfg.checkpoints_total_limit is not None and cfg.checkpoints_total_limit < 1:
         raise ConfigError(f"checkpoints_total_limit must be >= 1 or null, got {cfg.checkpoints_total_limit}")
     if cfg.batch_size % cfg.gradient_accumulation_steps:

@@ -55,7 +55,7 @@ from training.step import TrainStep
 from utils.config import config_to_dict
 from utils.progress import progress_bar
 from utils.regular_files import NotRegularFile
-from utils.threads import apply_cpu_threads, using_cpu_threads
+from utils.threads import using_cpu_threads
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "CheckpointWriteError", "check_batch_split"]
 
@@ -104,8 +104,9 @@ def train(cfg, *, stop_after_step: Optional[int] = None) -> TrainResult:
 def _train(cfg, stop_after_step: Optional[int], preemption: Preemption) -> TrainResult:
     t_start = time.time()
     micro_batch = check_batch_split(cfg, world_size_from_env())
+    threads = torch.get_num_threads()  # the rule's choice, made once by train() (it measures the machine)
     accelerator = create_accelerator(cfg)
-    apply_cpu_threads(cfg.cpu_threads)  # again: accelerate's multi-CPU start-up resets them
+    torch.set_num_threads(threads)  # again: accelerate's multi-CPU start-up resets them
     preemption.connect(accelerator.num_processes)
     gather = lambda obj: gather_objects(accelerator, obj)  # noqa: E731
     exp_dir = os.path.join(cfg.output_dir, cfg.exp_name)

@@ -51,8 +51,7 @@ def cpu_threads_arg(text: str) -> int:
 
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    problem = cpu_threads_problem(int(text))
-    if problem:
+    if problem := cpu_threads_problem(int(text)):
         raise argparse.ArgumentTypeError(problem)
     return int(text)
 
