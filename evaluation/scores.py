@@ -28,6 +28,10 @@ class FrechetMetric(Metric):
     min_images = 2
     min_images_why = "a covariance"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.stores = (cls.mu_key, cls.sigma_key)  # a statistics file holds the Gaussian: mean and covariance
+
     def __init__(self, method: str = "sqrtm"):
         if method not in ("sqrtm", "eigh"):
             raise InputError(f"metric {self.name}: method {method}: use sqrtm (ADM) or eigh")
@@ -70,7 +74,6 @@ class FID(FrechetMetric):
     needs = ("inception_pool",)
     columns = (Column("FID", "fid"),)
     mu_key, sigma_key = "mu", "sigma"
-    stores = (mu_key, sigma_key)
 
 
 @METRICS.register("sfid")
@@ -80,7 +83,6 @@ class SFID(FrechetMetric):
     needs = ("inception_spatial",)
     columns = (Column("sFID", "sfid"),)
     mu_key, sigma_key = "mu_s", "sigma_s"
-    stores = (mu_key, sigma_key)
 
 
 class _SplitSums(Accumulator):
@@ -181,7 +183,6 @@ class FDD(FrechetMetric):
     needs = ("dinov2",)
     columns = (Column("FDD", "fdd"),)
     mu_key, sigma_key = "mu_dinov2", "sigma_dinov2"
-    stores = (mu_key, sigma_key)
 
 
 @METRICS.register("swd")
