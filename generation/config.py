@@ -348,7 +348,12 @@ def checkpoint_tag(ckpt: str) -> str:
         while os.path.basename(folder) in RUN_SUBFOLDERS:
             folder = os.path.dirname(folder)
         stem = f"{os.path.basename(folder)}-{stem}"
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", stem).strip("_") or "ckpt"
+    return _file_name_part(stem)
+
+
+def _file_name_part(text: str) -> str:
+    """`text` with every run of characters unsafe in a folder name replaced by one underscore."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "ckpt"
 
 
 def _num(x: float) -> str:
@@ -365,8 +370,7 @@ def default_run_name(cfg: DictConfig, legacy: bool = False) -> str:
     if legacy:
         path = os.path.normpath(os.path.expanduser(cfg.ckpt))
         stem = os.path.splitext(os.path.basename(path))[0]
-        tag = tag if os.path.basename(os.path.dirname(path)) == "checkpoints" else \
-            re.sub(r"[^A-Za-z0-9._+-]+", "_", stem).strip("_") or "ckpt"
+        tag = tag if os.path.basename(os.path.dirname(path)) == "checkpoints" else _file_name_part(stem)
     parts = [tag, f"{SAMPLER_METHODS.tag(cfg.method)}{steps}"]
     if cfg.thresholds:
         parts.append("th" + "+".join(_num(x) for x in cfg.thresholds))
